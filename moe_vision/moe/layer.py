@@ -1,0 +1,96 @@
+"""The sparse MoE MLP layer: task router -> dispatcher -> grouped experts -> combine.
+
+Legend: B batch, N tokens per image, T = B*N tokens, D dim, H expert hidden, E experts, K top-k.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from .dispatch import TokenDispatcher
+from .experts import GroupedExperts
+from .losses import load_balancing_loss, router_z_loss
+from .router import TaskRouter
+
+
+@dataclass
+class RoutingOutput:
+    """What one MoE layer did in one forward call; returned, never stored on the module."""
+
+    layer: str  # module name, e.g. "blocks.3.mlp"
+    task: str
+    num_tokens: int
+    idx_TK: torch.Tensor
+    weights_TK: torch.Tensor
+    prob_sum_E: torch.Tensor  # differentiable, feeds the mutual-information loss
+    balance_loss: torch.Tensor
+    z_loss: torch.Tensor
+    dropped_tokens: int
+    dropped_assignments: int
+
+    def selection_counts(self, num_experts: int) -> torch.Tensor:
+        """How often each expert was chosen ``[E]`` (dropped assignments included)."""
+        return torch.bincount(self.idx_TK.reshape(-1), minlength=num_experts)
+
+    def gate_sums(self, num_experts: int) -> torch.Tensor:
+        """Sum of the combine weights each expert received ``[E]``."""
+        out = torch.zeros(num_experts, device=self.idx_TK.device)
+        return out.index_add_(0, self.idx_TK.reshape(-1), self.weights_TK.detach().reshape(-1).float())
+
+
+class MoEMLP(nn.Module):
+    """Sparse mixture-of-experts replacement for a transformer MLP.
+
+    ``forward(x, task)`` takes ``[..., D]`` and returns the same shape plus a
+    :class:`RoutingOutput`. ``expert_scale`` multiplies the combined output (upcycling into
+    fine-grained experts sets it to the granularity so the function is preserved).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden: int,
+        tasks: Iterable[str],
+        num_experts: int = 8,
+        top_k: int = 2,
+        router_mode: str = "per_task",
+        renormalize: bool = True,
+        noisy_gating: bool = False,
+        capacity_factor: float = 0.0,
+        activation: str = "gelu",
+        expert_scale: float = 1.0,
+        layer_name: str = "moe",
+    ) -> None:
+        super().__init__()
+        self.layer_name = layer_name
+        self.num_experts, self.top_k, self.expert_scale = num_experts, top_k, expert_scale
+        self.router = TaskRouter(dim, num_experts, top_k, tasks, router_mode, renormalize, noisy_gating)
+        self.dispatcher = TokenDispatcher(num_experts, capacity_factor)
+        self.experts = GroupedExperts(num_experts, dim, hidden, activation)
+
+    def forward(self, x: torch.Tensor, task: str) -> tuple[torch.Tensor, RoutingOutput]:
+        shape = x.shape
+        x_TD = x.reshape(-1, shape[-1])
+        T = x_TD.shape[0]
+        r = self.router(x_TD, task)
+        plan = self.dispatcher.plan(r.idx_TK, r.weights_TK)
+        y_AD = self.experts(self.dispatcher.permute(x_TD, plan), plan.counts_E)
+        y_TD = self.dispatcher.unpermute(y_AD, plan, T)
+        if self.expert_scale != 1.0:
+            y_TD = y_TD * self.expert_scale
+        routing = RoutingOutput(
+            layer=self.layer_name,
+            task=task,
+            num_tokens=T,
+            idx_TK=r.idx_TK,
+            weights_TK=r.weights_TK,
+            prob_sum_E=r.probs_TE.sum(dim=0),
+            balance_loss=load_balancing_loss(r.probs_TE, r.idx_TK),
+            z_loss=router_z_loss(r.logits_TE),
+            dropped_tokens=plan.dropped_tokens,
+            dropped_assignments=plan.dropped_assignments,
+        )
+        return y_TD.reshape(shape), routing

@@ -1,0 +1,126 @@
+"""Task-conditioned top-k routers.
+
+Legend: T tokens, D dim, E experts, K experts per token.
+
+Two ways of conditioning on the task:
+- ``per_task``: one gate per task in a ``ModuleDict`` keyed by task name; adding a task adds a gate
+  and cannot change any other task's routing.
+- ``shared``: one gate for all tasks, fed the token plus a learned per-task embedding.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+ROUTER_MODES = ("per_task", "shared")
+
+
+@dataclass
+class RouterOutput:
+    logits_TE: torch.Tensor  # clean logits (fp32), used by the z-loss
+    probs_TE: torch.Tensor  # softmax over all E (fp32), used by the aux losses
+    idx_TK: torch.Tensor  # chosen experts, best first
+    weights_TK: torch.Tensor  # combine weights of the chosen experts
+
+
+def check_task(task: str, known: Iterable[str]) -> None:
+    """Raise a one-line error naming ``task`` and the known task names."""
+    known = list(known)
+    if task not in known:
+        raise KeyError(f"unknown task {task!r}; this model knows tasks {known}")
+
+
+class TaskRouter(nn.Module):
+    """Top-k softmax gating conditioned on the task.
+
+    Args:
+        dim: D.
+        num_experts: E.
+        top_k: K, experts per token.
+        tasks: task names.
+        mode: ``per_task`` or ``shared`` (see module docstring).
+        renormalize: renormalise the chosen K probabilities to sum to 1.
+        noisy_gating: add learned, input-dependent Gaussian noise to the logits while training
+            (Shazeer et al. 2017); evaluation is always noise-free.
+        init_std: std of the gates' normal initialisation.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_experts: int,
+        top_k: int,
+        tasks: Iterable[str],
+        mode: str = "per_task",
+        renormalize: bool = True,
+        noisy_gating: bool = False,
+        init_std: float = 0.02,
+    ) -> None:
+        super().__init__()
+        tasks = list(tasks)
+        if not tasks:
+            raise ValueError("TaskRouter needs at least one task name")
+        if mode not in ROUTER_MODES:
+            raise ValueError(f"unknown router mode {mode!r}; expected one of {list(ROUTER_MODES)}")
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
+        self.dim, self.num_experts, self.top_k = dim, num_experts, top_k
+        self.mode, self.renormalize, self.noisy_gating, self.init_std = mode, renormalize, noisy_gating, init_std
+        self.gates = nn.ModuleDict()
+        self.noise = nn.ModuleDict()
+        self.task_embed = nn.ParameterDict()
+        if mode == "shared":
+            self.gates["shared"] = self._new_gate()
+            if noisy_gating:
+                self.noise["shared"] = self._new_gate(zero=True)
+        for task in tasks:
+            self.add_task(task)
+
+    def _new_gate(self, zero: bool = False) -> nn.Linear:
+        gate = nn.Linear(self.dim, self.num_experts, bias=False)
+        if zero:
+            nn.init.zeros_(gate.weight)
+        else:
+            nn.init.normal_(gate.weight, std=self.init_std)
+        return gate
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.task_embed.keys()) if self.mode == "shared" else list(self.gates.keys())
+
+    def add_task(self, task: str) -> None:
+        """Add routing for a new task; other tasks' parameters are not touched."""
+        if task in self.tasks:
+            raise ValueError(f"task {task!r} already has a router")
+        if self.mode == "per_task":
+            self.gates[task] = self._new_gate()
+            if self.noisy_gating:
+                self.noise[task] = self._new_gate(zero=True)
+        else:
+            self.task_embed[task] = nn.Parameter(torch.zeros(self.dim))
+
+    def gate_for(self, task: str) -> nn.Linear:
+        return self.gates[task if self.mode == "per_task" else "shared"]
+
+    def forward(self, x_TD: torch.Tensor, task: str) -> RouterOutput:
+        check_task(task, self.tasks)
+        key = task if self.mode == "per_task" else "shared"
+        if self.mode == "shared":
+            x_TD = x_TD + self.task_embed[task].to(x_TD.dtype)
+        # Gating in fp32: bf16 logits make top-k ties and softmax drift common.
+        gate = self.gates[key]
+        logits_TE = F.linear(x_TD.float(), gate.weight.float())
+        select_logits = logits_TE
+        if self.noisy_gating and self.training:
+            noise_std = F.softplus(F.linear(x_TD.float(), self.noise[key].weight.float())) + 1e-2
+            select_logits = logits_TE + torch.randn_like(logits_TE) * noise_std
+        probs_TE = torch.softmax(logits_TE, dim=-1)
+        select_probs = probs_TE if select_logits is logits_TE else torch.softmax(select_logits, dim=-1)
+        weights_TK, idx_TK = torch.topk(select_probs, self.top_k, dim=-1)
+        if self.renormalize:
+            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+        return RouterOutput(logits_TE, probs_TE, idx_TK, weights_TK)
