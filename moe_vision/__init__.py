@@ -1,1 +1,14 @@
-"""moe-vision."""
+"""moe-vision: modular mixture-of-experts vision models.
+
+A task-conditioned sparse MoE-ViT backbone (:mod:`moe_vision.models`) built on the vision-free
+MoE layer (:mod:`moe_vision.moe`).
+"""
+from ._compat import check_torchvision
+
+check_torchvision()
+
+from .models import MoEViT, load_model, save_model, upcycle_from_dense  # noqa: E402
+from .moe import MoEConfig  # noqa: E402
+
+__version__ = "0.1.0"
+__all__ = ["MoEConfig", "MoEViT", "load_model", "save_model", "upcycle_from_dense", "__version__"]

@@ -1,0 +1,9 @@
+"""MoE-ViT backbone, timm registry entrypoints, checkpoints and sparse upcycling."""
+from . import registry  # noqa: F401  (registers the timm entrypoints)
+from .checkpoint import load_model, load_weights, save_model
+from .moe_vit import MoEBlock, MoEViT
+from .registry import MODEL_ARGS
+from .upcycle import load_dense_state_dict, upcycle_from_dense
+
+__all__ = ["MODEL_ARGS", "MoEBlock", "MoEViT", "load_dense_state_dict", "load_model", "load_weights",
+           "save_model", "upcycle_from_dense"]

@@ -1,0 +1,74 @@
+"""Model checkpoints: one safetensors file whose header carries the model's JSON config,
+so ``load_model(path)`` rebuilds the model from the file alone."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from ..io_utils import atomic_path
+from .moe_vit import MoEViT
+
+FORMAT = "moe_vision.model/1"
+
+
+def save_model(model: MoEViT, path: str | Path, extra_metadata: dict[str, str] | None = None) -> Path:
+    """Write weights and config to ``path`` atomically (temporary file, then rename)."""
+    path = Path(path)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    metadata = {"format": FORMAT, "config": json.dumps(model.config), **(extra_metadata or {})}
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata=metadata)
+    return path
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The safetensors header metadata of a checkpoint, with a clear error for a bad file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"checkpoint {path} is not a readable safetensors file ({e})") from None
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> MoEViT:
+    """Rebuild a model from a checkpoint written by :func:`save_model`."""
+    meta = read_metadata(path)
+    if meta.get("format") != FORMAT or "config" not in meta:
+        raise ValueError(f"checkpoint {path} has no moe-vision config in its header "
+                         f"(format={meta.get('format')!r}, expected {FORMAT!r})")
+    model = MoEViT(**json.loads(meta["config"]))
+    load_weights(model, path, map_location)
+    return model
+
+
+_EXPERT_KEY = re.compile(r"\.(experts\.(w1|w2|b1|b2)|q_experts\.\w+|o_experts\.\w+|gates\.\w+\.weight)$")
+
+
+def load_weights(model: MoEViT, path: str | Path, map_location: str | torch.device = "cpu") -> None:
+    """Load a checkpoint's weights into ``model``, naming the first mismatch clearly."""
+    read_metadata(path)
+    state = load_file(str(path), device=str(map_location))
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {path} does not match the model: missing keys {missing[:5]}, "
+                         f"unexpected keys {unexpected[:5]} (check the model name and tasks)")
+    for k, v in expected.items():
+        if state[k].shape != v.shape:
+            if _EXPERT_KEY.search(k):
+                raise ValueError(
+                    f"checkpoint {path}: {k} holds {state[k].shape[0]} experts (shape {tuple(state[k].shape)}), "
+                    f"but the model config expects {v.shape[0]} (shape {tuple(v.shape)}); "
+                    "set moe.num_experts to match the checkpoint")
+            raise ValueError(f"checkpoint {path}: {k} has shape {tuple(state[k].shape)}, "
+                             f"the model expects {tuple(v.shape)}")
+    model.load_state_dict(state)

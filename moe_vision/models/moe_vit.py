@@ -1,0 +1,233 @@
+"""MoE-ViT: a ViT whose MLPs (and optionally attentions) are task-routed mixtures of experts.
+
+Legend: B batch, C channels, N patch tokens, P prefix (class) tokens, D dim, gh x gw patch grid.
+
+Parameter names follow timm's VisionTransformer (``patch_embed.proj``, ``cls_token``,
+``pos_embed``, ``blocks.i.norm1/attn/ls1/norm2/mlp/ls2``, ``norm``) so dense timm checkpoints map
+onto it directly (see :mod:`moe_vision.models.upcycle`).
+"""
+from __future__ import annotations
+
+import re
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+from timm.layers import DropPath, LayerScale, Mlp, PatchEmbed, resample_abs_pos_embed, trunc_normal_
+from timm.models.vision_transformer import Attention
+
+from ..moe import AuxLosses, AuxLossWeights, MoEAttention, MoEConfig, MoEMLP, RoutingOutput, check_task
+from ..moe import compute_aux_losses, resolve_blocks
+
+_TASK_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+
+
+class MoEBlock(nn.Module):
+    """Pre-norm transformer block whose attention and/or MLP may be task-routed experts."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, tasks: Sequence[str],
+                 moe: MoEConfig, moe_mlp: bool, moe_attn: bool, drop_path: float, init_values: float | None,
+                 name: str) -> None:
+        super().__init__()
+        hidden = int(dim * mlp_ratio)
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        if moe_attn:
+            self.attn = MoEAttention(dim, num_heads, tasks, moe.attn_num_experts, moe.attn_top_k, qkv_bias,
+                                     moe.router_mode, moe.renormalize, moe.noisy_gating, layer_name=f"{name}.attn")
+        else:
+            self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias)
+        self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        if moe_mlp:
+            if hidden % moe.granularity:
+                raise ValueError(f"moe.granularity={moe.granularity} must divide the MLP hidden width {hidden}")
+            self.mlp = MoEMLP(dim, hidden // moe.granularity, tasks, moe.num_experts, moe.top_k, moe.router_mode,
+                              moe.renormalize, moe.noisy_gating, moe.capacity_factor, moe.activation,
+                              moe.expert_scale, layer_name=f"{name}.mlp")
+        else:
+            self.mlp = Mlp(dim, hidden)
+        self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, task: str) -> tuple[torch.Tensor, list[RoutingOutput]]:
+        routing = []
+        h = self.norm1(x)
+        if isinstance(self.attn, MoEAttention):
+            h, r = self.attn(h, task)
+            routing.append(r)
+        else:
+            h = self.attn(h)
+        x = x + self.drop_path1(self.ls1(h))
+        h = self.norm2(x)
+        if isinstance(self.mlp, MoEMLP):
+            h, r = self.mlp(h, task)
+            routing.append(r)
+        else:
+            h = self.mlp(h)
+        return x + self.drop_path2(self.ls2(h)), routing
+
+
+class MoEViT(nn.Module):
+    """Task-conditioned sparse MoE vision transformer backbone (no classification head).
+
+    Args:
+        tasks: task names, e.g. ``["cls", "det", "seg"]``. Each gets a learned token embedding
+            (zero-initialised) and, in every MoE layer, its own router.
+        img_size: default input size; other sizes divisible by ``patch_size`` also work (the
+            position embedding is resampled).
+        moe: a :class:`MoEConfig` or a dict of its fields.
+    """
+
+    def __init__(
+        self,
+        tasks: Iterable[str] = ("cls",),
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_path_rate: float = 0.0,
+        init_values: float | None = None,
+        moe: MoEConfig | dict | None = None,
+    ) -> None:
+        super().__init__()
+        tasks = list(tasks)
+        bad = [t for t in tasks if not isinstance(t, str) or not _TASK_NAME.match(t)]
+        if not tasks or bad or len(set(tasks)) != len(tasks):
+            raise ValueError(f"tasks must be distinct identifiers like 'cls', 'det'; got {tasks}")
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim={embed_dim} must be divisible by num_heads={num_heads}")
+        moe_cfg = moe if isinstance(moe, MoEConfig) else MoEConfig.from_dict(moe)
+        self.config = dict(tasks=tasks, img_size=img_size, patch_size=patch_size, in_chans=in_chans,
+                           embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
+                           qkv_bias=qkv_bias, drop_path_rate=drop_path_rate, init_values=init_values,
+                           moe=moe_cfg.to_dict())
+        self.moe_config = moe_cfg
+        self.aux_weights = AuxLossWeights(**moe_cfg.aux_weights)
+        self.patch_size, self.embed_dim, self.num_features = patch_size, embed_dim, embed_dim
+        self.num_prefix_tokens = 1
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, flatten=False,
+                                      output_fmt="NHWC", strict_img_size=False)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.patch_embed.num_patches, embed_dim))
+        self.task_embed = nn.ParameterDict({t: nn.Parameter(torch.zeros(1, 1, embed_dim)) for t in tasks})
+        mlp_idx = set(resolve_blocks(moe_cfg.mlp_blocks, depth, "moe.mlp_blocks"))
+        attn_idx = set(resolve_blocks(moe_cfg.attn_blocks, depth, "moe.attn_blocks"))
+        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.ModuleList([
+            MoEBlock(embed_dim, num_heads, mlp_ratio, qkv_bias, tasks, moe_cfg, i in mlp_idx, i in attn_idx,
+                     dpr[i], init_values, name=f"blocks.{i}")
+            for i in range(depth)
+        ])
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+
+    # ----------------------------------------------------------------- introspection
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.task_embed.keys())
+
+    def moe_layers(self) -> dict[str, int]:
+        """MoE layer name -> expert count, in forward order."""
+        out = {}
+        for blk in self.blocks:
+            for m in (blk.attn, blk.mlp):
+                if isinstance(m, (MoEAttention, MoEMLP)):
+                    out[m.layer_name] = m.num_experts
+        return out
+
+    def aux_losses(self, routing: Sequence[RoutingOutput]) -> AuxLosses:
+        """Weighted auxiliary losses (weights from ``moe.aux_weights``) over a step's routing outputs."""
+        return compute_aux_losses(routing, self.aux_weights)
+
+    # ----------------------------------------------------------------- forward
+    def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        if x.ndim != 4:
+            raise ValueError(f"expected images [B, C, H, W], got shape {tuple(x.shape)}")
+        H, W = x.shape[-2:]
+        p = self.patch_size
+        if H % p or W % p:
+            raise ValueError(f"image size {H}x{W} is not divisible by patch size {p}; "
+                             f"expected height and width that are multiples of {p}")
+        x = self.patch_embed(x)  # [B, gh, gw, D]
+        grid = tuple(x.shape[1:3])
+        pos = self.pos_embed
+        if grid != tuple(self.patch_embed.grid_size):
+            pos = resample_abs_pos_embed(pos, new_size=grid, old_size=self.patch_embed.grid_size,
+                                         num_prefix_tokens=self.num_prefix_tokens)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x.flatten(1, 2)], dim=1) + pos
+        return x, grid
+
+    def _run(self, x: torch.Tensor, task: str, keep: set[int] = frozenset()):
+        check_task(task, self.tasks)
+        x, grid = self._embed(x)
+        x = x + self.task_embed[task]
+        routing: list[RoutingOutput] = []
+        kept = []
+        for i, blk in enumerate(self.blocks):
+            x, r = blk(x, task)
+            routing.extend(r)
+            if i in keep:
+                kept.append(x)
+        return self.norm(x), kept, grid, routing
+
+    def forward_features(self, x: torch.Tensor, task: str, return_routing: bool = False):
+        """Tokens ``[B, P+N, D]`` after the final norm; with ``return_routing`` also the
+        list of :class:`RoutingOutput` (one per MoE layer)."""
+        tokens, _, _, routing = self._run(x, task)
+        return (tokens, routing) if return_routing else tokens
+
+    def forward_head(self, tokens: torch.Tensor, pre_logits: bool = True) -> torch.Tensor:
+        """Class-token features ``[B, D]`` (heads live in :mod:`moe_vision.tasks`)."""
+        return tokens[:, 0]
+
+    def forward(self, x: torch.Tensor, task: str) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x, task))
+
+    def default_indices(self, n: int = 4) -> list[int]:
+        """``n`` evenly spaced block indices ending at the last block."""
+        step = max(1, len(self.blocks) // n)
+        return sorted({len(self.blocks) - 1 - step * i for i in range(n) if len(self.blocks) - 1 - step * i >= 0})
+
+    def forward_intermediates(self, x: torch.Tensor, task: str, indices: int | Sequence[int] | None = None,
+                              norm: bool = False, return_routing: bool = False):
+        """Final tokens and feature maps ``[B, D, gh, gw]`` after the given blocks (timm-style).
+
+        ``indices`` is a list of block indices or an int n (the last n blocks); default: 4
+        evenly spaced blocks. Returns ``(tokens, maps)`` or ``(tokens, maps, routing)``.
+        """
+        depth = len(self.blocks)
+        if indices is None:
+            idx = self.default_indices()
+        elif isinstance(indices, int):
+            idx = list(range(depth - indices, depth))
+        else:
+            idx = sorted(int(i) % depth for i in indices)
+        tokens, kept, (gh, gw), routing = self._run(x, task, set(idx))
+        maps = []
+        for h in kept:
+            h = self.norm(h) if norm else h
+            maps.append(h[:, self.num_prefix_tokens:].reshape(h.shape[0], gh, gw, -1).permute(0, 3, 1, 2))
+        return (tokens, maps, routing) if return_routing else (tokens, maps)
+
+    def forward_multiscale(self, x: torch.Tensor, task: str, scales: Sequence[float] = (2.0, 1.0, 0.5, 0.25),
+                           return_routing: bool = False):
+        """Multi-scale feature maps for dense heads, ViTDet-style but parameter-free: one
+        intermediate map per scale (evenly spaced blocks, shallow to deep), resized by that
+        scale; strides are ``patch_size / scale``."""
+        tokens, maps, routing = self.forward_intermediates(x, task, self.default_indices(len(scales)),
+                                                           norm=True, return_routing=True)
+        out = []
+        for m, s in zip(maps, scales):
+            if s > 1:
+                m = F.interpolate(m, scale_factor=s, mode="bilinear", align_corners=False)
+            elif s < 1:
+                m = F.avg_pool2d(m, kernel_size=round(1 / s))
+            out.append(m)
+        return (out, routing) if return_routing else out
