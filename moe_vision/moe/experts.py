@@ -92,17 +92,10 @@ class GroupedExperts(nn.Module):
         return self._forward_loop(x_TD, counts_E)
 
     def _forward_loop(self, x_TD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        # unbind() hands out per-expert views whose backward stacks the E gradients into one
-        # buffer; indexing w[e] instead would allocate a full [E, D, H] gradient per expert.
-        w1s, w2s = self.w1.unbind(0), self.w2.unbind(0)
-        b1s = self.b1.unbind(0) if self.b1 is not None else [None] * self.num_experts
-        b2s = self.b2.unbind(0) if self.b2 is not None else [None] * self.num_experts
-        outs = []
-        for e, x_e in enumerate(torch.split(x_TD, counts_E.tolist())):
-            h = x_e @ w1s[e] if b1s[e] is None else torch.addmm(b1s[e], x_e, w1s[e])
-            h = self.act(h)
-            outs.append(h @ w2s[e] if b2s[e] is None else torch.addmm(b2s[e], h, w2s[e]))
-        return torch.cat(outs, dim=0)
+        if self.b1 is None:
+            zeros = (x_TD.new_zeros(self.num_experts, self.hidden), x_TD.new_zeros(self.num_experts, self.dim))
+            return _ExpertLoop.apply(x_TD, counts_E, self.w1, zeros[0], self.w2, zeros[1], self.activation)
+        return _ExpertLoop.apply(x_TD, counts_E, self.w1, self.b1, self.w2, self.b2, self.activation)
 
     def _forward_grouped_mm(self, x_TD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         offs = torch.cumsum(counts_E, dim=0, dtype=torch.int32)
@@ -115,3 +108,76 @@ class GroupedExperts(nn.Module):
         if self.b2 is not None:
             y = y + torch.repeat_interleave(self.b2.to(dtype), counts_E, dim=0, output_size=x_TD.shape[0])
         return y
+
+
+# Backward of each activation given (grad of output, pre-activation input).
+_ACT_BACKWARD: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "gelu": lambda g, x: torch.ops.aten.gelu_backward(g, x),
+    "gelu_tanh": lambda g, x: torch.ops.aten.gelu_backward(g, x, approximate="tanh"),
+    "relu": lambda g, x: g * (x > 0).to(g.dtype),
+    "silu": lambda g, x: torch.ops.aten.silu_backward(g, x),
+}
+
+
+class _ExpertLoop(torch.autograd.Function):
+    """The per-expert loop with hand-written backward.
+
+    Plain autograd over a loop of E small matmuls pays for an output ``cat``, one gradient
+    stack per stacked parameter and per-expert bias reductions; here every matmul writes into a
+    preallocated buffer (``out=``), the activation runs once over the whole buffer and bias
+    gradients are one ``index_add``. First-order gradients only.
+    """
+
+    @staticmethod
+    def forward(ctx, x_AD, counts_E, w1_EDH, b1_EH, w2_EHD, b2_ED, activation):
+        counts = counts_E.tolist()
+        A, D = x_AD.shape
+        H = w1_EDH.shape[2]
+        expert_A = torch.repeat_interleave(torch.arange(len(counts), device=x_AD.device), counts_E,
+                                           output_size=A)
+        pre_AH = torch.empty(A, H, dtype=x_AD.dtype, device=x_AD.device)
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                torch.addmm(b1_EH[e], x_AD[start:start + n], w1_EDH[e], out=pre_AH[start:start + n])
+            start += n
+        h_AH = get_activation(activation)(pre_AH)
+        y_AD = torch.empty(A, D, dtype=x_AD.dtype, device=x_AD.device)
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                torch.addmm(b2_ED[e], h_AH[start:start + n], w2_EHD[e], out=y_AD[start:start + n])
+            start += n
+        ctx.save_for_backward(x_AD, expert_A, w1_EDH, w2_EHD, pre_AH, h_AH)
+        ctx.counts, ctx.activation = counts, activation
+        return y_AD
+
+    @staticmethod
+    def backward(ctx, g_AD):
+        x_AD, expert_A, w1_EDH, w2_EHD, pre_AH, h_AH = ctx.saved_tensors
+        counts, E = ctx.counts, len(ctx.counts)
+        g_AD = g_AD.contiguous()
+        g_w1 = torch.zeros_like(w1_EDH)
+        g_w2 = torch.zeros_like(w2_EHD)
+        g_h = torch.empty_like(h_AH)
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                s = slice(start, start + n)
+                torch.mm(g_AD[s], w2_EHD[e].t(), out=g_h[s])
+                torch.mm(h_AH[s].t(), g_AD[s], out=g_w2[e])
+            start += n
+        g_b2 = g_AD.new_zeros(E, g_AD.shape[1]).index_add_(0, expert_A, g_AD)
+        g_pre = _ACT_BACKWARD[ctx.activation](g_h, pre_AH)
+        del g_h
+        g_b1 = g_pre.new_zeros(E, g_pre.shape[1]).index_add_(0, expert_A, g_pre)
+        g_x = torch.empty_like(x_AD) if ctx.needs_input_grad[0] else None
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                s = slice(start, start + n)
+                if g_x is not None:
+                    torch.mm(g_pre[s], w1_EDH[e].t(), out=g_x[s])
+                torch.mm(x_AD[s].t(), g_pre[s], out=g_w1[e])
+            start += n
+        return g_x, None, g_w1, g_b1, g_w2, g_b2, None
