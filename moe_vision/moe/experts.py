@@ -157,8 +157,14 @@ class _ExpertLoop(torch.autograd.Function):
         x_AD, expert_A, w1_EDH, w2_EHD, pre_AH, h_AH = ctx.saved_tensors
         counts, E = ctx.counts, len(ctx.counts)
         g_AD = g_AD.contiguous()
-        g_w1 = torch.zeros_like(w1_EDH)
-        g_w2 = torch.zeros_like(w2_EHD)
+        # Every expert with tokens has its weight gradient written in full below; only idle
+        # experts need zeros (zero-filling the whole stack costs ~8% of a step on CPU).
+        g_w1 = torch.empty_like(w1_EDH)
+        g_w2 = torch.empty_like(w2_EHD)
+        idle = [e for e, n in enumerate(counts) if n == 0]
+        if idle:
+            g_w1[idle] = 0
+            g_w2[idle] = 0
         g_h = torch.empty_like(h_AH)
         start = 0
         for e, n in enumerate(counts):
