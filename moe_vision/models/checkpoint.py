@@ -14,13 +14,21 @@ from ..io_utils import atomic_path
 from .moe_vit import MoEViT
 
 FORMAT = "moe_vision.model/1"
+# Header format tag -> model class rebuilt as ``cls(**config)``; other rooms register theirs
+# (the generalist model lives in moe_vision.tasks, which models/ must not import).
+MODEL_FORMATS: dict[str, type] = {FORMAT: MoEViT}
 
 
-def save_model(model: MoEViT, path: str | Path, extra_metadata: dict[str, str] | None = None) -> Path:
-    """Write weights and config to ``path`` atomically (temporary file, then rename)."""
+def register_format(tag: str, cls: type) -> None:
+    MODEL_FORMATS[tag] = cls
+
+
+def save_model(model, path: str | Path, extra_metadata: dict[str, str] | None = None) -> Path:
+    """Write weights and ``model.config`` to ``path`` atomically (temporary file, then rename)."""
     path = Path(path)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    metadata = {"format": FORMAT, "config": json.dumps(model.config), **(extra_metadata or {})}
+    fmt = getattr(model, "checkpoint_format", FORMAT)
+    metadata = {"format": fmt, "config": json.dumps(model.config), **(extra_metadata or {})}
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata=metadata)
     return path
@@ -38,13 +46,13 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         raise ValueError(f"checkpoint {path} is not a readable safetensors file ({e})") from None
 
 
-def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> MoEViT:
-    """Rebuild a model from a checkpoint written by :func:`save_model`."""
+def load_model(path: str | Path, map_location: str | torch.device = "cpu"):
+    """Rebuild a model (backbone or generalist) from a checkpoint written by :func:`save_model`."""
     meta = read_metadata(path)
-    if meta.get("format") != FORMAT or "config" not in meta:
+    if meta.get("format") not in MODEL_FORMATS or "config" not in meta:
         raise ValueError(f"checkpoint {path} has no moe-vision config in its header "
-                         f"(format={meta.get('format')!r}, expected {FORMAT!r})")
-    model = MoEViT(**json.loads(meta["config"]))
+                         f"(format={meta.get('format')!r}, expected one of {sorted(MODEL_FORMATS)})")
+    model = MODEL_FORMATS[meta["format"]](**json.loads(meta["config"]))
     load_weights(model, path, map_location)
     return model
 
@@ -52,7 +60,7 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> Mo
 _EXPERT_KEY = re.compile(r"\.(experts\.(w1|w2|b1|b2)|q_experts\.\w+|o_experts\.\w+|gates\.\w+\.weight)$")
 
 
-def load_weights(model: MoEViT, path: str | Path, map_location: str | torch.device = "cpu") -> None:
+def load_weights(model, path: str | Path, map_location: str | torch.device = "cpu") -> None:
     """Load a checkpoint's weights into ``model``, naming the first mismatch clearly."""
     read_metadata(path)
     state = load_file(str(path), device=str(map_location))

@@ -1,0 +1,227 @@
+"""Readers for the standard on-disk formats, one per task; each item is ``(image, target)``.
+
+- :class:`ImageFolderDataset`: ``root/<split>/<class>/*.png|jpg``.
+- :class:`CocoDetectionDataset`: COCO instances JSON + image folder; boxes are COCO xywh on
+  disk, XYXY :class:`~torchvision.tv_tensors.BoundingBoxes` in memory; category ids are mapped to
+  contiguous labels (``category_ids[label]`` maps back).
+- :class:`ADE20KDataset`: ``images/<split>/*.jpg`` + ``annotations/<split>/*.png``, 255 = ignore.
+- :class:`DepthDataset`: NYU-style ``<split>/rgb/*`` + ``<split>/depth/*.png`` (uint16 millimetres,
+  0 = invalid), returned in metres.
+
+Every problem with the files raises one error that names the file and what was expected.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+def read_image(path: Path) -> tv_tensors.Image:
+    """RGB uint8 ``[3, H, W]``; a missing or corrupt file raises one clear error."""
+    if not path.is_file():
+        raise FileNotFoundError(f"image {path} does not exist")
+    try:
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise ValueError(f"image {path} is corrupt or not an image ({e})") from None
+    return tv_tensors.Image(torch.from_numpy(arr.copy()).permute(2, 0, 1))
+
+
+def read_label_png(path: Path) -> np.ndarray:
+    if not path.is_file():
+        raise FileNotFoundError(f"annotation {path} does not exist")
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im).copy()
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise ValueError(f"annotation {path} is corrupt or not a PNG ({e})") from None
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+
+
+class _Base(Dataset):
+    def __init__(self, transform: Callable | None) -> None:
+        self.transform = transform
+
+    def _apply(self, image, target):
+        return self.transform(image, target) if self.transform else (image, target)
+
+
+class ImageFolderDataset(_Base):
+    """Classification in ImageFolder layout; classes are the sorted sub-folder names."""
+
+    def __init__(self, root: str | Path, split: str = "train", transform: Callable | None = None,
+                 classes: list[str] | None = None) -> None:
+        super().__init__(transform)
+        self.folder = Path(root) / split
+        if not self.folder.is_dir():
+            raise FileNotFoundError(f"classification split folder {self.folder} does not exist "
+                                    f"(expected {Path(root)}/{split}/<class>/*.png)")
+        found = sorted(p.name for p in self.folder.iterdir() if p.is_dir())
+        self.classes = list(classes) if classes else found
+        unknown = sorted(set(found) - set(self.classes))
+        if unknown:
+            raise ValueError(f"{self.folder}: class folders {unknown} are not among the classes {self.classes}")
+        self.samples = [(p, ci) for ci, c in enumerate(self.classes) for p in _images_in(self.folder / c)]
+        if not self.samples:
+            raise ValueError(f"{self.folder} holds no images (expected <class>/*.png|jpg)")
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        path, label = self.samples[i]
+        return self._apply(read_image(path), {"label": torch.tensor(label)})
+
+
+class CocoDetectionDataset(_Base):
+    """COCO instances; images without annotations are kept (empty targets)."""
+
+    def __init__(self, ann_file: str | Path, img_dir: str | Path, transform: Callable | None = None) -> None:
+        super().__init__(transform)
+        self.ann_file, self.img_dir = Path(ann_file), Path(img_dir)
+        if not self.ann_file.is_file():
+            raise FileNotFoundError(f"COCO annotation file {self.ann_file} does not exist")
+        try:
+            data = json.loads(self.ann_file.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{self.ann_file} is not valid JSON ({e})") from None
+        for key in ("images", "annotations", "categories"):
+            if key not in data:
+                raise ValueError(f"{self.ann_file} has no '{key}' field (expected COCO instances format)")
+        self.categories = sorted(data["categories"], key=lambda c: c["id"])
+        self.category_ids = [c["id"] for c in self.categories]
+        self.classes = [c["name"] for c in self.categories]
+        cat_to_label = {cid: i for i, cid in enumerate(self.category_ids)}
+        self.images = sorted(data["images"], key=lambda im: im["id"])
+        if not self.images:
+            raise ValueError(f"{self.ann_file} lists no images")
+        by_image: dict[int, list] = {im["id"]: [] for im in self.images}
+        degenerate = 0
+        for a in data["annotations"]:
+            if a["category_id"] not in cat_to_label:
+                raise ValueError(f"{self.ann_file}: annotation id {a.get('id')} has category_id {a['category_id']}, "
+                                 f"which is not among the categories {self.category_ids}")
+            if a["image_id"] not in by_image:
+                raise ValueError(f"{self.ann_file}: annotation id {a.get('id')} refers to image_id {a['image_id']}, "
+                                 "which is not in 'images'")
+            x, y, w, h = a["bbox"]
+            if w < 0 or h < 0:
+                raise ValueError(f"{self.ann_file}: annotation id {a.get('id')} has a negative-size bbox {a['bbox']} "
+                                 "(COCO bbox is [x, y, width, height] with width, height >= 0)")
+            if w == 0 or h == 0 or a.get("iscrowd", 0):
+                degenerate += w == 0 or h == 0
+                continue
+            by_image[a["image_id"]].append((x, y, x + w, y + h, cat_to_label[a["category_id"]]))
+        if degenerate:
+            warnings.warn(f"{self.ann_file}: skipped {degenerate} degenerate box(es) with zero width or height",
+                          stacklevel=2)
+        self.num_skipped = degenerate
+        self.targets = [by_image[im["id"]] for im in self.images]
+        for im in self.images:
+            if not (self.img_dir / im["file_name"]).is_file():
+                raise FileNotFoundError(f"{self.ann_file}: image id {im['id']} references "
+                                        f"{self.img_dir / im['file_name']}, which does not exist")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        info = self.images[i]
+        image = read_image(self.img_dir / info["file_name"])
+        rows = torch.tensor(self.targets[i], dtype=torch.float32).reshape(-1, 5)
+        h, w = image.shape[-2:]
+        target = {
+            "boxes": tv_tensors.BoundingBoxes(rows[:, :4], format="XYXY", canvas_size=(h, w)),
+            "labels": rows[:, 4].long(),
+            "image_id": torch.tensor(info["id"]),
+            "orig_size": torch.tensor([h, w]),
+        }
+        return self._apply(image, target)
+
+
+class ADE20KDataset(_Base):
+    """Semantic segmentation in ADE20K layout.
+
+    ``reduce_zero_label`` (ADE20K's convention) maps label 0 ("other") to 255 (ignored) and
+    shifts every other label down by one.
+    """
+
+    SPLITS = {"train": "training", "val": "validation"}
+
+    def __init__(self, root: str | Path, split: str = "train", transform: Callable | None = None,
+                 reduce_zero_label: bool = True) -> None:
+        super().__init__(transform)
+        sub = self.SPLITS.get(split, split)
+        self.img_dir = Path(root) / "images" / sub
+        self.ann_dir = Path(root) / "annotations" / sub
+        self.reduce_zero_label = reduce_zero_label
+        self.images = _images_in(self.img_dir)
+        if not self.images:
+            raise ValueError(f"{self.img_dir} holds no images (expected ADE20K layout images/{sub}/*.jpg)")
+        self.labels = [self.ann_dir / (p.stem + ".png") for p in self.images]
+        missing = [str(p) for p in self.labels if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} annotation PNG(s) missing, e.g. {missing[0]}")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        image = read_image(self.images[i])
+        label = read_label_png(self.labels[i])
+        if label.ndim != 2:
+            raise ValueError(f"annotation {self.labels[i]} has shape {label.shape}; expected a single-channel PNG")
+        if label.shape != tuple(image.shape[-2:]):
+            raise ValueError(f"annotation {self.labels[i]} is {label.shape[1]}x{label.shape[0]} but image "
+                             f"{self.images[i]} is {image.shape[-1]}x{image.shape[-2]}; expected the same size")
+        mask = torch.from_numpy(label.astype(np.int64))
+        if self.reduce_zero_label:
+            mask = torch.where(mask == 0, 255, mask - 1)
+            mask[mask == 254] = 255
+        return self._apply(image, {"mask": tv_tensors.Mask(mask)})
+
+
+class DepthDataset(_Base):
+    """NYU-style depth: ``<split>/rgb/NAME.*`` with ``<split>/depth/NAME.png`` (uint16 mm)."""
+
+    def __init__(self, root: str | Path, split: str = "train", transform: Callable | None = None,
+                 max_depth: float = 10.0) -> None:
+        super().__init__(transform)
+        self.rgb_dir, self.depth_dir = Path(root) / split / "rgb", Path(root) / split / "depth"
+        self.max_depth = max_depth
+        self.images = _images_in(self.rgb_dir)
+        if not self.images:
+            raise ValueError(f"{self.rgb_dir} holds no images (expected {Path(root)}/{split}/rgb/*.png "
+                             f"with {Path(root)}/{split}/depth/*.png)")
+        self.depths = [self.depth_dir / (p.stem + ".png") for p in self.images]
+        missing = [str(p) for p in self.depths if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} depth PNG(s) missing, e.g. {missing[0]}")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        image = read_image(self.images[i])
+        raw = read_label_png(self.depths[i])
+        if raw.dtype != np.uint16:
+            raise ValueError(f"depth {self.depths[i]} has dtype {raw.dtype}; expected a 16-bit PNG in millimetres")
+        if raw.shape != tuple(image.shape[-2:]):
+            raise ValueError(f"depth {self.depths[i]} is {raw.shape[1]}x{raw.shape[0]} but image {self.images[i]} "
+                             f"is {image.shape[-1]}x{image.shape[-2]}; expected the same size")
+        depth = torch.from_numpy(raw.astype(np.float32) / 1000.0).clamp(max=self.max_depth)
+        return self._apply(image, {"depth": tv_tensors.Mask(depth)})

@@ -1,0 +1,52 @@
+"""GLID's query decoder: one shared set of learnable queries, self-attention among queries and
+cross-attention to the multi-scale memory. Every task reads its answer from the same queries.
+
+Legend: B batch, Q queries, M memory tokens, D decoder dim.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class QueryDecoderLayer(nn.Module):
+    """Pre-norm: self-attention, cross-attention, feed-forward."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.self_attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
+        self.cross_attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
+        hidden = int(dim * mlp_ratio)
+        self.ffn = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, q_BQD, query_pos_BQD, memory_BMD, memory_pos_BMD):
+        h = self.norm1(q_BQD)
+        q_BQD = q_BQD + self.self_attn(h + query_pos_BQD, h + query_pos_BQD, h, need_weights=False)[0]
+        h = self.norm2(q_BQD)
+        q_BQD = q_BQD + self.cross_attn(h + query_pos_BQD, memory_BMD + memory_pos_BMD, memory_BMD,
+                                        need_weights=False)[0]
+        return q_BQD + self.ffn(self.norm3(q_BQD))
+
+
+class QueryDecoder(nn.Module):
+    """``forward(memory, memory_pos)`` -> query answers ``[B, Q, D]``."""
+
+    def __init__(self, dim: int = 128, num_queries: int = 20, num_layers: int = 3, num_heads: int = 4,
+                 mlp_ratio: float = 4.0, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.num_queries = num_queries
+        self.query_embed = nn.Parameter(torch.zeros(num_queries, dim))
+        self.query_pos = nn.Parameter(torch.zeros(num_queries, dim))
+        nn.init.normal_(self.query_embed, std=0.02)
+        nn.init.normal_(self.query_pos, std=0.02)
+        self.layers = nn.ModuleList(QueryDecoderLayer(dim, num_heads, mlp_ratio, dropout) for _ in range(num_layers))
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, memory_BMD: torch.Tensor, memory_pos_BMD: torch.Tensor) -> torch.Tensor:
+        B = memory_BMD.shape[0]
+        q = self.query_embed.unsqueeze(0).expand(B, -1, -1).to(memory_BMD.dtype)
+        pos = self.query_pos.unsqueeze(0).expand(B, -1, -1).to(memory_BMD.dtype)
+        for layer in self.layers:
+            q = layer(q, pos, memory_BMD, memory_pos_BMD)
+        return self.norm(q)

@@ -1,0 +1,79 @@
+"""What a task type provides, and the registry that maps type names to implementations.
+
+A task type is one module: a head (the topmost linear layer(s) on the shared decoder's outputs),
+a loss, a postprocess (outputs -> predictions in image coordinates) and an evaluator that
+accumulates predictions over a dataset and returns standard metrics.
+
+Shared inputs every head receives: ``queries_BQD`` (query decoder answers) and ``pixel_BDhw``
+(pixel decoder features at the finest stride).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+TASK_TYPES: dict[str, type["Task"]] = {}
+
+
+def register_task(cls: type["Task"]) -> type["Task"]:
+    TASK_TYPES[cls.type_name] = cls
+    return cls
+
+
+class Evaluator:
+    """Accumulates predictions and targets; ``compute()`` returns ``{metric: value}``."""
+
+    def update(self, preds: list, targets: list[dict]) -> None:
+        raise NotImplementedError
+
+    def compute(self) -> dict[str, float]:
+        raise NotImplementedError
+
+
+class Task:
+    """Base class; subclasses set ``type_name``, ``primary_metric`` and ``higher_is_better``."""
+
+    type_name: str = ""
+    primary_metric: str = ""
+    higher_is_better: bool = True
+
+    def __init__(self, name: str, num_classes: int = 0, loss_weights: dict | None = None, **options: Any) -> None:
+        self.name, self.num_classes = name, int(num_classes)
+        self.loss_weights = dict(loss_weights or {})
+        self.options = options
+
+    def config(self) -> dict:
+        """Everything needed to rebuild this task (stored in checkpoints)."""
+        return {"type": self.type_name, "num_classes": self.num_classes, "loss_weights": self.loss_weights,
+                **self.options}
+
+    def build_head(self, dim: int) -> nn.Module:
+        raise NotImplementedError
+
+    def head_forward(self, head: nn.Module, queries_BQD: torch.Tensor, pixel_BDhw: torch.Tensor,
+                     image_size: tuple[int, int]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def loss(self, outputs: dict[str, torch.Tensor], targets: list[dict]) -> dict[str, torch.Tensor]:
+        """Loss terms; ``"loss"`` is their weighted sum."""
+        raise NotImplementedError
+
+    def postprocess(self, outputs: dict[str, torch.Tensor], targets: list[dict]) -> list:
+        raise NotImplementedError
+
+    def evaluator(self, dataset) -> Evaluator:
+        raise NotImplementedError
+
+    def chance_predictions(self, dataset, targets: list[dict]) -> list:
+        """Predictions of a trivial, input-blind predictor (for the chance level beside each metric)."""
+        raise NotImplementedError
+
+
+def build_task(name: str, cfg: dict) -> Task:
+    cfg = dict(cfg)
+    type_name = cfg.pop("type", name)
+    if type_name not in TASK_TYPES:
+        raise ValueError(f"task {name!r}: unknown task type {type_name!r}; expected one of {sorted(TASK_TYPES)}")
+    return TASK_TYPES[type_name](name, **cfg)

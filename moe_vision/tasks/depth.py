@@ -1,0 +1,63 @@
+"""Monocular depth: a per-pixel linear layer on the pixel features predicts log-depth; trained
+with the scale-invariant log loss; RMSE, AbsRel and delta<1.25 over all valid pixels."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from .base import Evaluator, Task, register_task
+
+
+class DepthEvaluator(Evaluator):
+    def __init__(self) -> None:
+        self.sq = self.absrel = self.delta1 = 0.0
+        self.count = 0
+
+    def update(self, preds, targets):
+        for p, t in zip(preds, targets):
+            gt = torch.as_tensor(t["depth"]).float()
+            valid = gt > 0
+            p, g = p.float()[valid].clamp(min=1e-3), gt[valid]
+            self.sq += float(((p - g) ** 2).sum())
+            self.absrel += float(((p - g).abs() / g).sum())
+            self.delta1 += float((torch.maximum(p / g, g / p) < 1.25).sum())
+            self.count += int(valid.sum())
+
+    def compute(self) -> dict[str, float]:
+        n = max(1, self.count)
+        return {"rmse": (self.sq / n) ** 0.5, "absrel": self.absrel / n, "delta1": self.delta1 / n}
+
+
+@register_task
+class DepthTask(Task):
+    type_name, primary_metric = "depth", "delta1"
+
+    def build_head(self, dim: int) -> nn.Module:
+        return nn.Linear(dim, 1)
+
+    def head_forward(self, head, queries_BQD, pixel_BDhw, image_size):
+        log_depth = head(pixel_BDhw.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        log_depth = F.interpolate(log_depth, size=image_size, mode="bilinear", align_corners=False)
+        return {"log_depth": log_depth[:, 0]}
+
+    def loss(self, outputs, targets):
+        pred = outputs["log_depth"].float()
+        gt = torch.stack([torch.as_tensor(t["depth"]).float() for t in targets]).to(pred.device)
+        valid = gt > 0
+        d = pred[valid] - torch.log(gt[valid])
+        lam = float(self.options.get("silog_lambda", 0.85))
+        silog = torch.sqrt((d ** 2).mean() - lam * d.mean() ** 2 + 1e-8)
+        return {"loss": silog, "silog": silog}
+
+    def postprocess(self, outputs, targets):
+        return list(outputs["log_depth"].float().exp().detach().cpu())
+
+    def evaluator(self, dataset) -> Evaluator:
+        return DepthEvaluator()
+
+    def chance_predictions(self, dataset, targets):
+        # One constant depth: the mean valid depth of these images.
+        gt = torch.cat([torch.as_tensor(t["depth"]).reshape(-1) for t in targets])
+        mean = float(gt[gt > 0].mean())
+        return [torch.full(torch.as_tensor(t["depth"]).shape, mean) for t in targets]

@@ -1,0 +1,76 @@
+"""The generalist: MoE-ViT backbone -> shared GLID decoder (pixel decoder + query decoder with one
+set of learnable queries) -> the task's topmost linear head.
+
+Shared by all tasks: the backbone (except each task's router and task embedding), the pixel
+decoder, the query decoder and its queries. Task-specific: the linear layer(s) in ``heads[task]``.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from ..decoder import PixelDecoder, QueryDecoder
+from ..models import MoEViT
+from ..models.checkpoint import register_format
+from .base import Task, build_task
+
+DEFAULT_DECODER = {"dim": 128, "num_queries": 20, "num_layers": 3, "num_heads": 4, "mlp_ratio": 4.0}
+
+
+class GeneralistModel(nn.Module):
+    """``forward(images, task)`` -> the task head's outputs (and routing on request).
+
+    Args:
+        backbone: a :class:`MoEViT` or its config dict; it must know every task name.
+        tasks: task name -> task config (``type``, ``num_classes``, loss weights, options).
+        decoder: query/pixel decoder sizes (see ``DEFAULT_DECODER``).
+    """
+
+    checkpoint_format = "moe_vision.generalist/1"
+
+    def __init__(self, backbone: MoEViT | Mapping[str, Any], tasks: Mapping[str, Mapping[str, Any]],
+                 decoder: Mapping[str, Any] | None = None) -> None:
+        super().__init__()
+        self.backbone = backbone if isinstance(backbone, MoEViT) else MoEViT(**backbone)
+        missing = [t for t in tasks if t not in self.backbone.tasks]
+        if missing:
+            raise ValueError(f"backbone has no router for task(s) {missing}; it knows {self.backbone.tasks}")
+        dec = {**DEFAULT_DECODER, **(decoder or {})}
+        self.specs: dict[str, Task] = {name: build_task(name, dict(cfg)) for name, cfg in tasks.items()}
+        self.pixel_decoder = PixelDecoder(self.backbone.embed_dim, dec["dim"], num_levels=4)
+        self.decoder = QueryDecoder(dec["dim"], dec["num_queries"], dec["num_layers"], dec["num_heads"],
+                                    dec["mlp_ratio"])
+        self.heads = nn.ModuleDict({name: spec.build_head(dec["dim"]) for name, spec in self.specs.items()})
+        self.decoder_config = dec
+
+    @property
+    def config(self) -> dict:
+        return {"backbone": self.backbone.config, "tasks": {n: s.config() for n, s in self.specs.items()},
+                "decoder": self.decoder_config}
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.specs)
+
+    def spec(self, task: str) -> Task:
+        if task not in self.specs:
+            raise KeyError(f"unknown task {task!r}; this model knows tasks {self.tasks}")
+        return self.specs[task]
+
+    def forward(self, images: torch.Tensor, task: str, return_routing: bool = False):
+        spec = self.spec(task)
+        maps, routing = self.backbone.forward_multiscale(images, task, return_routing=True)
+        pixel_BDhw, memory_BMD, memory_pos_BMD = self.pixel_decoder(maps)
+        queries_BQD = self.decoder(memory_BMD, memory_pos_BMD)
+        out = spec.head_forward(self.heads[task], queries_BQD, pixel_BDhw, tuple(images.shape[-2:]))
+        return (out, routing) if return_routing else out
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor, task: str, targets: list[dict]) -> list:
+        """Postprocessed predictions (``targets`` carry per-image meta such as ``orig_size``)."""
+        return self.spec(task).postprocess(self(images, task), targets)
+
+
+register_format(GeneralistModel.checkpoint_format, GeneralistModel)

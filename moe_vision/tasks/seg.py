@@ -1,0 +1,131 @@
+"""Semantic segmentation as mask classification (MaskFormer) on the shared queries: per-query
+class logits (+ no-object) and a mask embedding dotted with the per-pixel features; matched
+masks trained with binary cross-entropy + dice, classes with cross-entropy; mIoU over the whole
+dataset from a confusion matrix.
+
+Legend: B batch, Q queries, C classes, N classes present in one image, H x W target size.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from .base import Evaluator, Task, register_task
+from .matching import hungarian_match
+
+IGNORE = 255
+
+
+class SegHead(nn.Module):
+    def __init__(self, dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.class_linear = nn.Linear(dim, num_classes + 1)
+        self.mask_linear = nn.Linear(dim, dim)
+
+
+def _dice_cost(pred_QP: torch.Tensor, gt_NP: torch.Tensor) -> torch.Tensor:
+    p = pred_QP.sigmoid()
+    num = 2 * p @ gt_NP.t()
+    den = p.sum(-1)[:, None] + gt_NP.sum(-1)[None, :]
+    return 1 - (num + 1) / (den + 1)
+
+
+def _bce_cost(pred_QP: torch.Tensor, gt_NP: torch.Tensor) -> torch.Tensor:
+    pos = F.binary_cross_entropy_with_logits(pred_QP, torch.ones_like(pred_QP), reduction="none")
+    neg = F.binary_cross_entropy_with_logits(pred_QP, torch.zeros_like(pred_QP), reduction="none")
+    return (pos @ gt_NP.t() + neg @ (1 - gt_NP).t()) / pred_QP.shape[-1]
+
+
+class MIoUEvaluator(Evaluator):
+    """Confusion matrix over the whole dataset; 255 ignored; classes absent from both prediction
+    and ground truth are left out of the mean."""
+
+    def __init__(self, num_classes: int) -> None:
+        self.C = num_classes
+        self.confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
+
+    def update(self, preds, targets):
+        for p, t in zip(preds, targets):
+            gt = torch.as_tensor(t["mask"]).long().reshape(-1)
+            p = p.reshape(-1).long()
+            keep = gt != IGNORE
+            self.confusion += torch.bincount(gt[keep] * self.C + p[keep], minlength=self.C ** 2).reshape(self.C, self.C)
+
+    def compute(self) -> dict[str, float]:
+        cm = self.confusion.double()
+        inter = cm.diag()
+        union = cm.sum(0) + cm.sum(1) - inter
+        present = union > 0
+        miou = float((inter[present] / union[present]).mean()) if present.any() else 0.0
+        acc = float(inter.sum() / cm.sum().clamp(min=1))
+        return {"mIoU": miou, "pixel_acc": acc}
+
+
+@register_task
+class SegmentationTask(Task):
+    type_name, primary_metric = "seg", "mIoU"
+    defaults = {"class": 1.0, "bce": 5.0, "dice": 5.0, "no_object": 0.1}
+
+    def w(self, key: str) -> float:
+        return float(self.loss_weights.get(key, self.defaults[key]))
+
+    def build_head(self, dim: int) -> nn.Module:
+        return SegHead(dim, self.num_classes)
+
+    def head_forward(self, head, queries_BQD, pixel_BDhw, image_size):
+        masks = torch.einsum("bqd,bdhw->bqhw", head.mask_linear(queries_BQD), pixel_BDhw)
+        return {"logits": head.class_linear(queries_BQD), "masks": masks}
+
+    def loss(self, outputs, targets):
+        logits, masks = outputs["logits"].float(), outputs["masks"].float()
+        B, Q, C1 = logits.shape
+        cls_target = torch.full((B, Q), C1 - 1, dtype=torch.long, device=logits.device)
+        bce, dice, n_masks = logits.new_zeros(()), logits.new_zeros(()), 0
+        for b, t in enumerate(targets):
+            gt = torch.as_tensor(t["mask"]).long().to(logits.device)
+            up = F.interpolate(masks[b:b + 1], size=gt.shape, mode="bilinear", align_corners=False)[0]
+            valid = (gt != IGNORE).reshape(-1)
+            classes = gt[gt != IGNORE].unique()
+            if len(classes) == 0:
+                continue
+            gt_NP = (gt.reshape(-1)[valid][None, :] == classes[:, None]).float()
+            pred_QP = up.reshape(Q, -1)[:, valid]
+            with torch.no_grad():
+                prob = logits[b].softmax(-1)[:, classes]
+                cost = -self.w("class") * prob + self.w("bce") * _bce_cost(pred_QP, gt_NP) \
+                    + self.w("dice") * _dice_cost(pred_QP, gt_NP)
+            qi, ti = hungarian_match(cost)
+            qi, ti = qi.to(logits.device), ti.to(logits.device)
+            cls_target[b, qi] = classes[ti]
+            p, g = pred_QP[qi], gt_NP[ti]
+            bce = bce + F.binary_cross_entropy_with_logits(p, g, reduction="none").mean(-1).sum()
+            ps = p.sigmoid()
+            dice = dice + (1 - (2 * (ps * g).sum(-1) + 1) / (ps.sum(-1) + g.sum(-1) + 1)).sum()
+            n_masks += len(qi)
+        weight = logits.new_ones(C1)
+        weight[-1] = self.w("no_object")
+        ce = F.cross_entropy(logits.reshape(-1, C1), cls_target.reshape(-1), weight=weight)
+        n = max(1, n_masks)
+        bce, dice = bce / n, dice / n
+        return {"loss": self.w("class") * ce + self.w("bce") * bce + self.w("dice") * dice,
+                "ce": ce, "bce": bce, "dice": dice}
+
+    def semantic_probs(self, outputs, size) -> torch.Tensor:
+        """Per-class scores ``[B, C, H, W]``: sum over queries of P(class) x mask probability."""
+        prob = outputs["logits"].float().softmax(-1)[..., :-1]
+        masks = F.interpolate(outputs["masks"].float(), size=size, mode="bilinear", align_corners=False).sigmoid()
+        return torch.einsum("bqc,bqhw->bchw", prob, masks)
+
+    def postprocess(self, outputs, targets):
+        size = tuple(torch.as_tensor(targets[0]["mask"]).shape[-2:])
+        return list(self.semantic_probs(outputs, size).argmax(1).cpu())
+
+    def evaluator(self, dataset) -> Evaluator:
+        return MIoUEvaluator(self.num_classes)
+
+    def chance_predictions(self, dataset, targets):
+        # Every pixel labelled with the class most frequent in these images' ground truth.
+        gt = torch.cat([torch.as_tensor(t["mask"]).reshape(-1) for t in targets])
+        label = int(torch.bincount(gt[gt != IGNORE].long(), minlength=self.num_classes).argmax())
+        return [torch.full(torch.as_tensor(t["mask"]).shape, label) for t in targets]
