@@ -14,6 +14,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from timm.layers import DropPath, LayerScale, Mlp, PatchEmbed, resample_abs_pos_embed, trunc_normal_
 from timm.models.vision_transformer import Attention
 
@@ -125,6 +126,7 @@ class MoEViT(nn.Module):
             for i in range(depth)
         ])
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.grad_checkpointing = False  # recompute block activations in backward to save memory
         trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
 
@@ -171,7 +173,10 @@ class MoEViT(nn.Module):
         routing: list[RoutingOutput] = []
         kept = []
         for i, blk in enumerate(self.blocks):
-            x, r = blk(x, task)
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x, r = checkpoint(blk, x, task, use_reentrant=False)
+            else:
+                x, r = blk(x, task)
             routing.extend(r)
             if i in keep:
                 kept.append(x)

@@ -1,0 +1,79 @@
+"""Build datasets and models from the resolved config (plain dicts)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from ..data import (ADE20KDataset, CocoDetectionDataset, DepthDataset, ImageFolderDataset, build_transforms)
+from ..models import build_model as build_backbone
+from ..tasks import GeneralistModel
+
+# Keys of a task config that steer training, not the head.
+TRAINING_KEYS = ("batch_size", "loss_weight", "transforms")
+
+
+def head_config(task_cfg: Mapping[str, Any]) -> dict:
+    return {k: v for k, v in task_cfg.items() if k not in TRAINING_KEYS}
+
+
+def build_dataset(task: str, task_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any], split: str, train: bool):
+    """The dataset of ``task`` for ``split`` ("train"/"val") in the format named by ``data.tasks.<task>``."""
+    entries = data_cfg.get("tasks") or {}
+    if task not in entries:
+        raise ValueError(f"task {task!r} has no dataset: add data.tasks.{task} (format and folders) to the "
+                         f"data config; it has {sorted(entries)}")
+    d = dict(entries[task])
+    fmt = d.get("format")
+    tf_cfg = dict(task_cfg.get("transforms") or {})
+    transform = build_transforms(task_cfg.get("type", task), train, int(data_cfg["img_size"]),
+                                 hflip=float(tf_cfg.get("hflip", 0.0)), scale=tf_cfg.get("scale"))
+    if fmt == "imagefolder":
+        return ImageFolderDataset(d["root"], d.get(f"{split}_split", split), transform)
+    if fmt == "coco":
+        return CocoDetectionDataset(d[f"{split}_ann"], d[f"{split}_images"], transform)
+    if fmt == "ade20k":
+        return ADE20KDataset(d["root"], split, transform, reduce_zero_label=bool(d.get("reduce_zero_label", True)))
+    if fmt == "nyu_depth":
+        return DepthDataset(d["root"], split, transform, max_depth=float(d.get("max_depth", 10.0)))
+    raise ValueError(f"data.tasks.{task}.format={fmt!r}; expected one of imagefolder, coco, ade20k, nyu_depth")
+
+
+def check_num_classes(task: str, task_cfg: Mapping[str, Any], dataset) -> None:
+    """Readers that know their class names (ImageFolder, COCO) must agree with the head's size."""
+    classes = getattr(dataset, "classes", None)
+    want = int(task_cfg.get("num_classes", 0))
+    if classes is not None and want and want != len(classes):
+        raise ValueError(f"tasks.{task}.num_classes={want} but the {task} dataset has {len(classes)} classes")
+
+
+def build_generalist(cfg: Mapping[str, Any]) -> GeneralistModel:
+    tasks = {name: head_config(t) for name, t in cfg["tasks"].items()}
+    if not tasks:
+        raise ValueError("no tasks configured: choose an experiment (experiment=synthetic) or set tasks")
+    backbone = build_backbone(cfg["model"], list(tasks))
+    return GeneralistModel(backbone, tasks, cfg.get("decoder"))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} but CUDA is not available on this machine")
+    return torch.device(name)
+
+
+def run_dir_of(cfg: Mapping[str, Any]) -> Path:
+    return Path(cfg["output_dir"])
+
+
+def prepare_config(cfg: Mapping[str, Any]) -> dict:
+    """Apply conveniences to a resolved config: ``single_task`` keeps only that task."""
+    cfg = dict(cfg)
+    single = cfg.get("single_task")
+    if single:
+        if single not in cfg["tasks"]:
+            raise ValueError(f"single_task={single!r} is not among the configured tasks {sorted(cfg['tasks'])}")
+        cfg["tasks"] = {single: cfg["tasks"][single]}
+    return cfg

@@ -1,0 +1,65 @@
+"""Evaluation: run each task's split through the model, score with the task's evaluator,
+accumulate expert usage, and compute each metric's chance level."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from tqdm import tqdm
+
+from ..data import collate
+from ..moe import ExpertUsage
+from ..tasks import GeneralistModel
+
+
+def _batches(dataset, batch_size: int, max_batches: int | None):
+    n = len(dataset)
+    if max_batches:
+        n = min(n, max_batches * batch_size)
+    for start in range(0, n, batch_size):
+        yield collate([dataset[i] for i in range(start, min(n, start + batch_size))])
+
+
+@torch.no_grad()
+def evaluate(model: GeneralistModel, datasets: Mapping[str, object], batch_size: int = 64,
+             max_batches: int | None = None, device: torch.device | str = "cpu", usage: ExpertUsage | None = None,
+             results_dir: Path | None = None, progress: bool = True, autocast_dtype: torch.dtype | None = None):
+    """Metrics per task (``{task: {metric: value}}``) and, in ``usage``, expert selection counts.
+
+    With ``results_dir``, detection also writes its COCO results JSON there (``<task>_results.json``).
+    """
+    was_training = model.training
+    model.eval()
+    device = torch.device(device)
+    metrics = {}
+    for task, dataset in datasets.items():
+        spec = model.spec(task)
+        if spec.type_name == "det" and results_dir is not None:
+            ev = spec.evaluator(dataset, Path(results_dir) / f"{task}_results.json")
+        else:
+            ev = spec.evaluator(dataset)
+        total = -(-min(len(dataset), (max_batches or 10 ** 9) * batch_size) // batch_size)
+        for images, targets in tqdm(_batches(dataset, batch_size, max_batches), total=total, desc=f"eval {task}",
+                                    leave=False, disable=not progress):
+            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+                out, routing = model(images.to(device), task, return_routing=True)
+            if usage is not None:
+                usage.update(routing)
+            ev.update(spec.postprocess(out, targets), targets)
+        metrics[task] = ev.compute()
+    model.train(was_training)
+    return metrics
+
+
+def chance_metrics(model: GeneralistModel, datasets: Mapping[str, object], max_items: int | None = None) -> dict:
+    """Each metric for an input-blind predictor (most frequent class / one full-image box / constant depth)."""
+    out = {}
+    for task, dataset in datasets.items():
+        spec = model.spec(task)
+        n = min(len(dataset), max_items or len(dataset))
+        targets = [dataset[i][1] for i in range(n)]
+        ev = spec.evaluator(dataset)
+        ev.update(spec.chance_predictions(dataset, targets), targets)
+        out[task] = ev.compute()
+    return out

@@ -1,0 +1,60 @@
+"""Optimiser and schedule: AdamW without weight decay on norms, biases, embeddings, queries and
+router gates; linear warm-up then cosine decay."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+_NO_DECAY_NAMES = ("pos_embed", "cls_token", "task_embed", "query_embed", "query_pos", "level_embed",
+                   ".router.", "log_vars")
+
+
+def param_groups(model: nn.Module, weight_decay: float, extra: list[nn.Parameter] | None = None) -> list[dict]:
+    """Two groups; only trainable parameters (``requires_grad``) are included."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim <= 1 or any(k in name for k in _NO_DECAY_NAMES):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    no_decay += [p for p in (extra or []) if p.requires_grad]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.999),
+                    extra: list[nn.Parameter] | None = None) -> torch.optim.AdamW:
+    return torch.optim.AdamW(param_groups(model, weight_decay, extra), lr=lr, betas=tuple(betas))
+
+
+def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
+                       min_lr_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class LossWeighting(nn.Module):
+    """Per-task loss weights: ``fixed`` (from config) or ``uncertainty`` (Kendall et al.: a learned
+    log-variance s per task, loss = exp(-s) * L + s, times the fixed weight)."""
+
+    def __init__(self, weights: dict[str, float], mode: str = "fixed") -> None:
+        super().__init__()
+        if mode not in ("fixed", "uncertainty"):
+            raise ValueError(f"train.loss_weighting={mode!r}; expected 'fixed' or 'uncertainty'")
+        self.mode, self.weights = mode, dict(weights)
+        self.log_vars = nn.ParameterDict({t: nn.Parameter(torch.zeros(())) for t in weights}) \
+            if mode == "uncertainty" else nn.ParameterDict()
+
+    def forward(self, task: str, loss: torch.Tensor) -> torch.Tensor:
+        loss = self.weights[task] * loss
+        if self.mode == "uncertainty":
+            s = self.log_vars[task]
+            loss = torch.exp(-s) * loss + s
+        return loss

@@ -1,0 +1,75 @@
+"""What a run directory holds besides the checkpoint: metrics, expert usage (JSON + heatmap), tables."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Mapping
+
+from ..io_utils import atomic_path
+from ..moe import ExpertUsage
+
+
+def write_json(path: Path, obj) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2))
+    return path
+
+
+def plot_usage(usage: ExpertUsage, path: Path) -> Path:
+    """One heatmap per MoE layer: tasks x experts, colour = selection frequency."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    freq = usage.frequency().numpy()
+    L = len(usage.layers)
+    cols = min(4, max(1, L))
+    rows = -(-L // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 0.5 * len(usage.tasks) * rows + 1.2 * rows),
+                             squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        if i >= L:
+            ax.axis("off")
+            continue
+        im = ax.imshow(freq[i], vmin=0, vmax=max(1e-9, freq.max()), cmap="viridis", aspect="auto")
+        ax.set_title(usage.layers[i], fontsize=8)
+        ax.set_yticks(range(len(usage.tasks)), usage.tasks, fontsize=7)
+        ax.set_xticks(range(freq.shape[-1]), range(freq.shape[-1]), fontsize=6)
+        ax.set_xlabel("expert", fontsize=7)
+    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="selection frequency")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return path
+
+
+def usage_summary(usage: ExpertUsage) -> list[str]:
+    """One line per layer: each task's most used experts and their share of selections."""
+    freq = usage.frequency()
+    lines = []
+    for li, layer in enumerate(usage.layers):
+        parts = []
+        for si, task in enumerate(usage.tasks):
+            top = freq[li, si].topk(min(3, freq.shape[-1]))
+            parts.append(f"{task}: " + ",".join(f"{int(e)}({v:.0%})" for v, e in zip(top.values, top.indices)))
+        lines.append(f"{layer:<16} " + "  ".join(parts))
+    return lines
+
+
+def metrics_table(metrics: Mapping[str, Mapping[str, float]], chance: Mapping[str, Mapping[str, float]] | None = None,
+                  baseline: Mapping[str, Mapping[str, float]] | None = None, baseline_name: str = "baseline") -> str:
+    """Plain-text table: task, metric, value (and chance, baseline columns when given)."""
+    head = ["task", "metric", "value"] + (["chance"] if chance else []) + ([baseline_name] if baseline else [])
+    rows = []
+    for task, ms in metrics.items():
+        for m, v in ms.items():
+            row = [task, m, f"{v:.4f}"]
+            if chance:
+                row.append(f"{chance.get(task, {}).get(m, float('nan')):.4f}")
+            if baseline:
+                row.append(f"{baseline.get(task, {}).get(m, float('nan')):.4f}")
+            rows.append(row)
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)] if rows else [len(h) for h in head]
+    out = [" | ".join(h.ljust(w) for h, w in zip(head, widths)), "-+-".join("-" * w for w in widths)]
+    out += [" | ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    return "\n".join(out)

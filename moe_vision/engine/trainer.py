@@ -1,0 +1,213 @@
+"""The training loop: heterogeneous task sampling, per-task losses + router aux losses, AdamW with
+cosine schedule, clipping, optional bf16 autocast, TensorBoard, periodic evaluation, atomic
+checkpoints and exact resume."""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..data import InfiniteBatches, TaskSampler, collate
+from ..data.synthetic import SyntheticConfig, generate, is_complete
+from ..io_utils import atomic_path
+from ..models import save_model
+from ..moe import ExpertUsage
+from . import report
+from .builders import build_dataset, build_generalist, check_num_classes, resolve_device, run_dir_of
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .evaluate import chance_metrics, evaluate
+from .optim import LossWeighting, build_optimizer, cosine_with_warmup
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def ensure_synthetic(data_cfg: Mapping[str, Any], progress=print) -> None:
+    """Generate the built-in benchmark if the data config asks for it and it is missing."""
+    syn = data_cfg.get("synthetic")
+    if not syn or is_complete(data_cfg["root"]):
+        return
+    progress(f"generating the synthetic benchmark in {data_cfg['root']} ...")
+    generate(data_cfg["root"], SyntheticConfig(**syn), progress=lambda m: progress(f"  {m}"))
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    raise ValueError(f"train.precision={precision!r}; expected auto, fp32 or bf16")
+
+
+class Trainer:
+    """Owns one run: ``Trainer(cfg).fit()`` trains, evaluates and writes the run directory."""
+
+    def __init__(self, cfg: Mapping[str, Any]) -> None:
+        self.cfg = cfg
+        self.tcfg = cfg["train"]
+        self.run_dir = run_dir_of(cfg)
+        self.device = resolve_device(cfg.get("device", "auto"))
+        self.amp_dtype = autocast_dtype(self.tcfg.get("precision", "auto"), self.device)
+        ensure_synthetic(cfg["data"], progress=tqdm.write)
+        seed_everything(int(cfg["seed"]))
+        self.model = build_generalist(cfg).to(self.device)
+        self.model.backbone.grad_checkpointing = bool(self.tcfg.get("grad_checkpointing", False))
+        self.tasks = list(cfg["tasks"])
+        self.train_sets = {t: build_dataset(t, cfg["tasks"][t], cfg["data"], "train", True) for t in self.tasks}
+        self.val_sets = {t: build_dataset(t, cfg["tasks"][t], cfg["data"], cfg["eval"].get("split", "val"), False)
+                         for t in self.tasks}
+        for t in self.tasks:
+            check_num_classes(t, cfg["tasks"][t], self.train_sets[t])
+        sampling = self.tcfg["sampling"]
+        self.sampler = TaskSampler({t: len(d) for t, d in self.train_sets.items()}, sampling["strategy"],
+                                   float(sampling.get("temperature", 2.0)), int(cfg["seed"]),
+                                   int(sampling.get("tasks_per_step", 1)))
+        workers = int(cfg["data"].get("num_workers", 0))
+        self.iters = {t: InfiniteBatches(d, int(cfg["tasks"][t]["batch_size"]), collate, int(cfg["seed"]), t, workers)
+                      for t, d in self.train_sets.items()}
+        self.weighting = LossWeighting({t: float(cfg["tasks"][t].get("loss_weight", 1.0)) for t in self.tasks},
+                                       self.tcfg.get("loss_weighting", "fixed")).to(self.device)
+        self.optimizer = build_optimizer(self.model, float(self.tcfg["lr"]), float(self.tcfg["weight_decay"]),
+                                         self.tcfg.get("betas", (0.9, 0.999)), list(self.weighting.parameters()))
+        self.scheduler = cosine_with_warmup(self.optimizer, int(self.tcfg["warmup_steps"]), int(self.tcfg["steps"]),
+                                            float(self.tcfg.get("min_lr_ratio", 0.0)))
+        self.step = 0
+        self.history: list[dict] = []
+
+    # ------------------------------------------------------------------ state
+    def state(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "sampler": self.sampler.state_dict(), "iters": {t: it.state_dict() for t, it in self.iters.items()},
+                "weighting": self.weighting.state_dict(), "history": self.history}
+
+    def resume(self) -> bool:
+        path = latest_checkpoint(self.run_dir)
+        if path is None:
+            return False
+        state = load_checkpoint(path, self.model)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.sampler.load_state_dict(state["sampler"])
+        for t, s in state["iters"].items():
+            self.iters[t].load_state_dict(s)
+        self.weighting.load_state_dict(state["weighting"])
+        self.history = state["history"]
+        self.step = int(state["step"])
+        tqdm.write(f"resumed from {path} at step {self.step}")
+        return True
+
+    def save(self) -> Path:
+        return save_checkpoint(self.run_dir, self.step, self.model, self.state(),
+                               keep=int(self.tcfg.get("keep_checkpoints", 2)))
+
+    # ------------------------------------------------------------------ one step
+    def train_step(self) -> dict:
+        self.model.train()
+        tasks = next(self.sampler)
+        self.optimizer.zero_grad(set_to_none=True)
+        routing, total, logs = [], 0.0, {}
+        for task in tasks:
+            images, targets = next(self.iters[task])
+            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                                enabled=self.amp_dtype is not None):
+                out, r = self.model(images.to(self.device), task, return_routing=True)
+                losses = self.model.spec(task).loss(out, targets)
+            routing += r
+            total = total + self.weighting(task, losses["loss"])
+            logs[task] = {k: float(v.detach()) for k, v in losses.items()}
+        aux = self.model.backbone.aux_losses(routing)
+        loss = total + aux.total.to(self.device)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"step {self.step}: loss is {float(loss)} (tasks {tasks}); "
+                                     "lower train.lr or enable train.grad_clip")
+        loss.backward()
+        clip = float(self.tcfg.get("grad_clip", 0.0))
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip) if clip > 0 else None
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        rec = {"step": self.step, "tasks": tasks, "loss": float(loss.detach()), "task_losses": logs,
+               "aux": aux.as_floats(), "lr": self.scheduler.get_last_lr()[0],
+               "grad_norm": float(grad_norm) if grad_norm is not None else None,
+               "dropped_tokens": sum(x.dropped_tokens for x in routing)}
+        self.history.append({"step": self.step, "loss": rec["loss"]})
+        return rec
+
+    # ------------------------------------------------------------------ run
+    def fit(self) -> dict:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.cfg.get("resume"):
+            self.resume()
+        elif latest_checkpoint(self.run_dir) is not None:
+            raise FileExistsError(f"{self.run_dir} already holds a training run; pass resume=true to continue it "
+                                  "or choose another output_dir")
+        report.write_json(self.run_dir / "config.json", self.cfg)
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(str(self.run_dir / "tb"))
+        steps = int(self.tcfg["steps"])
+        log_every, eval_every = int(self.tcfg.get("log_every", 10)), int(self.tcfg.get("eval_every", 0))
+        ckpt_every = int(self.tcfg.get("ckpt_every", 0))
+        ema: dict[str, float] = {}
+        bar = tqdm(total=steps, initial=self.step, desc="train", dynamic_ncols=True)
+        log_path = self.run_dir / "train_log.jsonl"
+        t0 = time.time()
+        with open(log_path, "a") as log_file:
+            while self.step < steps:
+                rec = self.train_step()
+                log_file.write(json.dumps(rec) + "\n")
+                for task, ls in rec["task_losses"].items():
+                    ema[task] = ls["loss"] if task not in ema else 0.9 * ema[task] + 0.1 * ls["loss"]
+                    writer.add_scalar(f"loss/{task}", ls["loss"], self.step)
+                for k, v in rec["aux"].items():
+                    writer.add_scalar(f"aux/{k}", v, self.step)
+                writer.add_scalar("lr", rec["lr"], self.step)
+                bar.update(1)
+                if self.step % log_every == 0 or self.step == steps:
+                    bar.set_postfix_str(" ".join(f"{t}={v:.3f}" for t, v in ema.items()) +
+                                        f" mi={rec['aux']['mutual_information']:.3f} lb={rec['aux']['load_balance']:.2f}"
+                                        f" task={','.join(rec['tasks'])}")
+                if eval_every and self.step % eval_every == 0 and self.step < steps:
+                    m = evaluate(self.model, self.val_sets, int(self.cfg["eval"]["batch_size"]),
+                                 self.cfg["eval"].get("max_batches"), self.device, progress=False,
+                                 autocast_dtype=self.amp_dtype)
+                    for task, ms in m.items():
+                        for k, v in ms.items():
+                            writer.add_scalar(f"val/{task}/{k}", v, self.step)
+                    tqdm.write(f"step {self.step}: " + "  ".join(
+                        f"{t} {self.model.spec(t).primary_metric}={ms[self.model.spec(t).primary_metric]:.4f}"
+                        for t, ms in m.items()))
+                if ckpt_every and self.step % ckpt_every == 0 and self.step < steps:
+                    self.save()
+        bar.close()
+        train_seconds = time.time() - t0
+        self.save()
+        save_model(self.model, self.run_dir / "model.safetensors")
+        results = self.final_evaluation()
+        results["train_seconds"] = train_seconds
+        writer.close()
+        return results
+
+    def final_evaluation(self) -> dict:
+        usage = ExpertUsage(self.model.backbone.moe_layers(), self.tasks)
+        metrics = evaluate(self.model, self.val_sets, int(self.cfg["eval"]["batch_size"]),
+                           self.cfg["eval"].get("max_batches"), self.device, usage=usage, results_dir=self.run_dir,
+                           autocast_dtype=self.amp_dtype)
+        chance = chance_metrics(self.model, self.val_sets)
+        report.write_json(self.run_dir / "metrics.json", metrics)
+        report.write_json(self.run_dir / "chance_metrics.json", chance)
+        report.write_json(self.run_dir / "expert_usage.json", usage.to_dict())
+        if usage.layers:
+            report.plot_usage(usage, self.run_dir / "expert_usage.png")
+        return {"metrics": metrics, "chance": chance, "usage": usage}
