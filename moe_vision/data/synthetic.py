@@ -157,8 +157,10 @@ def _random_objects(rng: np.random.Generator, cfg: SyntheticConfig, n: int) -> l
 
 def _gen_cls(r: SceneRenderer, cfg: SyntheticConfig, split: str, n: int, root: Path) -> None:
     rng = r.rng
+    for name in CLASS_NAMES:  # every class folder exists, so label indices never shift
+        (root / "cls" / split / name).mkdir(parents=True, exist_ok=True)
     for i in range(n):
-        label = int(rng.integers(len(CLASS_NAMES)))
+        label = i % len(CLASS_NAMES)  # balanced classes
         distractors = _random_objects(rng, cfg, int(rng.integers(0, 3)))
         distractors = [(c, min(f, 0.26)) for c, f in distractors]
         # Distractors first (behind), the labelled object last and large, so it stays whole.

@@ -17,7 +17,8 @@ def param_groups(model: nn.Module, weight_decay: float, extra: list[nn.Parameter
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim <= 1 or any(k in name for k in _NO_DECAY_NAMES):
+        # Stacked expert biases (b1, b2, GroupedLinear bias) are 2-D but still biases.
+        if p.ndim <= 1 or name.endswith(("bias", ".b1", ".b2")) or any(k in name for k in _NO_DECAY_NAMES):
             no_decay.append(p)
         else:
             decay.append(p)

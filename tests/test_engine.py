@@ -1,0 +1,105 @@
+"""Training engine: resume equals an uninterrupted run, run directory contents, optimiser groups,
+config errors."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from moe_vision.engine.builders import prepare_config
+from moe_vision.engine.optim import LossWeighting, cosine_with_warmup, param_groups
+from moe_vision.engine.trainer import Trainer
+
+CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")
+
+
+def make_cfg(synthetic_root, out, *overrides):
+    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+        cfg = compose("train", overrides=[
+            "experiment=synthetic", f"data.root={synthetic_root}", "data.synthetic=null", "data.img_size=32",
+            "model=moe_vit_nano", "model.img_size=32", "model.moe.num_experts=4",
+            "decoder.dim=32", "decoder.num_queries=6", "decoder.num_layers=1", "decoder.num_heads=2",
+            "tasks.cls.batch_size=4", "tasks.det.batch_size=4", "tasks.seg.batch_size=4",
+            "train.steps=4", "train.warmup_steps=1", "train.ckpt_every=2", "train.log_every=1",
+            "eval.batch_size=8", "device=cpu", f"output_dir={out}", *overrides])
+    return prepare_config(OmegaConf.to_container(cfg, resolve=True))
+
+
+def _losses(run_dir):
+    return [json.loads(line)["loss"] for line in (Path(run_dir) / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_resume_matches_uninterrupted_run(synthetic_root, tmp_path):
+    full = Trainer(make_cfg(synthetic_root, tmp_path / "full", "train.sampling.tasks_per_step=1",
+                            "train.sampling.strategy=temperature"))
+    out = full.fit()
+    # The "killed" run: stops after step 2's checkpoint, then a new process resumes it.
+    part_cfg = make_cfg(synthetic_root, tmp_path / "part", "train.sampling.tasks_per_step=1",
+                        "train.sampling.strategy=temperature")
+    first = Trainer(part_cfg)
+    for _ in range(2):
+        rec = first.train_step()
+        (tmp_path / "part").mkdir(exist_ok=True)
+        with open(tmp_path / "part" / "train_log.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+    first.save()
+    torch.manual_seed(1234)  # a different process would start from different RNG state
+    resumed = Trainer({**part_cfg, "resume": True})
+    resumed.fit()
+    assert resumed.step == 4
+    assert _losses(tmp_path / "part") == _losses(tmp_path / "full")
+    for name in ("metrics.json", "expert_usage.json", "expert_usage.png", "model.safetensors", "config.json",
+                 "chance_metrics.json", "det_results.json"):
+        assert (tmp_path / "full" / name).is_file(), name
+    metrics = json.loads((tmp_path / "full" / "metrics.json").read_text())
+    assert set(metrics) == {"cls", "det", "seg"}
+    assert all(0 <= v <= 1 for ms in metrics.values() for v in ms.values())
+    assert out["usage"].counts.sum() > 0
+
+
+def test_existing_run_needs_resume_and_no_half_written_checkpoint(synthetic_root, tmp_path):
+    cfg = make_cfg(synthetic_root, tmp_path / "run", "train.steps=1")
+    Trainer(cfg).fit()
+    with pytest.raises(FileExistsError, match="pass resume=true"):
+        Trainer(cfg).fit()
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert not list(ckpts.glob(".*tmp"))
+    assert (ckpts / (ckpts / "latest").read_text()).is_dir()
+
+
+def test_config_errors(synthetic_root, tmp_path):
+    cfg = make_cfg(synthetic_root, tmp_path / "x")
+    del cfg["data"]["tasks"]["det"]
+    with pytest.raises(ValueError, match=r"task 'det' has no dataset: add data.tasks.det"):
+        Trainer(cfg)
+    with pytest.raises(ValueError, match=r"single_task='pose' is not among"):
+        make_cfg(synthetic_root, tmp_path / "y", "+single_task=pose")
+    cfg = make_cfg(synthetic_root, tmp_path / "z", "tasks.cls.num_classes=7")
+    with pytest.raises(ValueError, match=r"tasks.cls.num_classes=7 but the cls dataset has 13 classes"):
+        Trainer(cfg)
+
+
+def test_param_groups_schedule_and_uncertainty_weighting():
+    import timm
+    model = timm.create_model("moe_vit_nano_patch8", tasks=["a"], depth=2)
+    decay, no_decay = param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    assert "task_embed.a" in no_decay_names and "pos_embed" in no_decay_names
+    assert "blocks.1.mlp.router.gates.a.weight" in no_decay_names
+    assert all(names[id(p)].endswith(("weight", "w1", "w2")) for p in decay["params"])
+    model.blocks[0].attn.qkv.weight.requires_grad_(False)
+    assert all(p.requires_grad for g in param_groups(model, 0.05) for p in g["params"])
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = cosine_with_warmup(opt, 2, 10)
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step(), sched.step()
+    assert lrs[0] == 0.5 and lrs[1] == 1.0 and lrs[-1] < 0.05
+    w = LossWeighting({"a": 2.0}, "uncertainty")
+    torch.testing.assert_close(w("a", torch.tensor(3.0)), torch.tensor(6.0))
+    with pytest.raises(ValueError, match="loss_weighting"):
+        LossWeighting({"a": 1.0}, "magic")
