@@ -68,12 +68,12 @@ class SceneRenderer:
 
     def background(self) -> np.ndarray:
         s, rng = self.size, self.rng
-        base = rng.uniform(40, 215, size=3)
-        coarse = rng.normal(0, 35, size=(4, 4, 3))
+        base = rng.uniform(40, 130) + rng.uniform(-25, 25, size=3)  # darkish, a muted tint
+        coarse = rng.normal(0, 22, size=(4, 4, 3))
         tex = np.stack([np.asarray(Image.fromarray(coarse[..., c].astype(np.float32)).resize((s, s), Image.BICUBIC))
                         for c in range(3)], -1)
-        fine = rng.normal(0, 10, size=(s, s, 3))
-        stripes = 12 * np.sin(np.arange(s)[:, None] * rng.uniform(0.2, 1.2) + rng.uniform(0, 6)) * rng.integers(0, 2)
+        fine = rng.normal(0, 6, size=(s, s, 3))
+        stripes = 8 * np.sin(np.arange(s)[:, None] * rng.uniform(0.2, 1.2) + rng.uniform(0, 6)) * rng.integers(0, 2)
         return np.clip(base + tex + fine + stripes[..., None], 0, 255)
 
     def object_mask(self, cls: int, px: int) -> np.ndarray:
@@ -101,11 +101,10 @@ class SceneRenderer:
         return np.asarray(img) > 127
 
     def colour(self, avoid: np.ndarray) -> np.ndarray:
-        for _ in range(20):
-            c = self.rng.uniform(0, 255, size=3)
-            if np.abs(c - avoid).sum() > 200:
-                return c
-        return 255 - avoid
+        """A random hue, brighter than the background (edges carry luminance, not only colour)."""
+        c = self.rng.uniform(30, 255, size=3)
+        target = max(avoid.mean() + 70, self.rng.uniform(170, 235))
+        return np.clip(c * target / c.mean(), 0, 255)
 
     def scene(self, objects: list[tuple[int, float]], min_visible: float):
         """Render objects ``(class, size_fraction)`` back to front.
@@ -126,8 +125,8 @@ class SceneRenderer:
             full = np.zeros((s, s), dtype=bool)
             full[y0:y0 + px, x0:x0 + px] = mask
             col = self.colour(img[full].mean(0))
-            shade = rng.uniform(0.8, 1.1, size=(s, s, 1))
-            img = np.where(full[..., None], np.clip(col * shade + rng.normal(0, 6, (s, s, 3)), 0, 255), img)
+            shade = rng.uniform(0.9, 1.05, size=(s, s, 1))
+            img = np.where(full[..., None], np.clip(col * shade + rng.normal(0, 4, (s, s, 3)), 0, 255), img)
             owner[full] = len(placed)
             placed.append((src, cls, full))
         keep, visible, sources = [], [], []

@@ -63,3 +63,35 @@ def chance_metrics(model: GeneralistModel, datasets: Mapping[str, object], max_i
         ev.update(spec.chance_predictions(dataset, targets), targets)
         out[task] = ev.compute()
     return out
+
+
+def evaluate_run(cfg: dict) -> dict:
+    """Load ``cfg['eval']['checkpoint']`` (a run directory or model file), evaluate every task the
+    model and the config share, and write the run-directory reports into ``eval.out``."""
+    from ..models import load_model
+    from . import report
+    from .builders import build_dataset, resolve_device
+    ckpt = cfg["eval"].get("checkpoint")
+    if not ckpt:
+        raise ValueError("eval.checkpoint is not set: pass a run directory or a model .safetensors file")
+    ckpt = Path(ckpt)
+    model_file = ckpt / "model.safetensors" if ckpt.is_dir() else ckpt
+    out_dir = Path(cfg["eval"].get("out") or (ckpt if ckpt.is_dir() else ckpt.parent))
+    model = load_model(model_file)
+    if not isinstance(model, GeneralistModel):
+        raise ValueError(f"{model_file} holds a backbone only; evaluation needs a trained generalist (tools/train.py)")
+    device = resolve_device(cfg.get("device", "auto"))
+    model.to(device)
+    tasks = [t for t in model.tasks if t in cfg["tasks"]] or model.tasks
+    datasets = {t: build_dataset(t, {**model.spec(t).config(), **cfg["tasks"].get(t, {})}, cfg["data"],
+                                 cfg["eval"].get("split", "val"), False) for t in tasks}
+    usage = ExpertUsage(model.backbone.moe_layers(), tasks)
+    metrics = evaluate(model, datasets, int(cfg["eval"]["batch_size"]), cfg["eval"].get("max_batches"), device,
+                       usage=usage, results_dir=out_dir)
+    chance = chance_metrics(model, datasets)
+    report.write_json(out_dir / "metrics.json", metrics)
+    report.write_json(out_dir / "chance_metrics.json", chance)
+    report.write_json(out_dir / "expert_usage.json", usage.to_dict())
+    if usage.layers:
+        report.plot_usage(usage, out_dir / "expert_usage.png")
+    return {"metrics": metrics, "chance": chance, "usage": usage, "out_dir": out_dir}

@@ -73,3 +73,37 @@ def metrics_table(metrics: Mapping[str, Mapping[str, float]], chance: Mapping[st
     out = [" | ".join(h.ljust(w) for h, w in zip(head, widths)), "-+-".join("-" * w for w in widths)]
     out += [" | ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     return "\n".join(out)
+
+
+def load_run_metrics(run_dir: Path) -> tuple[dict, dict]:
+    """(metrics, chance) of a run directory, with a clear error when it is not one."""
+    run_dir = Path(run_dir)
+    path = run_dir / "metrics.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} has no metrics.json; is it a finished training run?")
+    chance_path = run_dir / "chance_metrics.json"
+    chance = json.loads(chance_path.read_text()) if chance_path.is_file() else {}
+    return json.loads(path.read_text()), chance
+
+
+PRIMARY = {"cls": "top1", "det": "mAP", "seg": "mIoU", "depth": "delta1"}
+
+
+def comparison_table(multi: Mapping[str, Mapping[str, float]], singles: Mapping[str, Mapping[str, float]],
+                     chance: Mapping[str, Mapping[str, float]]) -> tuple[str, list[dict]]:
+    """Multi-task model vs single-task baselines, per task and metric, in points (x100)."""
+    rows = []
+    for task, ms in multi.items():
+        for m, v in ms.items():
+            if task not in singles or m not in singles[task]:
+                continue
+            s = singles[task][m]
+            rows.append({"task": task, "metric": m, "multi_task_moe": v, "single_task_dense": s,
+                         "delta_points": 100 * (v - s), "chance": chance.get(task, {}).get(m)})
+    head = ["task", "metric", "MoE multi-task", "dense single-task", "delta (points)", "chance"]
+    body = [[r["task"], r["metric"], f"{100 * r['multi_task_moe']:.1f}", f"{100 * r['single_task_dense']:.1f}",
+             f"{r['delta_points']:+.1f}", "-" if r["chance"] is None else f"{100 * r['chance']:.1f}"] for r in rows]
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
+    lines = [" | ".join(h.ljust(w) for h, w in zip(head, widths)), "-+-".join("-" * w for w in widths)]
+    lines += [" | ".join(c.ljust(w) for c, w in zip(b, widths)) for b in body]
+    return "\n".join(lines), rows

@@ -8,6 +8,7 @@ onto it directly (see :mod:`moe_vision.models.upcycle`).
 """
 from __future__ import annotations
 
+import math
 import re
 from typing import Iterable, Sequence
 
@@ -70,6 +71,31 @@ class MoEBlock(nn.Module):
         return x + self.drop_path2(self.ls2(h)), routing
 
 
+class ConvStem(nn.Module):
+    """Convolutional stem (Xiao et al. 2021, "Early convolutions help transformers see better"):
+    log2(patch_size) 3x3 stride-2 convolutions then a 1x1 projection, in place of the single
+    patchifying convolution; ViTs trained from scratch on little data optimise much faster with it.
+    Output ``[B, gh, gw, D]`` like timm's ``PatchEmbed(output_fmt="NHWC")``."""
+
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int) -> None:
+        super().__init__()
+        n = int(math.log2(patch_size))
+        if 2 ** n != patch_size:
+            raise ValueError(f"stem='conv' needs a power-of-two patch_size, got {patch_size}")
+        layers, c_in = [], in_chans
+        for i in range(n):
+            c_out = max(16, embed_dim >> (n - 1 - i))
+            layers += [nn.Conv2d(c_in, c_out, 3, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+            c_in = c_out
+        layers.append(nn.Conv2d(c_in, embed_dim, 1))
+        self.stem = nn.Sequential(*layers)
+        self.grid_size = (img_size // patch_size, img_size // patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stem(x).permute(0, 2, 3, 1)
+
+
 class MoEViT(nn.Module):
     """Task-conditioned sparse MoE vision transformer backbone (no classification head).
 
@@ -79,6 +105,8 @@ class MoEViT(nn.Module):
         img_size: default input size; other sizes divisible by ``patch_size`` also work (the
             position embedding is resampled).
         moe: a :class:`MoEConfig` or a dict of its fields.
+        stem: ``"patch"`` (timm's patch embedding; needed for upcycling timm checkpoints) or
+            ``"conv"`` (:class:`ConvStem`).
     """
 
     def __init__(
@@ -95,6 +123,7 @@ class MoEViT(nn.Module):
         drop_path_rate: float = 0.0,
         init_values: float | None = None,
         moe: MoEConfig | dict | None = None,
+        stem: str = "patch",
     ) -> None:
         super().__init__()
         tasks = list(tasks)
@@ -107,13 +136,18 @@ class MoEViT(nn.Module):
         self.config = dict(tasks=tasks, img_size=img_size, patch_size=patch_size, in_chans=in_chans,
                            embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
                            qkv_bias=qkv_bias, drop_path_rate=drop_path_rate, init_values=init_values,
-                           moe=moe_cfg.to_dict())
+                           moe=moe_cfg.to_dict(), stem=stem)
         self.moe_config = moe_cfg
         self.aux_weights = AuxLossWeights(**moe_cfg.aux_weights)
         self.patch_size, self.embed_dim, self.num_features = patch_size, embed_dim, embed_dim
         self.num_prefix_tokens = 1
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, flatten=False,
-                                      output_fmt="NHWC", strict_img_size=False)
+        if stem == "patch":
+            self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, flatten=False,
+                                          output_fmt="NHWC", strict_img_size=False)
+        elif stem == "conv":
+            self.patch_embed = ConvStem(img_size, patch_size, in_chans, embed_dim)
+        else:
+            raise ValueError(f"stem={stem!r}; expected 'patch' (timm's patchifying conv) or 'conv'")
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.patch_embed.num_patches, embed_dim))
         self.task_embed = nn.ParameterDict({t: nn.Parameter(torch.zeros(1, 1, embed_dim)) for t in tasks})
