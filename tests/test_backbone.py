@@ -142,3 +142,28 @@ def test_torchvision_mismatch_gives_one_clear_error():
     with pytest.raises(ImportError, match="needs torchvision"):
         check_torchvision(import_module=missing)
     check_torchvision()  # the real install is consistent
+
+
+def test_conv_stem_builds_trains_and_refuses_upcycling(tmp_path):
+    model = timm.create_model("moe_vit_nano_patch8", tasks=["cls"], stem="conv")
+    tokens = model.forward_features(torch.randn(2, 3, 64, 64), "cls")
+    assert tokens.shape == (2, 65, 96)
+    tokens.mean().backward()
+    assert model.patch_embed.stem[0].weight.grad is not None
+    with pytest.raises(ValueError, match="stem="):
+        timm.create_model("moe_vit_nano_patch8", tasks=["cls"], stem="hybrid")
+    with pytest.raises(ValueError, match=r"dense checkpoint .* has no 'patch_embed"):
+        upcycle_from_dense(model, _dense_vit().state_dict())
+
+
+def test_grad_checkpointing_gives_same_gradients():
+    model = _nano(moe={"num_experts": 4}).train()
+    x = torch.randn(2, 3, 64, 64)
+    model.forward_features(x, "cls").square().mean().backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    model.grad_checkpointing = True
+    model.forward_features(x, "cls").square().mean().backward()
+    for n, p in model.named_parameters():
+        if n in ref:
+            torch.testing.assert_close(p.grad, ref[n])

@@ -163,3 +163,30 @@ def test_generalist_checkpoint_roundtrip(model, tmp_path):
     x = torch.randn(1, 3, 32, 32)
     model.eval()
     assert torch.equal(model(x, "seg")["masks"], again(x, "seg")["masks"])
+
+
+def test_cls_loss_is_cross_entropy_with_label_smoothing():
+    spec = build_task("cls", {"num_classes": 3, "label_smoothing": 0.2})
+    logits = torch.tensor([[2.0, 0.0, -1.0]])
+    p = torch.softmax(logits, -1)[0]
+    target = torch.tensor([0.8 + 0.2 / 3, 0.2 / 3, 0.2 / 3])
+    expected = -(target * p.log()).sum()
+    got = spec.loss({"logits": logits}, [{"label": torch.tensor(0)}])["loss"]
+    assert float(got) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_seg_loss_small_for_perfect_masks_and_large_for_swapped():
+    spec = build_task("seg", {"num_classes": 2})
+    gt = torch.zeros(8, 8, dtype=torch.long)
+    gt[:, 4:] = 1
+    gt[0, 0] = 255  # ignored pixel
+    masks = torch.full((1, 3, 8, 8), -20.0)
+    masks[0, 0, :, :4] = 20.0  # query 0 covers class 0's region
+    masks[0, 1, :, 4:] = 20.0  # query 1 covers class 1's region
+    logits = torch.tensor([[[20.0, -20.0, -20.0], [-20.0, 20.0, -20.0], [-20.0, -20.0, 20.0]]])
+    good = spec.loss({"logits": logits, "masks": masks}, [{"mask": gt}])
+    assert float(good["loss"]) < 1e-3
+    swapped = spec.loss({"logits": logits[:, [1, 0, 2]], "masks": masks}, [{"mask": gt}])
+    assert float(swapped["loss"]) > 1.0
+    pred = spec.postprocess({"logits": logits, "masks": masks}, [{"mask": gt}])[0]
+    assert torch.equal(pred[gt != 255], gt[gt != 255])

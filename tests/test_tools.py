@@ -63,3 +63,35 @@ def test_build_model_from_checkpoint_checks_tasks(tmp_path):
     assert torch.equal(again.eval().forward_features(x, "cls"), model.eval().forward_features(x, "cls"))
     with pytest.raises(ValueError, match=r"has no task\(s\) \['det'\]"):
         build_model({"checkpoint": str(path)}, ["cls", "det"])
+
+
+def test_make_synthetic_train_evaluate_compare_cli(tmp_path):
+    data = tmp_path / "syn"
+    r = _run("tools/make_synthetic.py", "--out", str(data), "--scale", "0.01", "--img-size", "32")
+    assert r.returncode == 0, r.stderr
+    assert (data / "synthetic.json").is_file()
+    again = _run("tools/make_synthetic.py", "--out", str(data), "--scale", "0.01")
+    assert "already holds a complete benchmark" in again.stdout
+    common = [f"data.root={data}", "data.synthetic=null", "data.img_size=32", "model=moe_vit_nano", "model.img_size=32",
+              "model.moe.num_experts=4", "decoder.dim=32", "decoder.num_queries=6", "decoder.num_layers=1",
+              "decoder.num_heads=2", "tasks.cls.batch_size=4", "tasks.det.batch_size=4", "tasks.seg.batch_size=2",
+              "device=cpu", "eval.batch_size=8"]
+    run = tmp_path / "run"
+    r = _run("tools/train.py", "experiment=synthetic", "train.steps=2", "train.warmup_steps=1",
+             f"output_dir={run}", *common)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "chance" in r.stdout and "blocks.1.mlp" in r.stdout
+    r = _run("tools/evaluate.py", "experiment=synthetic", f"eval.checkpoint={run}", f"eval.out={tmp_path / 'ev'}",
+             *common)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text()).keys() == {"cls", "det", "seg"}
+    single = tmp_path / "single"
+    r = _run("tools/train.py", "experiment=synthetic_single_task", "single_task=seg", "train.steps=1",
+             "train.warmup_steps=1", f"output_dir={single}", *common)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = _run("tools/compare.py", str(run), str(single))
+    assert r.returncode == 0 and "seg" in r.stdout and "mIoU" in r.stdout
+    bad = _run("tools/compare.py", str(run), str(tmp_path / "nope"))
+    assert bad.returncode == 2 and "has no metrics.json" in bad.stderr
+    bad = _run("tools/train.py", "experiment=synthetic", f"output_dir={run}", *common)
+    assert bad.returncode == 2 and "pass resume=true" in bad.stderr

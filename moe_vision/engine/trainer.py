@@ -4,7 +4,6 @@ checkpoints and exact resume."""
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from pathlib import Path
@@ -16,7 +15,6 @@ from tqdm import tqdm
 
 from ..data import InfiniteBatches, TaskSampler, collate
 from ..data.synthetic import SyntheticConfig, generate, is_complete
-from ..io_utils import atomic_path
 from ..models import save_model
 from ..moe import ExpertUsage
 from . import report
