@@ -190,3 +190,18 @@ def test_seg_loss_small_for_perfect_masks_and_large_for_swapped():
     assert float(swapped["loss"]) > 1.0
     pred = spec.postprocess({"logits": logits, "masks": masks}, [{"mask": gt}])[0]
     assert torch.equal(pred[gt != 255], gt[gt != 255])
+
+
+def test_deep_supervision_adds_earlier_layer_losses_only_in_training():
+    import timm
+    bb = timm.create_model("moe_vit_nano_patch8", tasks=["det"], img_size=32, moe={"num_experts": 4})
+    m = GeneralistModel(bb, {"det": {"num_classes": 4}}, {"dim": 32, "num_queries": 6, "num_layers": 3,
+                                                          "num_heads": 2})
+    x, targets = torch.randn(2, 3, 32, 32), _targets()["det"]
+    out = m.train()(x, "det")
+    assert len(out["aux_outputs"]) == 2
+    spec = m.spec("det")
+    losses = spec.total_loss(out, targets)
+    plain = spec.loss(out, targets)
+    assert float(losses["loss"]) == pytest.approx(float(plain["loss"] + losses["aux_layers"]), rel=1e-5)
+    assert "aux_outputs" not in m.eval()(x, "det")

@@ -43,10 +43,16 @@ class QueryDecoder(nn.Module):
         self.layers = nn.ModuleList(QueryDecoderLayer(dim, num_heads, mlp_ratio, dropout) for _ in range(num_layers))
         self.norm = nn.LayerNorm(dim)
 
-    def forward(self, memory_BMD: torch.Tensor, memory_pos_BMD: torch.Tensor) -> torch.Tensor:
+    def forward(self, memory_BMD: torch.Tensor, memory_pos_BMD: torch.Tensor,
+                return_all: bool = False) -> torch.Tensor | list[torch.Tensor]:
+        """Final answers ``[B, Q, D]``; with ``return_all`` every layer's (normed) answers, last last,
+        for deep supervision."""
         B = memory_BMD.shape[0]
         q = self.query_embed.unsqueeze(0).expand(B, -1, -1).to(memory_BMD.dtype)
         pos = self.query_pos.unsqueeze(0).expand(B, -1, -1).to(memory_BMD.dtype)
+        outs = []
         for layer in self.layers:
             q = layer(q, pos, memory_BMD, memory_pos_BMD)
-        return self.norm(q)
+            if return_all:
+                outs.append(self.norm(q))
+        return outs if return_all else self.norm(q)

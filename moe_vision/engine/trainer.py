@@ -121,7 +121,7 @@ class Trainer:
             with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                                 enabled=self.amp_dtype is not None):
                 out, r = self.model(images.to(self.device), task, return_routing=True)
-                losses = self.model.spec(task).loss(out, targets)
+                losses = self.model.spec(task).total_loss(out, targets)
             routing += r
             total = total + self.weighting(task, losses["loss"])
             logs[task] = {k: float(v.detach()) for k, v in losses.items()}

@@ -60,6 +60,16 @@ class Task:
         """Loss terms; ``"loss"`` is their weighted sum."""
         raise NotImplementedError
 
+    def total_loss(self, outputs: dict[str, Any], targets: list[dict]) -> dict[str, torch.Tensor]:
+        """:meth:`loss` of the final outputs plus, under deep supervision, the mean of the same loss
+        over the earlier decoder layers' outputs (``aux_outputs``), reported as ``aux_layers``."""
+        losses = self.loss(outputs, targets)
+        aux = outputs.get("aux_outputs") or []
+        if aux:
+            aux_loss = torch.stack([self.loss(o, targets)["loss"] for o in aux]).mean()
+            losses = {**losses, "loss": losses["loss"] + aux_loss, "aux_layers": aux_loss}
+        return losses
+
     def postprocess(self, outputs: dict[str, torch.Tensor], targets: list[dict]) -> list:
         raise NotImplementedError
 

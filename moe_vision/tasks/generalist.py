@@ -16,7 +16,8 @@ from ..models import MoEViT
 from ..models.checkpoint import register_format
 from .base import Task, build_task
 
-DEFAULT_DECODER = {"dim": 128, "num_queries": 20, "num_layers": 3, "num_heads": 4, "mlp_ratio": 4.0}
+DEFAULT_DECODER = {"dim": 128, "num_queries": 20, "num_layers": 3, "num_heads": 4, "mlp_ratio": 4.0,
+                   "deep_supervision": True}
 
 
 class GeneralistModel(nn.Module):
@@ -60,11 +61,19 @@ class GeneralistModel(nn.Module):
         return self.specs[task]
 
     def forward(self, images: torch.Tensor, task: str, return_routing: bool = False):
+        """The head's outputs for the last decoder layer. While training with deep supervision,
+        ``out["aux_outputs"]`` holds the same head applied to every earlier decoder layer (DETR's
+        auxiliary losses; the head is the same linear layer, so nothing task-specific is added)."""
         spec = self.spec(task)
         maps, routing = self.backbone.forward_multiscale(images, task, return_routing=True)
         pixel_BDhw, memory_BMD, memory_pos_BMD = self.pixel_decoder(maps)
-        queries_BQD = self.decoder(memory_BMD, memory_pos_BMD)
-        out = spec.head_forward(self.heads[task], queries_BQD, pixel_BDhw, tuple(images.shape[-2:]))
+        size = tuple(images.shape[-2:])
+        if self.training and self.decoder_config.get("deep_supervision") and spec.type_name in ("det", "seg"):
+            layers = self.decoder(memory_BMD, memory_pos_BMD, return_all=True)
+            out = spec.head_forward(self.heads[task], layers[-1], pixel_BDhw, size)
+            out["aux_outputs"] = [spec.head_forward(self.heads[task], q, pixel_BDhw, size) for q in layers[:-1]]
+        else:
+            out = spec.head_forward(self.heads[task], self.decoder(memory_BMD, memory_pos_BMD), pixel_BDhw, size)
         return (out, routing) if return_routing else out
 
     @torch.no_grad()
