@@ -10,6 +10,7 @@ check_torchvision()
 from .models import MoEViT, load_model, save_model, upcycle_from_dense  # noqa: E402
 from .moe import MoEConfig  # noqa: E402
 from .tasks import GeneralistModel  # noqa: E402  (also registers its checkpoint format)
+from .surgery import load_bundle  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["GeneralistModel", "MoEConfig", "MoEViT", "load_model", "save_model", "upcycle_from_dense", "__version__"]
+__all__ = ["GeneralistModel", "MoEConfig", "load_bundle", "MoEViT", "load_model", "save_model", "upcycle_from_dense", "__version__"]

@@ -50,9 +50,13 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 class Trainer:
-    """Owns one run: ``Trainer(cfg).fit()`` trains, evaluates and writes the run directory."""
+    """Owns one run: ``Trainer(cfg).fit()`` trains, evaluates and writes the run directory.
 
-    def __init__(self, cfg: Mapping[str, Any]) -> None:
+    ``model`` replaces building one from ``cfg`` (the surgery tools pass a grown or extracted model
+    whose frozen parameters have ``requires_grad=False``; only the others are optimised).
+    """
+
+    def __init__(self, cfg: Mapping[str, Any], model: torch.nn.Module | None = None) -> None:
         self.cfg = cfg
         self.tcfg = cfg["train"]
         self.run_dir = run_dir_of(cfg)
@@ -60,7 +64,7 @@ class Trainer:
         self.amp_dtype = autocast_dtype(self.tcfg.get("precision", "auto"), self.device)
         ensure_synthetic(cfg["data"], progress=tqdm.write)
         seed_everything(int(cfg["seed"]))
-        self.model = build_generalist(cfg).to(self.device)
+        self.model = (model if model is not None else build_generalist(cfg)).to(self.device)
         self.model.backbone.grad_checkpointing = bool(self.tcfg.get("grad_checkpointing", False))
         self.tasks = list(cfg["tasks"])
         self.train_sets = {t: build_dataset(t, cfg["tasks"][t], cfg["data"], "train", True) for t in self.tasks}
@@ -111,8 +115,16 @@ class Trainer:
                                keep=int(self.tcfg.get("keep_checkpoints", 2)))
 
     # ------------------------------------------------------------------ one step
-    def train_step(self) -> dict:
+    def _train_mode(self) -> None:
         self.model.train()
+        # Frozen normalisation layers must not update their running statistics either.
+        for m in self.model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not any(
+                    p.requires_grad for p in m.parameters()):
+                m.eval()
+
+    def train_step(self) -> dict:
+        self._train_mode()
         tasks = next(self.sampler)
         self.optimizer.zero_grad(set_to_none=True)
         routing, total, logs = [], 0.0, {}

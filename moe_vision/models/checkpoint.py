@@ -57,7 +57,7 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu"):
     return model
 
 
-_EXPERT_KEY = re.compile(r"\.(experts\.(w1|w2|b1|b2)|q_experts\.\w+|o_experts\.\w+|gates\.\w+\.weight)$")
+_EXPERT_KEY = re.compile(r"\.(experts\.(\d+\.)?(w1|w2|b1|b2)|q_experts\.\w+|o_experts\.\w+|gates\.\w+\.weight)$")
 
 
 def load_weights(model, path: str | Path, map_location: str | torch.device = "cpu") -> None:

@@ -35,7 +35,8 @@ class MoEBlock(nn.Module):
         hidden = int(dim * mlp_ratio)
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         if moe_attn:
-            self.attn = MoEAttention(dim, num_heads, tasks, moe.attn_num_experts, moe.attn_top_k, qkv_bias,
+            self.attn = MoEAttention(dim, num_heads, tasks, moe.layer_num_experts.get(f"{name}.attn", moe.attn_num_experts),
+                                     moe.attn_top_k, qkv_bias,
                                      moe.router_mode, moe.renormalize, moe.noisy_gating, layer_name=f"{name}.attn")
         else:
             self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias)
@@ -45,9 +46,11 @@ class MoEBlock(nn.Module):
         if moe_mlp:
             if hidden % moe.granularity:
                 raise ValueError(f"moe.granularity={moe.granularity} must divide the MLP hidden width {hidden}")
-            self.mlp = MoEMLP(dim, hidden // moe.granularity, tasks, moe.num_experts, moe.top_k, moe.router_mode,
+            self.mlp = MoEMLP(dim, hidden // moe.granularity, tasks,
+                              moe.layer_num_experts.get(f"{name}.mlp", moe.num_experts), moe.top_k, moe.router_mode,
                               moe.renormalize, moe.noisy_gating, moe.capacity_factor, moe.activation,
-                              moe.expert_scale, layer_name=f"{name}.mlp")
+                              moe.expert_scale, layer_name=f"{name}.mlp", added_experts=moe.added_experts,
+                              task_added_groups=moe.task_added_groups)
         else:
             self.mlp = Mlp(dim, hidden)
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()

@@ -5,10 +5,11 @@ Legend: B batch, N tokens per image, T = B*N tokens, D dim, H expert hidden, E e
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import torch
 from torch import nn
+import torch.nn.functional as F
 
 from .dispatch import TokenDispatcher
 from .experts import GroupedExperts
@@ -63,13 +64,31 @@ class MoEMLP(nn.Module):
         activation: str = "gelu",
         expert_scale: float = 1.0,
         layer_name: str = "moe",
+        added_experts: Sequence[int] = (),
+        task_added_groups: dict[str, int] | None = None,
     ) -> None:
         super().__init__()
         self.layer_name = layer_name
-        self.num_experts, self.top_k, self.expert_scale = num_experts, top_k, expert_scale
-        self.router = TaskRouter(dim, num_experts, top_k, tasks, router_mode, renormalize, noisy_gating)
-        self.dispatcher = TokenDispatcher(num_experts, capacity_factor)
+        total = num_experts + sum(added_experts)
+        self.num_experts, self.top_k, self.expert_scale = total, top_k, expert_scale
+        # A task that sees g added groups chooses among the base experts and the first g groups.
+        task_n = {t: num_experts + sum(added_experts[:g]) for t, g in (task_added_groups or {}).items()}
+        self.router = TaskRouter(dim, total, top_k, tasks, router_mode, renormalize, noisy_gating,
+                                 task_num_experts=task_n)
+        self.dispatcher = TokenDispatcher(total, capacity_factor)
         self.experts = GroupedExperts(num_experts, dim, hidden, activation)
+        # Experts added later (add_task) live in separate tensors so the old ones can be frozen.
+        self.added_experts = nn.ModuleList(GroupedExperts(n, dim, hidden, activation) for n in added_experts)
+
+    def run_experts(self, x_AD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """Expert-sorted rows through the expert groups (each group's rows are contiguous)."""
+        if not len(self.added_experts):
+            return self.experts(x_AD, counts_E)
+        groups = [self.experts, *self.added_experts]
+        sizes = [g.num_experts for g in groups]
+        counts_G = torch.split(counts_E, sizes)
+        rows = torch.split(x_AD, [int(c.sum()) for c in counts_G])
+        return torch.cat([g(x, c) for g, x, c in zip(groups, rows, counts_G)], dim=0)
 
     def forward(self, x: torch.Tensor, task: str) -> tuple[torch.Tensor, RoutingOutput]:
         shape = x.shape
@@ -77,7 +96,7 @@ class MoEMLP(nn.Module):
         T = x_TD.shape[0]
         r = self.router(x_TD, task)
         plan = self.dispatcher.plan(r.idx_TK, r.weights_TK)
-        y_AD = self.experts(self.dispatcher.permute(x_TD, plan), plan.counts_E)
+        y_AD = self.run_experts(self.dispatcher.permute(x_TD, plan), plan.counts_E)
         y_TD = self.dispatcher.unpermute(y_AD, plan, T)
         if self.expert_scale != 1.0:
             y_TD = y_TD * self.expert_scale
@@ -87,7 +106,7 @@ class MoEMLP(nn.Module):
             num_tokens=T,
             idx_TK=r.idx_TK,
             weights_TK=r.weights_TK,
-            prob_sum_E=r.probs_TE.sum(dim=0),
+            prob_sum_E=F.pad(r.probs_TE.sum(dim=0), (0, self.num_experts - r.probs_TE.shape[1])),
             balance_loss=load_balancing_loss(r.probs_TE, r.idx_TK),
             z_loss=router_z_loss(r.logits_TE),
             dropped_tokens=plan.dropped_tokens,

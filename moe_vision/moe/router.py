@@ -47,6 +47,9 @@ class TaskRouter(nn.Module):
         noisy_gating: add learned, input-dependent Gaussian noise to the logits while training
             (Shazeer et al. 2017); evaluation is always noise-free.
         init_std: std of the gates' normal initialisation.
+        task_num_experts: per-task number of experts the task may choose from (the first n);
+            tasks not listed choose among all ``num_experts``. Lets a task added later get new
+            experts that older tasks' routers never see.
     """
 
     def __init__(
@@ -59,6 +62,7 @@ class TaskRouter(nn.Module):
         renormalize: bool = True,
         noisy_gating: bool = False,
         init_std: float = 0.02,
+        task_num_experts: dict[str, int] | None = None,
     ) -> None:
         super().__init__()
         tasks = list(tasks)
@@ -70,6 +74,12 @@ class TaskRouter(nn.Module):
             raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
         self.dim, self.num_experts, self.top_k = dim, num_experts, top_k
         self.mode, self.renormalize, self.noisy_gating, self.init_std = mode, renormalize, noisy_gating, init_std
+        self.task_num_experts = dict(task_num_experts or {})
+        if self.task_num_experts and mode != "per_task":
+            raise ValueError("per-task expert counts need router_mode=per_task")
+        bad = {t: n for t, n in self.task_num_experts.items() if not top_k <= n <= num_experts}
+        if bad:
+            raise ValueError(f"task expert counts {bad} must be in [top_k={top_k}, num_experts={num_experts}]")
         self.gates = nn.ModuleDict()
         self.noise = nn.ModuleDict()
         self.task_embed = nn.ParameterDict()
@@ -80,8 +90,8 @@ class TaskRouter(nn.Module):
         for task in tasks:
             self.add_task(task)
 
-    def _new_gate(self, zero: bool = False) -> nn.Linear:
-        gate = nn.Linear(self.dim, self.num_experts, bias=False)
+    def _new_gate(self, zero: bool = False, num_experts: int | None = None) -> nn.Linear:
+        gate = nn.Linear(self.dim, num_experts or self.num_experts, bias=False)
         if zero:
             nn.init.zeros_(gate.weight)
         else:
@@ -97,9 +107,10 @@ class TaskRouter(nn.Module):
         if task in self.tasks:
             raise ValueError(f"task {task!r} already has a router")
         if self.mode == "per_task":
-            self.gates[task] = self._new_gate()
+            n = self.task_num_experts.get(task, self.num_experts)
+            self.gates[task] = self._new_gate(num_experts=n)
             if self.noisy_gating:
-                self.noise[task] = self._new_gate(zero=True)
+                self.noise[task] = self._new_gate(zero=True, num_experts=n)
         else:
             self.task_embed[task] = nn.Parameter(torch.zeros(self.dim))
 
@@ -111,9 +122,12 @@ class TaskRouter(nn.Module):
         key = task if self.mode == "per_task" else "shared"
         if self.mode == "shared":
             x_TD = x_TD + self.task_embed[task].to(x_TD.dtype)
-        # Gating in fp32: bf16 logits make top-k ties and softmax drift common.
+        # Gating logits are computed in fp64 and rounded to fp32: bf16 logits make top-k ties and
+        # softmax drift common, and BLAS may sum in a different order for a gate with fewer rows,
+        # which the fp64 accumulation hides, so a model with unused experts cut out routes
+        # bit-identically. The gate is tiny (D x E), so the cost is negligible.
         gate = self.gates[key]
-        logits_TE = F.linear(x_TD.float(), gate.weight.float())
+        logits_TE = F.linear(x_TD.double(), gate.weight.double()).float()
         select_logits = logits_TE
         if self.noisy_gating and self.training:
             noise_std = F.softplus(F.linear(x_TD.float(), self.noise[key].weight.float())) + 1e-2
@@ -122,5 +136,8 @@ class TaskRouter(nn.Module):
         select_probs = probs_TE if select_logits is logits_TE else torch.softmax(select_logits, dim=-1)
         weights_TK, idx_TK = torch.topk(select_probs, self.top_k, dim=-1)
         if self.renormalize:
-            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+            # Softmax over the chosen logits only: equal to renormalising the top-k probabilities,
+            # but independent of the experts not chosen, so a model with unused experts removed
+            # computes bit-identical weights.
+            weights_TK = torch.softmax(select_logits.gather(1, idx_TK), dim=-1)
         return RouterOutput(logits_TE, probs_TE, idx_TK, weights_TK)

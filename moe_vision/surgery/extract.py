@@ -1,0 +1,90 @@
+"""Cut one task's experts out of a trained generalist into a compact stand-alone model.
+
+Legend: E experts in the full layer, E' kept experts, D dim.
+
+Kept: every shared parameter (embeddings, attention, norms, the GLID decoder and queries), the
+kept experts of each MoE layer (stacked weights sliced along E), this task's router rows for
+those experts, its task embedding and its head. Dropped: other experts, other tasks' routers,
+task embeddings and heads.
+"""
+from __future__ import annotations
+
+import copy
+import re
+
+import torch
+
+from ..tasks import GeneralistModel
+
+# State-dict keys of expert-indexed tensors (first dim = E) inside an MoE layer.
+_EXPERT_PARAM = re.compile(r"\.(experts\.(w1|w2|b1|b2)|q_experts\.(weight|bias)|o_experts\.(weight|bias))$")
+_ADDED_GROUP = re.compile(r"^(.*)\.added_experts\.(\d+)\.(w1|w2|b1|b2)$")
+_ROUTER = re.compile(r"\.router\.(gates|noise)\.([^.]+)\.weight$")
+_ROUTER_EMBED = re.compile(r"\.router\.task_embed\.([^.]+)$")
+
+
+def moe_layer_of(key: str) -> str | None:
+    """``backbone.blocks.3.mlp.experts.w1`` -> ``blocks.3.mlp`` (None outside MoE layers)."""
+    m = re.match(r"^backbone\.(blocks\.\d+\.(mlp|attn))\.(experts|q_experts|o_experts|router)\.", key)
+    return m.group(1) if m else None
+
+
+def extract_task(model: GeneralistModel, task: str, kept: dict[str, list[int]]) -> GeneralistModel:
+    """A new :class:`GeneralistModel` for ``task`` alone with ``kept[layer]`` experts per MoE layer."""
+    model.spec(task)  # unknown task -> clear error
+    layers = model.backbone.moe_layers()
+    missing = sorted(set(layers) - set(kept))
+    if missing:
+        raise ValueError(f"no kept experts given for MoE layer(s) {missing}")
+    cfg = copy.deepcopy(model.config)
+    cfg["tasks"] = {task: cfg["tasks"][task]}
+    cfg["backbone"]["tasks"] = [task]
+    cfg["backbone"]["moe"]["layer_num_experts"] = {layer: len(kept[layer]) for layer in layers}
+    cfg["backbone"]["moe"]["added_experts"] = []  # every kept expert lands in one group
+    cfg["backbone"]["moe"]["task_added_groups"] = {}
+    small = GeneralistModel(**cfg)
+    full_state = model.state_dict()
+    n_groups = len(model.config["backbone"]["moe"].get("added_experts", []))
+    state = {}
+    for key, value in full_state.items():
+        if _ADDED_GROUP.match(key):
+            continue  # merged into the base group below
+        base = re.match(r"^(.*)\.experts\.(w1|w2|b1|b2)$", key)
+        if base and n_groups:
+            value = torch.cat([value] + [full_state[f"{base.group(1)}.added_experts.{j}.{base.group(2)}"]
+                                         for j in range(n_groups)])
+        layer = moe_layer_of(key)
+        router = _ROUTER.search(key)
+        if router and router.group(2) not in (task, "shared"):
+            continue
+        embed = _ROUTER_EMBED.search(key)
+        if embed and embed.group(1) != task:
+            continue
+        if key.startswith("backbone.task_embed.") and key != f"backbone.task_embed.{task}":
+            continue
+        if key.startswith("heads.") and not key.startswith(f"heads.{task}."):
+            continue
+        if layer is not None and (router or _EXPERT_PARAM.search(key)):
+            value = value[torch.tensor(kept[layer], dtype=torch.long)]
+        state[key] = value.clone()
+    small.load_state_dict(state)
+    return small.train(model.training)
+
+
+def count_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def flops_per_image(model: GeneralistModel, task: str, image_size: int) -> int:
+    """Multiply-accumulates x 2 of one forward pass, counted by torch's FLOP counter on one image
+    (routing picks top_k experts per token whatever E is, so sparse layers count only active experts)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    was = model.training
+    model.eval()
+    x = torch.zeros(1, model.backbone.config["in_chans"], image_size, image_size,
+                    device=next(model.parameters()).device)
+    # Grad mode stays on: the counter's module tracker expects autograd graphs (one image is cheap).
+    with FlopCounterMode(display=False) as counter:
+        model(x, task)
+    model.train(was)
+    return int(counter.get_total_flops())

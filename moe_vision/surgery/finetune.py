@@ -1,0 +1,47 @@
+"""Parameter-efficient fine-tuning of a bundle on a new dataset of the same task."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from ..engine.trainer import Trainer
+from .bundle import load_bundle
+from .continual import trainable_summary
+from .continual_run import CONFIGS, data_entry
+
+TRAINABLE = ("head", "router+head", "experts+head", "all")
+
+
+def set_trainable(model, which: str) -> dict[str, int]:
+    """``head``: the task's linear head only (GLID's recipe); ``router+head``; ``experts+head``; ``all``."""
+    if which not in TRAINABLE:
+        raise ValueError(f"--trainable {which!r}; expected one of {list(TRAINABLE)}")
+    for name, p in model.named_parameters():
+        on = which == "all" or name.startswith("heads.")
+        on |= which == "router+head" and ".router." in name
+        on |= which == "experts+head" and (".experts." in name or ".added_experts." in name)
+        p.requires_grad_(on)
+    return trainable_summary(model)
+
+
+def finetune_bundle(bundle: str | Path, data_dir: str | Path, out: str | Path, trainable: str = "head",
+                    steps: int = 200, lr: float = 5e-4, batch_size: int = 32, log=print) -> dict:
+    model = load_bundle(bundle)
+    task = model.bundle_info["task"]
+    spec = model.spec(task)
+    if not Path(data_dir).is_dir():
+        raise FileNotFoundError(f"--data {data_dir} is not a folder")
+    counts = set_trainable(model, trainable)
+    log(f"fine-tuning '{task}' ({trainable}): {counts['trainable']:,} trainable of {counts['total']:,} parameters")
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose("train", overrides=[f"+task@tasks.{task}={spec.type_name}", "data.synthetic=null",
+                                          f"data.img_size={model.backbone.config['img_size']}", f"output_dir={out}",
+                                          f"train.steps={steps}", f"train.lr={lr}", "train.warmup_steps=10",
+                                          f"tasks.{task}.batch_size={batch_size}"])
+    cfg = OmegaConf.to_container(cfg, resolve=True)
+    cfg["tasks"][task].update({k: v for k, v in spec.config().items() if k != "loss_weights"})
+    cfg["data"]["tasks"] = {task: data_entry(spec.type_name, str(data_dir))}
+    result = Trainer(cfg, model=model).fit()
+    return {"task": task, "trainable": trainable, "parameters": counts, "metrics": result["metrics"][task]}

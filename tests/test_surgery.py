@@ -1,0 +1,151 @@
+"""Extraction (lossless slicing), bundles, adding a task with frozen old parameters, fine-tuning."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from moe_vision.models import save_model
+from moe_vision.surgery.bundle import load_bundle, read_bundle_info
+from moe_vision.surgery.continual import add_task, bit_identical, outputs_on_probe
+from moe_vision.surgery.extract import extract_task
+from moe_vision.surgery.finetune import set_trainable
+from moe_vision.surgery.pipeline import extract_bundle
+from moe_vision.surgery.select import select_layer
+from moe_vision.tasks import GeneralistModel
+from tests.test_engine import make_cfg
+from moe_vision.engine.trainer import Trainer
+
+TASKS = {"cls": {"num_classes": 5}, "det": {"num_classes": 4}, "seg": {"num_classes": 3}}
+DEC = {"dim": 32, "num_queries": 6, "num_layers": 2, "num_heads": 2}
+
+
+def _model(**moe):
+    import timm
+    bb = timm.create_model("moe_vit_nano_patch8", tasks=list(TASKS), img_size=32,
+                           moe={"num_experts": 6, "mlp_blocks": "all", **moe})
+    torch.manual_seed(1)
+    m = GeneralistModel(bb, TASKS, DEC).eval()
+    with torch.no_grad():  # spread routers so tasks pick different experts
+        for name, p in m.named_parameters():
+            if ".router.gates." in name:
+                p.normal_(std=0.5)
+    return m
+
+
+def test_select_rules():
+    c = torch.tensor([50.0, 0, 30, 15, 5, 0])
+    assert select_layer(c, "selected", None, 2) == [0, 2, 3, 4]
+    assert select_layer(c, "threshold", 0.1, 2) == [0, 2, 3]
+    assert select_layer(c, "coverage", 0.8, 2) == [0, 2]
+    assert select_layer(c, "coverage", 0.95, 2) == [0, 2, 3]
+    assert select_layer(c, "top_n", 3, 2) == [0, 2, 3]
+    with pytest.raises(ValueError, match=r"layer L: rule threshold=0.4 keeps 1 expert\(s\) \[0\], fewer than top_k=2"):
+        select_layer(c, "threshold", 0.4, 2, "L")
+    with pytest.raises(ValueError, match="unknown selection rule"):
+        select_layer(c, "magic", 1, 2)
+
+
+@pytest.mark.parametrize("attn", ["none", "last_2"])
+def test_extraction_with_selected_experts_is_bit_identical(attn):
+    model = _model(attn_blocks=attn, attn_num_experts=16, attn_top_k=3, num_experts=16)
+    x = torch.randn(1, 3, 32, 32)
+    _, routing = model(x, "det", return_routing=True)
+    kept = {r.layer: sorted(set(r.idx_TK.flatten().tolist())) for r in routing}
+    assert any(len(k) < 16 for k in kept.values())
+    small = extract_task(model, "det", kept).eval()
+    assert small.tasks == ["det"] and small.backbone.tasks == ["det"]
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
+    a, b = model(x, "det"), small(x, "det")
+    for k in ("logits", "boxes"):
+        assert torch.equal(a[k], b[k])
+    # Dropping an expert the task did use changes the outputs: the check is not vacuous.
+    layer = next(iter(kept))
+    cut = dict(kept, **{layer: kept[layer][1:]}) if len(kept[layer]) > 2 else None
+    if cut:
+        assert not torch.equal(extract_task(model, "det", cut)(x, "det")["logits"], a["logits"])
+
+
+def test_add_task_freezes_old_parameters_and_keeps_outputs_bit_identical():
+    model = _model()
+    x = torch.randn(2, 3, 32, 32)
+    before = outputs_on_probe(model, ["cls", "det", "seg"], x)
+    grown = add_task(model, "depth", {"type": "depth"}, new_experts=2)
+    trainable = {n for n, p in grown.named_parameters() if p.requires_grad}
+    assert trainable and all(("added_experts.0." in n or ".depth" in n or n.startswith("heads.depth"))
+                             for n in trainable)
+    assert all(not p.requires_grad for n, p in grown.named_parameters() if n in model.state_dict())
+    opt = torch.optim.AdamW([p for p in grown.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    grown.train()
+    for _ in range(3):  # train the new task hard
+        out, routing = grown(x, "depth", return_routing=True)
+        loss = out["log_depth"].square().mean() + grown.backbone.aux_losses(routing).total
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    new_w = grown.backbone.blocks[1].mlp.added_experts[0].w1
+    assert new_w.grad is not None and new_w.grad.abs().sum() > 0
+    after = outputs_on_probe(grown, ["cls", "det", "seg"], x)
+    assert bit_identical(before, after)
+    # The new task's router chooses among old and new experts.
+    assert grown.backbone.blocks[1].mlp.router.gates["depth"].out_features == 8
+    assert grown.backbone.blocks[1].mlp.router.gates["cls"].out_features == 6
+    with pytest.raises(ValueError, match="already exists"):
+        add_task(grown, "cls", {"type": "cls", "num_classes": 5})
+
+
+def test_added_task_can_be_extracted_and_checkpointed(tmp_path):
+    grown = add_task(_model(), "seg2", {"type": "seg", "num_classes": 3}, new_experts=2).eval()
+    x = torch.randn(2, 3, 32, 32)
+    path = save_model(grown, tmp_path / "g.safetensors")
+    from moe_vision.models import load_model
+    again = load_model(path).eval()
+    assert torch.equal(again(x, "seg2")["masks"], grown(x, "seg2")["masks"])
+    _, routing = grown(x, "seg2", return_routing=True)
+    kept = {r.layer: sorted(set(r.idx_TK.flatten().tolist()) | {0, 1}) for r in routing}
+    small = extract_task(grown, "seg2", kept).eval()
+    assert torch.equal(small(x, "seg2")["masks"], grown(x, "seg2")["masks"])
+
+
+def test_set_trainable_groups():
+    model = _model()
+    counts = set_trainable(model, "head")
+    assert all(n.startswith("heads.") for n, p in model.named_parameters() if p.requires_grad)
+    assert counts["trainable"] < counts["total"]
+    set_trainable(model, "router+head")
+    assert any(".router." in n for n, p in model.named_parameters() if p.requires_grad)
+    with pytest.raises(ValueError, match="--trainable"):
+        set_trainable(model, "norms")
+
+
+def test_extract_bundle_end_to_end_and_bad_inputs(synthetic_root, tmp_path):
+    run = tmp_path / "run"
+    Trainer(make_cfg(synthetic_root, run, "train.steps=2")).fit()
+    out = tmp_path / "experts" / "det"
+    info = extract_bundle(run, "det", out, "selected", log=lambda m: None)
+    assert info["lossless_check"]["identical"] is True
+    assert info["params"]["bundle"] <= info["params"]["full"]
+    assert set(info["metrics"]["full"]) == {"mAP", "mAP50"}
+    assert info["metrics"]["full"] == info["metrics"]["bundle"]
+    assert read_bundle_info(out)["parent_sha256"] == info["parent_sha256"]
+    model = load_bundle(out, parent_checkpoint=run)
+    assert model.tasks == ["det"]
+    with pytest.raises(FileExistsError, match="pass --force"):
+        extract_bundle(run, "det", out, "selected", log=lambda m: None)
+    with pytest.raises(KeyError, match=r"unknown task 'pose'; this model knows tasks \['cls', 'det', 'seg'\]"):
+        extract_bundle(run, "pose", tmp_path / "x", "selected", log=lambda m: None)
+    with pytest.raises(ValueError, match="fewer than top_k"):
+        extract_bundle(run, "det", tmp_path / "y", "threshold", 0.99, log=lambda m: None)
+    assert not (tmp_path / "y").exists()
+    other = save_model(_model(), tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match="was not extracted from"):
+        load_bundle(out, parent_checkpoint=other)
+    info_path = out / "bundle.json"
+    d = json.loads(info_path.read_text())
+    (out / "model.safetensors").write_bytes((out / "model.safetensors").read_bytes()[:-10] + b"0123456789")
+    with pytest.raises(ValueError, match="does not match the sha256"):
+        load_bundle(out)
+    (out / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match="incomplete: model.safetensors is missing"):
+        load_bundle(out)
+    assert d["task"] == "det"
