@@ -95,3 +95,35 @@ def test_make_synthetic_train_evaluate_compare_cli(tmp_path):
     assert bad.returncode == 2 and "has no metrics.json" in bad.stderr
     bad = _run("tools/train.py", "experiment=synthetic", f"output_dir={run}", *common)
     assert bad.returncode == 2 and "pass resume=true" in bad.stderr
+
+
+def test_surgery_cli_extract_predict_add_task_finetune(synthetic_root, tmp_path):
+    from moe_vision.engine.trainer import Trainer
+    from tests.test_engine import make_cfg
+    run = tmp_path / "run"
+    Trainer(make_cfg(synthetic_root, run, "train.steps=2")).fit()
+    bundle = tmp_path / "experts" / "det"
+    r = _run("tools/extract_experts.py", "--task", "det", "--checkpoint", str(run), "--out", str(bundle))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "bit-identical" in r.stdout and "parameters" in r.stdout and "kept" in r.stdout
+    again = _run("tools/extract_experts.py", "--task", "det", "--checkpoint", str(run), "--out", str(bundle))
+    assert again.returncode == 2 and "pass --force" in again.stderr
+    bad = _run("tools/extract_experts.py", "--task", "pose", "--checkpoint", str(run), "--out", str(tmp_path / "p"))
+    assert bad.returncode == 2 and "unknown task 'pose'" in bad.stderr and "'det'" in bad.stderr
+    img = next((synthetic_root / "det" / "val").glob("*.png"))
+    r = _run("tools/predict.py", "--bundle", str(bundle), "--parent", str(run), str(img), "--out", str(tmp_path / "pr"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    pred = json.loads((tmp_path / "pr" / f"{img.stem}.det.json").read_text())
+    assert "detections" in pred and (tmp_path / "pr" / f"{img.stem}.det.png").is_file()
+    run2 = tmp_path / "run2"
+    r = _run("tools/add_task.py", "--checkpoint", str(run), "--task", "depth", "--data", str(synthetic_root / "depth"),
+             "--new-experts", "1", "--steps", "2", "--batch-size", "4", "--out", str(run2))
+    assert r.returncode == 0, r.stderr[-2000:]
+    rep = json.loads((run2 / "continual_report.json").read_text())
+    assert rep["old_tasks_bit_identical"] is True
+    assert all(v == 0 for ms in rep["old_metrics_delta"].values() for v in ms.values())
+    assert rep["parameters"]["trainable"] < rep["parameters"]["total"]
+    r = _run("tools/finetune.py", "--bundle", str(bundle), "--data", str(synthetic_root / "det"), "--steps", "2",
+             "--batch-size", "4", "--out", str(tmp_path / "ft"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout[r.stdout.index("{"):])["trainable"] == "head"

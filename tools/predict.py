@@ -23,6 +23,8 @@ def main() -> int:
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--bundle", type=Path)
     src.add_argument("--checkpoint", type=Path, help="run directory or model .safetensors")
+    ap.add_argument("--parent", type=Path, default=None,
+                    help="with --bundle: refuse unless the bundle was extracted from this checkpoint (sha256)")
     ap.add_argument("--task", default=None, help="task to run (default: the bundle's task)")
     ap.add_argument("--out", type=Path, default=Path("predictions"))
     ap.add_argument("--score-threshold", type=float, default=0.3, help="detections below this are not drawn")
@@ -31,7 +33,7 @@ def main() -> int:
     args = ap.parse_args()
     with user_errors():
         if args.bundle:
-            model = load_bundle(args.bundle)
+            model = load_bundle(args.bundle, parent_checkpoint=args.parent)
             task = args.task or model.bundle_info["task"]
         else:
             ckpt = args.checkpoint / "model.safetensors" if args.checkpoint.is_dir() else args.checkpoint
