@@ -38,11 +38,16 @@ class Task:
     type_name: str = ""
     primary_metric: str = ""
     higher_is_better: bool = True
+    loss_defaults: dict[str, float] = {}  # loss term -> default weight (overridden by ``loss_weights``)
 
     def __init__(self, name: str, num_classes: int = 0, loss_weights: dict | None = None, **options: Any) -> None:
         self.name, self.num_classes = name, int(num_classes)
         self.loss_weights = dict(loss_weights or {})
         self.options = options
+
+    def w(self, key: str) -> float:
+        """Weight of loss term ``key``."""
+        return float(self.loss_weights.get(key, self.loss_defaults[key]))
 
     def config(self) -> dict:
         """Everything needed to rebuild this task (stored in checkpoints)."""

@@ -75,10 +75,7 @@ class CocoEvaluator(Evaluator):
 @register_task
 class DetectionTask(Task):
     type_name, primary_metric = "det", "mAP"
-    defaults = {"class": 1.0, "l1": 5.0, "giou": 2.0, "no_object": 0.1}
-
-    def w(self, key: str) -> float:
-        return float(self.loss_weights.get(key, self.defaults[key]))
+    loss_defaults = {"class": 1.0, "l1": 5.0, "giou": 2.0, "no_object": 0.1}
 
     def build_head(self, dim: int) -> nn.Module:
         return DetHead(dim, self.num_classes)

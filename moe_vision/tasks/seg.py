@@ -65,10 +65,7 @@ class MIoUEvaluator(Evaluator):
 @register_task
 class SegmentationTask(Task):
     type_name, primary_metric = "seg", "mIoU"
-    defaults = {"class": 1.0, "bce": 5.0, "dice": 5.0, "no_object": 0.1}
-
-    def w(self, key: str) -> float:
-        return float(self.loss_weights.get(key, self.defaults[key]))
+    loss_defaults = {"class": 1.0, "bce": 5.0, "dice": 5.0, "no_object": 0.1}
 
     def build_head(self, dim: int) -> nn.Module:
         return SegHead(dim, self.num_classes)
