@@ -86,9 +86,6 @@ def load_run_metrics(run_dir: Path) -> tuple[dict, dict]:
     return json.loads(path.read_text()), chance
 
 
-PRIMARY = {"cls": "top1", "det": "mAP", "seg": "mIoU", "depth": "delta1"}
-
-
 def comparison_table(multi: Mapping[str, Mapping[str, float]], singles: Mapping[str, Mapping[str, float]],
                      chance: Mapping[str, Mapping[str, float]]) -> tuple[str, list[dict]]:
     """Multi-task model vs single-task baselines, per task and metric, in points (x100)."""

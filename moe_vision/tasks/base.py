@@ -33,11 +33,10 @@ class Evaluator:
 
 
 class Task:
-    """Base class; subclasses set ``type_name``, ``primary_metric`` and ``higher_is_better``."""
+    """Base class; subclasses set ``type_name`` and ``primary_metric``."""
 
     type_name: str = ""
     primary_metric: str = ""
-    higher_is_better: bool = True
     loss_defaults: dict[str, float] = {}  # loss term -> default weight (overridden by ``loss_weights``)
 
     def __init__(self, name: str, num_classes: int = 0, loss_weights: dict | None = None, **options: Any) -> None:
