@@ -111,10 +111,13 @@ def test_surgery_cli_extract_predict_add_task_finetune(synthetic_root, tmp_path)
     bad = _run("tools/extract_experts.py", "--task", "pose", "--checkpoint", str(run), "--out", str(tmp_path / "p"))
     assert bad.returncode == 2 and "unknown task 'pose'" in bad.stderr and "'det'" in bad.stderr
     img = next((synthetic_root / "det" / "val").glob("*.png"))
-    r = _run("tools/predict.py", "--bundle", str(bundle), "--parent", str(run), str(img), "--out", str(tmp_path / "pr"))
+    r = _run("tools/predict.py", "--bundle", str(bundle), "--parent", str(run), str(img), "--out", str(tmp_path / "pr"),
+             "--score-threshold", "0")
     assert r.returncode == 0, r.stderr[-2000:]
     pred = json.loads((tmp_path / "pr" / f"{img.stem}.det.json").read_text())
     assert "detections" in pred and (tmp_path / "pr" / f"{img.stem}.det.png").is_file()
+    from moe_vision.data.synthetic import CLASS_NAMES
+    assert pred["detections"] and all(d["label"] in CLASS_NAMES for d in pred["detections"])  # names recorded at training
     run2 = tmp_path / "run2"
     r = _run("tools/add_task.py", "--checkpoint", str(run), "--task", "depth", "--data", str(synthetic_root / "depth"),
              "--new-experts", "1", "--steps", "2", "--batch-size", "4", "--out", str(run2))

@@ -72,6 +72,10 @@ class Trainer:
                          for t in self.tasks}
         for t in self.tasks:
             check_num_classes(t, cfg["tasks"][t], self.train_sets[t])
+            names = getattr(self.train_sets[t], "classes", None)
+            if names and "class_names" not in self.model.spec(t).options:
+                # Stored in the checkpoint's config, so bundles and predict.py can name classes.
+                self.model.spec(t).options["class_names"] = list(names)
         sampling = self.tcfg["sampling"]
         self.sampler = TaskSampler({t: len(d) for t, d in self.train_sets.items()}, sampling["strategy"],
                                    float(sampling.get("temperature", 2.0)), int(cfg["seed"]),

@@ -14,7 +14,8 @@ from ..tasks import GeneralistModel
 @torch.no_grad()
 def predict_image(model: GeneralistModel, task: str, path: str | Path, class_names: list[str] | None = None,
                   score_threshold: float = 0.3) -> tuple[dict, Image.Image]:
-    """Predictions for one image file, in its own pixel coordinates, and an overlay picture."""
+    """Predictions for one image file, in its own pixel coordinates, and an overlay picture.
+    Class names come from ``class_names``, else from the model's config (recorded at training)."""
     spec = model.spec(task)
     image = read_image(Path(path))
     h, w = image.shape[-2:]
@@ -23,6 +24,7 @@ def predict_image(model: GeneralistModel, task: str, path: str | Path, class_nam
     model.eval()
     out = model(x[None], task)
     canvas = Image.fromarray(image.permute(1, 2, 0).numpy()).convert("RGB")
+    class_names = class_names or spec.options.get("class_names")
     name = (lambda i: class_names[i] if class_names and i < len(class_names) else str(i))
     if spec.type_name == "cls":
         probs = out["logits"][0].softmax(-1)
