@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from moe_vision.cli import user_errors  # noqa: E402
-from moe_vision.surgery.pipeline import extract_bundle, resolve_checkpoint  # noqa: E402
+from moe_vision.surgery.pipeline import extract_bundle  # noqa: E402
 from moe_vision.surgery.select import RULES  # noqa: E402
 
 
@@ -38,14 +38,7 @@ def main() -> int:
     with user_errors():
         if args.rule != "selected" and args.value is None:
             raise ValueError(f"--rule {args.rule} needs --value")
-        _, run_cfg = resolve_checkpoint(args.checkpoint)
-        data_cfg = (run_cfg or {}).get("data")
-        if data_cfg and args.data_root:
-            old = str(data_cfg["root"])
-            data_cfg = {**data_cfg, "root": args.data_root,
-                        "tasks": {t: {k: (v.replace(old, args.data_root) if isinstance(v, str) else v)
-                                      for k, v in d.items()} for t, d in data_cfg["tasks"].items()}}
-        info = extract_bundle(args.checkpoint, args.task, args.out, args.rule, args.value, data_cfg,
+        info = extract_bundle(args.checkpoint, args.task, args.out, args.rule, args.value, args.data_root,
                               args.calibration_split, args.eval_split, args.batch_size, args.max_batches, args.force)
     print(f"\nbundle {args.out} for task '{info['task']}' (rule {args.rule}"
           + (f"={args.value}" if args.value is not None else "") + ")")

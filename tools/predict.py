@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from moe_vision.cli import user_errors  # noqa: E402
-from moe_vision.models import load_model  # noqa: E402
+from moe_vision.engine.builders import load_generalist  # noqa: E402
 from moe_vision.surgery.bundle import load_bundle  # noqa: E402
 from moe_vision.surgery.predict import predict_image  # noqa: E402
 
@@ -36,8 +36,7 @@ def main() -> int:
             model = load_bundle(args.bundle, parent_checkpoint=args.parent)
             task = args.task or model.bundle_info["task"]
         else:
-            ckpt = args.checkpoint / "model.safetensors" if args.checkpoint.is_dir() else args.checkpoint
-            model = load_model(ckpt)
+            model = load_generalist(args.checkpoint)[0]
             task = args.task or (model.tasks[0] if len(model.tasks) == 1 else None)
             if task is None:
                 raise ValueError(f"--task is required; the model knows tasks {model.tasks}")

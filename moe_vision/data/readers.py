@@ -153,7 +153,35 @@ class CocoDetectionDataset(_Base):
         return self._apply(image, target)
 
 
-class ADE20KDataset(_Base):
+class _PairedDataset(_Base):
+    """Images with one same-named PNG each (segmentation labels, depth maps) of the same size."""
+
+    kind = "annotation"
+
+    def __init__(self, img_dir: Path, label_dir: Path, layout: str, transform: Callable | None) -> None:
+        super().__init__(transform)
+        self.images = _images_in(img_dir)
+        if not self.images:
+            raise ValueError(f"{img_dir} holds no images (expected {layout})")
+        self.labels = [label_dir / (p.stem + ".png") for p in self.images]
+        missing = [str(p) for p in self.labels if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} {self.kind} PNG(s) missing, e.g. {missing[0]}")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def _read_pair(self, i: int) -> tuple[tv_tensors.Image, np.ndarray]:
+        image, label = read_image(self.images[i]), read_label_png(self.labels[i])
+        if label.ndim != 2:
+            raise ValueError(f"{self.kind} {self.labels[i]} has shape {label.shape}; expected a single-channel PNG")
+        if label.shape != tuple(image.shape[-2:]):
+            raise ValueError(f"{self.kind} {self.labels[i]} is {label.shape[1]}x{label.shape[0]} but image "
+                             f"{self.images[i]} is {image.shape[-1]}x{image.shape[-2]}; expected the same size")
+        return image, label
+
+
+class ADE20KDataset(_PairedDataset):
     """Semantic segmentation in ADE20K layout.
 
     ``reduce_zero_label`` (ADE20K's convention) maps label 0 ("other") to 255 (ignored) and
@@ -164,30 +192,13 @@ class ADE20KDataset(_Base):
 
     def __init__(self, root: str | Path, split: str = "train", transform: Callable | None = None,
                  reduce_zero_label: bool = True) -> None:
-        super().__init__(transform)
         sub = self.SPLITS.get(split, split)
-        self.img_dir = Path(root) / "images" / sub
-        self.ann_dir = Path(root) / "annotations" / sub
+        super().__init__(Path(root) / "images" / sub, Path(root) / "annotations" / sub,
+                         f"ADE20K layout images/{sub}/*.jpg", transform)
         self.reduce_zero_label = reduce_zero_label
-        self.images = _images_in(self.img_dir)
-        if not self.images:
-            raise ValueError(f"{self.img_dir} holds no images (expected ADE20K layout images/{sub}/*.jpg)")
-        self.labels = [self.ann_dir / (p.stem + ".png") for p in self.images]
-        missing = [str(p) for p in self.labels if not p.is_file()]
-        if missing:
-            raise FileNotFoundError(f"{len(missing)} annotation PNG(s) missing, e.g. {missing[0]}")
-
-    def __len__(self) -> int:
-        return len(self.images)
 
     def __getitem__(self, i: int):
-        image = read_image(self.images[i])
-        label = read_label_png(self.labels[i])
-        if label.ndim != 2:
-            raise ValueError(f"annotation {self.labels[i]} has shape {label.shape}; expected a single-channel PNG")
-        if label.shape != tuple(image.shape[-2:]):
-            raise ValueError(f"annotation {self.labels[i]} is {label.shape[1]}x{label.shape[0]} but image "
-                             f"{self.images[i]} is {image.shape[-1]}x{image.shape[-2]}; expected the same size")
+        image, label = self._read_pair(i)
         mask = torch.from_numpy(label.astype(np.int64))
         if self.reduce_zero_label:
             mask = torch.where(mask == 0, 255, mask - 1)
@@ -195,33 +206,25 @@ class ADE20KDataset(_Base):
         return self._apply(image, {"mask": tv_tensors.Mask(mask)})
 
 
-class DepthDataset(_Base):
+class DepthDataset(_PairedDataset):
     """NYU-style depth: ``<split>/rgb/NAME.*`` with ``<split>/depth/NAME.png`` (uint16 mm)."""
+
+    kind = "depth"
 
     def __init__(self, root: str | Path, split: str = "train", transform: Callable | None = None,
                  max_depth: float = 10.0) -> None:
-        super().__init__(transform)
-        self.rgb_dir, self.depth_dir = Path(root) / split / "rgb", Path(root) / split / "depth"
+        root = Path(root)
+        super().__init__(root / split / "rgb", root / split / "depth",
+                         f"{root}/{split}/rgb/*.png with {root}/{split}/depth/*.png", transform)
         self.max_depth = max_depth
-        self.images = _images_in(self.rgb_dir)
-        if not self.images:
-            raise ValueError(f"{self.rgb_dir} holds no images (expected {Path(root)}/{split}/rgb/*.png "
-                             f"with {Path(root)}/{split}/depth/*.png)")
-        self.depths = [self.depth_dir / (p.stem + ".png") for p in self.images]
-        missing = [str(p) for p in self.depths if not p.is_file()]
-        if missing:
-            raise FileNotFoundError(f"{len(missing)} depth PNG(s) missing, e.g. {missing[0]}")
 
-    def __len__(self) -> int:
-        return len(self.images)
+    @property
+    def depths(self) -> list[Path]:
+        return self.labels
 
     def __getitem__(self, i: int):
-        image = read_image(self.images[i])
-        raw = read_label_png(self.depths[i])
+        image, raw = self._read_pair(i)
         if raw.dtype != np.uint16:
-            raise ValueError(f"depth {self.depths[i]} has dtype {raw.dtype}; expected a 16-bit PNG in millimetres")
-        if raw.shape != tuple(image.shape[-2:]):
-            raise ValueError(f"depth {self.depths[i]} is {raw.shape[1]}x{raw.shape[0]} but image {self.images[i]} "
-                             f"is {image.shape[-1]}x{image.shape[-2]}; expected the same size")
+            raise ValueError(f"depth {self.labels[i]} has dtype {raw.dtype}; expected a 16-bit PNG in millimetres")
         depth = torch.from_numpy(raw.astype(np.float32) / 1000.0).clamp(max=self.max_depth)
         return self._apply(image, {"depth": tv_tensors.Mask(depth)})

@@ -1,13 +1,14 @@
 """Build datasets and models from the resolved config (plain dicts)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
 from ..data import (ADE20KDataset, CocoDetectionDataset, DepthDataset, ImageFolderDataset, build_transforms)
-from ..models import build_model as build_backbone
+from ..models import build_model as build_backbone, load_model
 from ..tasks import GeneralistModel
 
 # Keys of a task config that steer training, not the head.
@@ -62,6 +63,25 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device={name!r} but CUDA is not available on this machine")
     return torch.device(name)
+
+
+def resolve_checkpoint(checkpoint: str | Path) -> tuple[Path, dict | None]:
+    """A run directory or a model file -> (model file, the run's resolved config if there is one)."""
+    checkpoint = Path(checkpoint)
+    model_file = checkpoint / "model.safetensors" if checkpoint.is_dir() else checkpoint
+    if not model_file.is_file():
+        raise FileNotFoundError(f"checkpoint {model_file} does not exist (pass a run directory or a .safetensors)")
+    cfg_file = model_file.parent / "config.json"
+    return model_file, json.loads(cfg_file.read_text()) if cfg_file.is_file() else None
+
+
+def load_generalist(checkpoint: str | Path) -> tuple[GeneralistModel, Path, dict | None]:
+    """(model, model file, run config or None) of a run directory or model file."""
+    model_file, run_cfg = resolve_checkpoint(checkpoint)
+    model = load_model(model_file)
+    if not isinstance(model, GeneralistModel):
+        raise ValueError(f"{model_file} holds a backbone only; this needs a trained generalist (tools/train.py)")
+    return model, model_file, run_cfg
 
 
 def run_dir_of(cfg: Mapping[str, Any]) -> Path:

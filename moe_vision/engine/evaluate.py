@@ -13,7 +13,8 @@ from ..moe import ExpertUsage
 from ..tasks import GeneralistModel
 
 
-def _batches(dataset, batch_size: int, max_batches: int | None):
+def iterate_batches(dataset, batch_size: int, max_batches: int | None = None):
+    """``(images, targets)`` batches over ``dataset`` in order, at most ``max_batches`` of them."""
     n = len(dataset)
     if max_batches:
         n = min(n, max_batches * batch_size)
@@ -40,7 +41,7 @@ def evaluate(model: GeneralistModel, datasets: Mapping[str, object], batch_size:
         else:
             ev = spec.evaluator(dataset)
         total = -(-min(len(dataset), (max_batches or 10 ** 9) * batch_size) // batch_size)
-        for images, targets in tqdm(_batches(dataset, batch_size, max_batches), total=total, desc=f"eval {task}",
+        for images, targets in tqdm(iterate_batches(dataset, batch_size, max_batches), total=total, desc=f"eval {task}",
                                     leave=False, disable=not progress):
             with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
                 out, routing = model(images.to(device), task, return_routing=True)
@@ -68,18 +69,13 @@ def chance_metrics(model: GeneralistModel, datasets: Mapping[str, object], max_i
 def evaluate_run(cfg: dict) -> dict:
     """Load ``cfg['eval']['checkpoint']`` (a run directory or model file), evaluate every task the
     model and the config share, and write the run-directory reports into ``eval.out``."""
-    from ..models import load_model
     from . import report
-    from .builders import build_dataset, resolve_device
+    from .builders import build_dataset, load_generalist, resolve_device
     ckpt = cfg["eval"].get("checkpoint")
     if not ckpt:
         raise ValueError("eval.checkpoint is not set: pass a run directory or a model .safetensors file")
-    ckpt = Path(ckpt)
-    model_file = ckpt / "model.safetensors" if ckpt.is_dir() else ckpt
-    out_dir = Path(cfg["eval"].get("out") or (ckpt if ckpt.is_dir() else ckpt.parent))
-    model = load_model(model_file)
-    if not isinstance(model, GeneralistModel):
-        raise ValueError(f"{model_file} holds a backbone only; evaluation needs a trained generalist (tools/train.py)")
+    model, model_file, _ = load_generalist(ckpt)
+    out_dir = Path(cfg["eval"].get("out") or model_file.parent)
     device = resolve_device(cfg.get("device", "auto"))
     model.to(device)
     tasks = [t for t in model.tasks if t in cfg["tasks"]] or model.tasks
@@ -89,9 +85,5 @@ def evaluate_run(cfg: dict) -> dict:
     metrics = evaluate(model, datasets, int(cfg["eval"]["batch_size"]), cfg["eval"].get("max_batches"), device,
                        usage=usage, results_dir=out_dir)
     chance = chance_metrics(model, datasets)
-    report.write_json(out_dir / "metrics.json", metrics)
-    report.write_json(out_dir / "chance_metrics.json", chance)
-    report.write_json(out_dir / "expert_usage.json", usage.to_dict())
-    if usage.layers:
-        report.plot_usage(usage, out_dir / "expert_usage.png")
+    report.write_run_reports(out_dir, metrics, chance, usage)
     return {"metrics": metrics, "chance": chance, "usage": usage, "out_dir": out_dir}

@@ -15,6 +15,20 @@ def write_json(path: Path, obj) -> Path:
     return path
 
 
+def write_usage(out_dir: Path, usage: ExpertUsage, **extra) -> None:
+    """``expert_usage.json`` (with ``extra`` keys) and, when there are MoE layers, ``expert_usage.png``."""
+    write_json(Path(out_dir) / "expert_usage.json", {**usage.to_dict(), **extra})
+    if usage.layers:
+        plot_usage(usage, Path(out_dir) / "expert_usage.png")
+
+
+def write_run_reports(out_dir: Path, metrics: dict, chance: dict, usage: ExpertUsage) -> None:
+    """The evaluation files of a run directory: metrics, chance levels, expert usage."""
+    write_json(Path(out_dir) / "metrics.json", metrics)
+    write_json(Path(out_dir) / "chance_metrics.json", chance)
+    write_usage(out_dir, usage)
+
+
 def plot_usage(usage: ExpertUsage, path: Path) -> Path:
     """One heatmap per MoE layer: tasks x experts, colour = selection frequency."""
     import matplotlib

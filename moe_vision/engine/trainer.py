@@ -66,6 +66,9 @@ class Trainer:
         seed_everything(int(cfg["seed"]))
         self.model = (model if model is not None else build_generalist(cfg)).to(self.device)
         self.model.backbone.grad_checkpointing = bool(self.tcfg.get("grad_checkpointing", False))
+        # Frozen normalisation layers (surgery tools) must not update their running statistics.
+        self.frozen_norms = [m for m in self.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                             and not any(p.requires_grad for p in m.parameters())]
         self.tasks = list(cfg["tasks"])
         self.train_sets = {t: build_dataset(t, cfg["tasks"][t], cfg["data"], "train", True) for t in self.tasks}
         self.val_sets = {t: build_dataset(t, cfg["tasks"][t], cfg["data"], cfg["eval"].get("split", "val"), False)
@@ -90,13 +93,12 @@ class Trainer:
         self.scheduler = cosine_with_warmup(self.optimizer, int(self.tcfg["warmup_steps"]), int(self.tcfg["steps"]),
                                             float(self.tcfg.get("min_lr_ratio", 0.0)))
         self.step = 0
-        self.history: list[dict] = []
 
     # ------------------------------------------------------------------ state
     def state(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "sampler": self.sampler.state_dict(), "iters": {t: it.state_dict() for t, it in self.iters.items()},
-                "weighting": self.weighting.state_dict(), "history": self.history}
+                "weighting": self.weighting.state_dict()}
 
     def resume(self) -> bool:
         path = latest_checkpoint(self.run_dir)
@@ -109,7 +111,6 @@ class Trainer:
         for t, s in state["iters"].items():
             self.iters[t].load_state_dict(s)
         self.weighting.load_state_dict(state["weighting"])
-        self.history = state["history"]
         self.step = int(state["step"])
         tqdm.write(f"resumed from {path} at step {self.step}")
         return True
@@ -121,11 +122,8 @@ class Trainer:
     # ------------------------------------------------------------------ one step
     def _train_mode(self) -> None:
         self.model.train()
-        # Frozen normalisation layers must not update their running statistics either.
-        for m in self.model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not any(
-                    p.requires_grad for p in m.parameters()):
-                m.eval()
+        for m in self.frozen_norms:
+            m.eval()
 
     def train_step(self) -> dict:
         self._train_mode()
@@ -156,7 +154,6 @@ class Trainer:
                "aux": aux.as_floats(), "lr": self.scheduler.get_last_lr()[0],
                "grad_norm": float(grad_norm) if grad_norm is not None else None,
                "dropped_tokens": sum(x.dropped_tokens for x in routing)}
-        self.history.append({"step": self.step, "loss": rec["loss"]})
         return rec
 
     # ------------------------------------------------------------------ run
@@ -219,9 +216,5 @@ class Trainer:
                            self.cfg["eval"].get("max_batches"), self.device, usage=usage, results_dir=self.run_dir,
                            autocast_dtype=self.amp_dtype)
         chance = chance_metrics(self.model, self.val_sets)
-        report.write_json(self.run_dir / "metrics.json", metrics)
-        report.write_json(self.run_dir / "chance_metrics.json", chance)
-        report.write_json(self.run_dir / "expert_usage.json", usage.to_dict())
-        if usage.layers:
-            report.plot_usage(usage, self.run_dir / "expert_usage.png")
+        report.write_run_reports(self.run_dir, metrics, chance, usage)
         return {"metrics": metrics, "chance": chance, "usage": usage}

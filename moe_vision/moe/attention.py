@@ -19,7 +19,6 @@ import torch.nn.functional as F
 
 from .dispatch import TokenDispatcher
 from .layer import RoutingOutput
-from .losses import load_balancing_loss, router_z_loss
 from .router import TaskRouter
 
 
@@ -86,9 +85,4 @@ class MoEAttention(nn.Module):
         o_KTI = o.view(B, h, K, N, d).permute(2, 0, 3, 1, 4).reshape(K * T, h * d)
         y_AD = self.o_experts(o_KTI.index_select(0, plan.assignment_idx), plan.counts_E)
         y_TD = self.dispatcher.unpermute(y_AD, plan, T)
-        routing = RoutingOutput(
-            layer=self.layer_name, task=task, num_tokens=T, idx_TK=r.idx_TK, weights_TK=r.weights_TK,
-            prob_sum_E=r.probs_TE.sum(0), balance_loss=load_balancing_loss(r.probs_TE, r.idx_TK),
-            z_loss=router_z_loss(r.logits_TE), dropped_tokens=0, dropped_assignments=0,
-        )
-        return y_TD.view(B, N, D), routing
+        return y_TD.view(B, N, D), RoutingOutput.from_router(self.layer_name, task, r, self.num_experts)

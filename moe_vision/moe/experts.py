@@ -119,6 +119,15 @@ _ACT_BACKWARD: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] =
 }
 
 
+def _segments(counts: list[int]):
+    """``(expert, row slice)`` of every expert that has rows in the expert-sorted buffer."""
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            yield e, slice(start, start + n)
+        start += n
+
+
 class _ExpertLoop(torch.autograd.Function):
     """The per-expert loop with hand-written backward.
 
@@ -132,22 +141,15 @@ class _ExpertLoop(torch.autograd.Function):
     def forward(ctx, x_AD, counts_E, w1_EDH, b1_EH, w2_EHD, b2_ED, activation):
         counts = counts_E.tolist()
         A, D = x_AD.shape
-        H = w1_EDH.shape[2]
         expert_A = torch.repeat_interleave(torch.arange(len(counts), device=x_AD.device), counts_E,
                                            output_size=A)
-        pre_AH = torch.empty(A, H, dtype=x_AD.dtype, device=x_AD.device)
-        start = 0
-        for e, n in enumerate(counts):
-            if n:
-                torch.addmm(b1_EH[e], x_AD[start:start + n], w1_EDH[e], out=pre_AH[start:start + n])
-            start += n
+        pre_AH = x_AD.new_empty(A, w1_EDH.shape[2])
+        for e, s in _segments(counts):
+            torch.addmm(b1_EH[e], x_AD[s], w1_EDH[e], out=pre_AH[s])
         h_AH = get_activation(activation)(pre_AH)
-        y_AD = torch.empty(A, D, dtype=x_AD.dtype, device=x_AD.device)
-        start = 0
-        for e, n in enumerate(counts):
-            if n:
-                torch.addmm(b2_ED[e], h_AH[start:start + n], w2_EHD[e], out=y_AD[start:start + n])
-            start += n
+        y_AD = x_AD.new_empty(A, D)
+        for e, s in _segments(counts):
+            torch.addmm(b2_ED[e], h_AH[s], w2_EHD[e], out=y_AD[s])
         ctx.save_for_backward(x_AD, expert_A, w1_EDH, w2_EHD, pre_AH, h_AH)
         ctx.counts, ctx.activation = counts, activation
         return y_AD
@@ -166,24 +168,16 @@ class _ExpertLoop(torch.autograd.Function):
             g_w1[idle] = 0
             g_w2[idle] = 0
         g_h = torch.empty_like(h_AH)
-        start = 0
-        for e, n in enumerate(counts):
-            if n:
-                s = slice(start, start + n)
-                torch.mm(g_AD[s], w2_EHD[e].t(), out=g_h[s])
-                torch.mm(h_AH[s].t(), g_AD[s], out=g_w2[e])
-            start += n
+        for e, s in _segments(counts):
+            torch.mm(g_AD[s], w2_EHD[e].t(), out=g_h[s])
+            torch.mm(h_AH[s].t(), g_AD[s], out=g_w2[e])
         g_b2 = g_AD.new_zeros(E, g_AD.shape[1]).index_add_(0, expert_A, g_AD)
         g_pre = _ACT_BACKWARD[ctx.activation](g_h, pre_AH)
         del g_h
         g_b1 = g_pre.new_zeros(E, g_pre.shape[1]).index_add_(0, expert_A, g_pre)
         g_x = torch.empty_like(x_AD) if ctx.needs_input_grad[0] else None
-        start = 0
-        for e, n in enumerate(counts):
-            if n:
-                s = slice(start, start + n)
-                if g_x is not None:
-                    torch.mm(g_pre[s], w1_EDH[e].t(), out=g_x[s])
-                torch.mm(x_AD[s].t(), g_pre[s], out=g_w1[e])
-            start += n
+        for e, s in _segments(counts):
+            if g_x is not None:
+                torch.mm(g_pre[s], w1_EDH[e].t(), out=g_x[s])
+            torch.mm(x_AD[s].t(), g_pre[s], out=g_w1[e])
         return g_x, None, g_w1, g_b1, g_w2, g_b2, None

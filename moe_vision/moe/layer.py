@@ -32,6 +32,19 @@ class RoutingOutput:
     dropped_tokens: int
     dropped_assignments: int
 
+    @classmethod
+    def from_router(cls, layer: str, task: str, r, num_experts: int, plan=None) -> "RoutingOutput":
+        """Package a router's output (``RouterOutput``) with its aux losses and the dispatch plan's
+        drop counts. ``prob_sum_E`` is padded to the layer's ``num_experts`` for a task whose
+        router sees fewer experts."""
+        return cls(
+            layer=layer, task=task, num_tokens=r.idx_TK.shape[0], idx_TK=r.idx_TK, weights_TK=r.weights_TK,
+            prob_sum_E=F.pad(r.probs_TE.sum(dim=0), (0, num_experts - r.probs_TE.shape[1])),
+            balance_loss=load_balancing_loss(r.probs_TE, r.idx_TK), z_loss=router_z_loss(r.logits_TE),
+            dropped_tokens=plan.dropped_tokens if plan else 0,
+            dropped_assignments=plan.dropped_assignments if plan else 0,
+        )
+
     def selection_counts(self, num_experts: int) -> torch.Tensor:
         """How often each expert was chosen ``[E]`` (dropped assignments included)."""
         return torch.bincount(self.idx_TK.reshape(-1), minlength=num_experts)
@@ -100,16 +113,4 @@ class MoEMLP(nn.Module):
         y_TD = self.dispatcher.unpermute(y_AD, plan, T)
         if self.expert_scale != 1.0:
             y_TD = y_TD * self.expert_scale
-        routing = RoutingOutput(
-            layer=self.layer_name,
-            task=task,
-            num_tokens=T,
-            idx_TK=r.idx_TK,
-            weights_TK=r.weights_TK,
-            prob_sum_E=F.pad(r.probs_TE.sum(dim=0), (0, self.num_experts - r.probs_TE.shape[1])),
-            balance_loss=load_balancing_loss(r.probs_TE, r.idx_TK),
-            z_loss=router_z_loss(r.logits_TE),
-            dropped_tokens=plan.dropped_tokens,
-            dropped_assignments=plan.dropped_assignments,
-        )
-        return y_TD.reshape(shape), routing
+        return y_TD.reshape(shape), RoutingOutput.from_router(self.layer_name, task, r, self.num_experts, plan)

@@ -107,12 +107,16 @@ class TaskRouter(nn.Module):
         if task in self.tasks:
             raise ValueError(f"task {task!r} already has a router")
         if self.mode == "per_task":
-            n = self.task_num_experts.get(task, self.num_experts)
+            n = self.num_experts_for(task)
             self.gates[task] = self._new_gate(num_experts=n)
             if self.noisy_gating:
                 self.noise[task] = self._new_gate(zero=True, num_experts=n)
         else:
             self.task_embed[task] = nn.Parameter(torch.zeros(self.dim))
+
+    def num_experts_for(self, task: str) -> int:
+        """How many experts (the first n) ``task``'s router chooses among."""
+        return self.task_num_experts.get(task, self.num_experts)
 
     def gate_for(self, task: str) -> nn.Linear:
         return self.gates[task if self.mode == "per_task" else "shared"]
@@ -133,11 +137,13 @@ class TaskRouter(nn.Module):
             noise_std = F.softplus(F.linear(x_TD.float(), self.noise[key].weight.float())) + 1e-2
             select_logits = logits_TE + torch.randn_like(logits_TE) * noise_std
         probs_TE = torch.softmax(logits_TE, dim=-1)
-        select_probs = probs_TE if select_logits is logits_TE else torch.softmax(select_logits, dim=-1)
-        weights_TK, idx_TK = torch.topk(select_probs, self.top_k, dim=-1)
+        top_logits_TK, idx_TK = torch.topk(select_logits, self.top_k, dim=-1)
         if self.renormalize:
             # Softmax over the chosen logits only: equal to renormalising the top-k probabilities,
             # but independent of the experts not chosen, so a model with unused experts removed
             # computes bit-identical weights.
-            weights_TK = torch.softmax(select_logits.gather(1, idx_TK), dim=-1)
+            weights_TK = torch.softmax(top_logits_TK, dim=-1)
+        else:
+            select_probs = probs_TE if select_logits is logits_TE else torch.softmax(select_logits, dim=-1)
+            weights_TK = select_probs.gather(1, idx_TK)
         return RouterOutput(logits_TE, probs_TE, idx_TK, weights_TK)

@@ -8,6 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
+from ..engine.builders import resolve_checkpoint
 from ..models import load_model, save_model
 from ..tasks import GeneralistModel
 
@@ -71,8 +72,7 @@ def load_bundle(path: str | Path, map_location: str = "cpu", parent_checkpoint: 
     bundle was cut from that file (sha256)."""
     info = read_bundle_info(path)
     if parent_checkpoint is not None:
-        parent = Path(parent_checkpoint)
-        parent = parent / "model.safetensors" if parent.is_dir() else parent
+        parent, _ = resolve_checkpoint(parent_checkpoint)
         if sha256_of(parent) != info["parent_sha256"]:
             raise ValueError(f"bundle {path} was not extracted from {parent}: parent sha256 "
                              f"{info['parent_sha256'][:12]}... != {sha256_of(parent)[:12]}...")

@@ -63,11 +63,6 @@ def _init_new_experts_from_old(model: GeneralistModel, group: int) -> None:
                         dst[e].copy_(getattr(old, name)[src])
 
 
-def trainable_summary(model: nn.Module) -> dict[str, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"trainable": trainable, "total": sum(p.numel() for p in model.parameters())}
-
-
 @torch.no_grad()
 def outputs_on_probe(model: GeneralistModel, tasks: list[str], images: torch.Tensor) -> dict[str, dict]:
     model.eval()

@@ -12,9 +12,9 @@ from ..engine import report
 from ..engine.builders import build_dataset
 from ..engine.evaluate import evaluate
 from ..engine.trainer import Trainer
-from ..models import load_model
-from .continual import add_task, bit_identical, outputs_on_probe, trainable_summary
-from .pipeline import resolve_checkpoint
+from ..engine.builders import head_config, load_generalist
+from .continual import add_task, bit_identical, outputs_on_probe
+from .extract import parameter_counts
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 FORMATS = {"cls": "imagefolder", "det": "coco", "seg": "ade20k", "depth": "nyu_depth"}
@@ -41,7 +41,7 @@ def default_task_config(task_type: str) -> dict:
 def add_task_run(checkpoint: str | Path, task: str, data_dir: str | Path, out: str | Path, new_experts: int = 2,
                  steps: int = 250, task_type: str | None = None, overrides: dict | None = None,
                  probe_size: int = 16, log=print) -> dict:
-    model_file, run_cfg = resolve_checkpoint(checkpoint)
+    full, model_file, run_cfg = load_generalist(checkpoint)
     if run_cfg is None:
         raise ValueError(f"{model_file} has no config.json beside it; add_task needs the run directory")
     out = Path(out)
@@ -50,12 +50,10 @@ def add_task_run(checkpoint: str | Path, task: str, data_dir: str | Path, out: s
     task_type = task_type or task
     if not Path(data_dir).is_dir():
         raise FileNotFoundError(f"--data {data_dir} is not a folder")
-    full = load_model(model_file)
     old_tasks = full.tasks
     task_cfg = {**default_task_config(task_type), "type": task_type, **(overrides or {})}
-    head_cfg = {k: v for k, v in task_cfg.items() if k not in ("batch_size", "loss_weight", "transforms")}
-    grown = add_task(full, task, head_cfg, new_experts)
-    counts = trainable_summary(grown)
+    grown = add_task(full, task, head_config(task_cfg), new_experts)
+    counts = parameter_counts(grown)
     log(f"added task '{task}' with {new_experts} new experts per MoE layer: "
         f"{counts['trainable']:,} trainable of {counts['total']:,} parameters; every old parameter frozen")
 

@@ -71,8 +71,10 @@ def extract_task(model: GeneralistModel, task: str, kept: dict[str, list[int]]) 
     return small.train(model.training)
 
 
-def count_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+def parameter_counts(model: torch.nn.Module) -> dict[str, int]:
+    """``{"trainable": n, "total": n}`` parameters."""
+    return {"trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "total": sum(p.numel() for p in model.parameters())}
 
 
 def flops_per_image(model: GeneralistModel, task: str, image_size: int) -> int:

@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 
 from ..engine.trainer import Trainer
 from .bundle import load_bundle
-from .continual import trainable_summary
+from .extract import parameter_counts
 from .continual_run import CONFIGS, data_entry
 
 TRAINABLE = ("head", "router+head", "experts+head", "all")
@@ -23,7 +23,7 @@ def set_trainable(model, which: str) -> dict[str, int]:
         on |= which == "router+head" and ".router." in name
         on |= which == "experts+head" and (".experts." in name or ".added_experts." in name)
         p.requires_grad_(on)
-    return trainable_summary(model)
+    return parameter_counts(model)
 
 
 def finetune_bundle(bundle: str | Path, data_dir: str | Path, out: str | Path, trainable: str = "head",

@@ -2,45 +2,38 @@
 lossless check -> metrics, parameters, FLOPs and latency of both models -> bundle."""
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
-from ..data import collate
-from ..engine.builders import build_dataset
-from ..engine.evaluate import evaluate
-from ..models import load_model
+from ..engine import report
+from ..engine.builders import build_dataset, load_generalist
+from ..engine.evaluate import evaluate, iterate_batches
 from ..moe import ExpertUsage
 from ..tasks import GeneralistModel
 from .bundle import sha256_of, write_bundle
-from .extract import count_params, extract_task, flops_per_image
+from .extract import extract_task, flops_per_image, parameter_counts
 from .select import select_layer
 
 
-def resolve_checkpoint(checkpoint: str | Path) -> tuple[Path, dict | None]:
-    """A run directory or a model file -> (model file, the run's resolved config if there is one)."""
-    checkpoint = Path(checkpoint)
-    model_file = checkpoint / "model.safetensors" if checkpoint.is_dir() else checkpoint
-    if not model_file.is_file():
-        raise FileNotFoundError(f"checkpoint {model_file} does not exist (pass a run directory or a .safetensors)")
-    cfg_file = model_file.parent / "config.json"
-    return model_file, json.loads(cfg_file.read_text()) if cfg_file.is_file() else None
+def relocate_data(data_cfg: dict, new_root: str) -> dict:
+    """The run's data config with its ``root`` moved: every path under the old root follows."""
+    old = str(data_cfg["root"])
+    move = (lambda v: new_root + v[len(old):] if isinstance(v, str) and v.startswith(old) else v)
+    return {**data_cfg, "root": new_root,
+            "tasks": {t: {k: move(v) for k, v in d.items()} for t, d in data_cfg["tasks"].items()}}
 
 
 @torch.no_grad()
-def task_usage(model: GeneralistModel, task: str, dataset, batch_size: int = 64,
-               max_batches: int | None = None) -> ExpertUsage:
-    """Selection counts of ``task``'s routers on ``dataset``."""
-    usage = ExpertUsage(model.backbone.moe_layers(), [task])
+def task_usage(model: GeneralistModel, task: str, dataset, batch_size: int = 64, max_batches: int | None = None,
+               usage: ExpertUsage | None = None) -> ExpertUsage:
+    """Selection counts of ``task``'s routers on ``dataset``, added to ``usage`` (a new one if None)."""
+    usage = usage or ExpertUsage(model.backbone.moe_layers(), [task])
     model.eval()
-    n = len(dataset) if not max_batches else min(len(dataset), max_batches * batch_size)
-    for s in range(0, n, batch_size):
-        images, _ = collate([dataset[i] for i in range(s, min(n, s + batch_size))])
-        _, routing = model(images, task, return_routing=True)
-        usage.update(routing)
+    for images, _ in iterate_batches(dataset, batch_size, max_batches):
+        usage.update(model(images, task, return_routing=True)[1])
     return usage
 
 
@@ -49,10 +42,8 @@ def outputs_identical(full: GeneralistModel, small: GeneralistModel, task: str, 
                       max_batches: int | None = None) -> tuple[bool, float]:
     """Whether every output tensor of both models is bit-identical on ``dataset``; and the max difference."""
     full.eval(), small.eval()
-    n = len(dataset) if not max_batches else min(len(dataset), max_batches * batch_size)
     same, worst = True, 0.0
-    for s in range(0, n, batch_size):
-        images, _ = collate([dataset[i] for i in range(s, min(n, s + batch_size))])
+    for images, _ in iterate_batches(dataset, batch_size, max_batches):
         a, b = full(images, task), small(images, task)
         for k, v in a.items():
             if isinstance(v, torch.Tensor):
@@ -77,22 +68,19 @@ def latency_ms(model: GeneralistModel, task: str, image_size: int, repeats: int 
 
 
 def extract_bundle(checkpoint: str | Path, task: str, out: str | Path, rule: str = "selected",
-                   value: float | None = None, data_cfg: dict | None = None, calibration_split: str = "val",
+                   value: float | None = None, data_root: str | None = None, calibration_split: str = "val",
                    eval_split: str = "val", batch_size: int = 64, max_batches: int | None = None,
                    force: bool = False, log=print) -> dict:
     """Run the whole extraction and write the bundle; returns ``bundle.json``'s content."""
-    model_file, run_cfg = resolve_checkpoint(checkpoint)
     out = Path(out)
     if out.exists() and not force:
         raise FileExistsError(f"{out} already exists; pass --force to replace it")
-    full = load_model(model_file)
-    if not isinstance(full, GeneralistModel):
-        raise ValueError(f"{model_file} holds a backbone only; extraction needs a trained generalist")
+    full, model_file, run_cfg = load_generalist(checkpoint)
     full.spec(task)  # unknown task -> lists the known ones
-    data_cfg = data_cfg or (run_cfg or {}).get("data")
-    if not data_cfg:
-        raise ValueError(f"{model_file} has no config.json beside it; pass the data config (--data-config)")
-    task_cfg = {**full.spec(task).config(), **((run_cfg or {}).get("tasks", {}).get(task, {}))}
+    if run_cfg is None:
+        raise ValueError(f"{model_file} has no config.json beside it; pass the training run directory")
+    data_cfg = relocate_data(run_cfg["data"], data_root) if data_root else run_cfg["data"]
+    task_cfg = {**full.spec(task).config(), **run_cfg["tasks"].get(task, {})}
     calib = build_dataset(task, task_cfg, data_cfg, calibration_split, False)
     evalset = calib if eval_split == calibration_split else build_dataset(task, task_cfg, data_cfg, eval_split, False)
     log(f"expert usage of '{task}' on the {calibration_split} split ({len(calib)} images) ...")
@@ -100,9 +88,8 @@ def extract_bundle(checkpoint: str | Path, task: str, out: str | Path, rule: str
     layers = full.backbone.moe_layers()
     modules = {name: m for name, m in full.backbone.named_modules() if name in layers}
     # A task added later may see only some of a layer's experts: choose among those.
-    visible = {name: m.router.gates[task].out_features if m.router.mode == "per_task" else m.num_experts
-               for name, m in modules.items()}
-    kept = {layer: select_layer(usage.counts[li, 0, :visible[layer]], rule, value, modules[layer].top_k, layer)
+    kept = {layer: select_layer(usage.counts[li, 0, :modules[layer].router.num_experts_for(task)], rule, value,
+                                modules[layer].top_k, layer)
             for li, layer in enumerate(usage.layers)}
     small = extract_task(full, task, kept)
     lossless = None
@@ -123,7 +110,7 @@ def extract_bundle(checkpoint: str | Path, task: str, out: str | Path, rule: str
         "rule": {"name": rule, "value": value},
         "calibration_split": calibration_split,
         "eval_split": eval_split,
-        "params": {"full": count_params(full), "bundle": count_params(small)},
+        "params": {"full": parameter_counts(full)["total"], "bundle": parameter_counts(small)["total"]},
         "flops_per_image": {"full": flops_per_image(full, task, size), "bundle": flops_per_image(small, task, size)},
         "latency_ms": {"full": latency_ms(full, task, size), "bundle": latency_ms(small, task, size)},
         "metrics": metrics,
@@ -139,20 +126,14 @@ def run_usage(checkpoint: str | Path, split: str = "val", out: str | Path | None
               max_batches: int | None = None) -> tuple[ExpertUsage, Path]:
     """Expert usage of every task of a run on ``split``; writes expert_usage.json/.png into ``out``
     (default: the run directory)."""
-    from ..engine import report
-    model_file, run_cfg = resolve_checkpoint(checkpoint)
+    model, model_file, run_cfg = load_generalist(checkpoint)
     if run_cfg is None:
         raise ValueError(f"{model_file} has no config.json beside it; pass a training run directory")
-    model = load_model(model_file)
     usage = ExpertUsage(model.backbone.moe_layers(), model.tasks)
     for task in model.tasks:
         task_cfg = {**model.spec(task).config(), **run_cfg["tasks"].get(task, {})}
-        dataset = build_dataset(task, task_cfg, run_cfg["data"], split, False)
-        part = task_usage(model, task, dataset, batch_size, max_batches)
-        usage.counts[:, usage.tasks.index(task)] += part.counts[:, 0]
-        usage.gate_sums[:, usage.tasks.index(task)] += part.gate_sums[:, 0]
-        usage.tokens[:, usage.tasks.index(task)] += part.tokens[:, 0]
+        task_usage(model, task, build_dataset(task, task_cfg, run_cfg["data"], split, False), batch_size,
+                   max_batches, usage)
     out = Path(out) if out else model_file.parent
-    report.write_json(out / "expert_usage.json", {**usage.to_dict(), "split": split})
-    report.plot_usage(usage, out / "expert_usage.png")
+    report.write_usage(out, usage, split=split)
     return usage, out

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torchvision.ops import box_convert, generalized_box_iou
 
 from .base import Evaluator, Task, register_task
-from .matching import hungarian_match
+from .matching import hungarian_match, matched_cross_entropy
 
 
 class DetHead(nn.Module):
@@ -95,22 +95,18 @@ class DetectionTask(Task):
 
     def loss(self, outputs, targets):
         logits, boxes, size = outputs["logits"].float(), outputs["boxes"].float(), outputs["image_size"]
-        B, Q, C1 = logits.shape
-        cls_target = torch.full((B, Q), C1 - 1, dtype=torch.long, device=logits.device)
-        l1, giou, n_boxes = logits.new_zeros(()), logits.new_zeros(()), 0
+        matched, l1, giou, n_boxes = [], logits.new_zeros(()), logits.new_zeros(()), 0
         for b, t in enumerate(targets):
             (qi, ti), labels, gt = self.match(logits[b], boxes[b], t, size)
             if len(qi) == 0:
                 continue
-            cls_target[b, qi] = labels[ti]
+            matched.append((b, qi, labels[ti]))
             pb, gb = boxes[b, qi], gt[ti]
             l1 = l1 + F.l1_loss(pb, gb, reduction="sum")
             giou = giou + (1 - torch.diag(generalized_box_iou(box_convert(pb, "cxcywh", "xyxy"),
                                                               box_convert(gb, "cxcywh", "xyxy")))).sum()
             n_boxes += len(qi)
-        weight = logits.new_ones(C1)
-        weight[-1] = self.w("no_object")
-        ce = F.cross_entropy(logits.reshape(-1, C1), cls_target.reshape(-1), weight=weight)
+        ce = matched_cross_entropy(logits, matched, self.w("no_object"))
         n = max(1, n_boxes)
         l1, giou = l1 / n, giou / n
         total = self.w("class") * ce + self.w("l1") * l1 + self.w("giou") * giou

@@ -12,7 +12,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from .base import Evaluator, Task, register_task
-from .matching import hungarian_match
+from .matching import hungarian_match, matched_cross_entropy
 
 IGNORE = 255
 
@@ -76,9 +76,8 @@ class SegmentationTask(Task):
 
     def loss(self, outputs, targets):
         logits, masks = outputs["logits"].float(), outputs["masks"].float()
-        B, Q, C1 = logits.shape
-        cls_target = torch.full((B, Q), C1 - 1, dtype=torch.long, device=logits.device)
-        bce, dice, n_masks = logits.new_zeros(()), logits.new_zeros(()), 0
+        Q = logits.shape[1]
+        matched, bce, dice, n_masks = [], logits.new_zeros(()), logits.new_zeros(()), 0
         for b, t in enumerate(targets):
             gt = torch.as_tensor(t["mask"]).long().to(logits.device)
             up = F.interpolate(masks[b:b + 1], size=gt.shape, mode="bilinear", align_corners=False)[0]
@@ -94,15 +93,13 @@ class SegmentationTask(Task):
                     + self.w("dice") * _dice_cost(pred_QP, gt_NP)
             qi, ti = hungarian_match(cost)
             qi, ti = qi.to(logits.device), ti.to(logits.device)
-            cls_target[b, qi] = classes[ti]
+            matched.append((b, qi, classes[ti]))
             p, g = pred_QP[qi], gt_NP[ti]
             bce = bce + F.binary_cross_entropy_with_logits(p, g, reduction="none").mean(-1).sum()
             ps = p.sigmoid()
             dice = dice + (1 - (2 * (ps * g).sum(-1) + 1) / (ps.sum(-1) + g.sum(-1) + 1)).sum()
             n_masks += len(qi)
-        weight = logits.new_ones(C1)
-        weight[-1] = self.w("no_object")
-        ce = F.cross_entropy(logits.reshape(-1, C1), cls_target.reshape(-1), weight=weight)
+        ce = matched_cross_entropy(logits, matched, self.w("no_object"))
         n = max(1, n_masks)
         bce, dice = bce / n, dice / n
         return {"loss": self.w("class") * ce + self.w("bce") * bce + self.w("dice") * dice,
