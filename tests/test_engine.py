@@ -20,7 +20,7 @@ def make_cfg(synthetic_root, out, *overrides):
         cfg = compose("train", overrides=[
             "experiment=synthetic", f"data.root={synthetic_root}", "data.synthetic=null", "data.img_size=32",
             "model=moe_vit_nano", "model.img_size=32", "model.moe.num_experts=4",
-            "decoder.dim=32", "decoder.num_queries=6", "decoder.num_layers=1", "decoder.num_heads=2",
+            "decoder.dim=32", "decoder.num_queries=14", "decoder.num_layers=1", "decoder.num_heads=2",
             "tasks.cls.batch_size=4", "tasks.det.batch_size=4", "tasks.seg.batch_size=4",
             "train.steps=4", "train.warmup_steps=1", "train.ckpt_every=2", "train.log_every=1",
             "eval.batch_size=8", "device=cpu", f"output_dir={out}", *overrides])
@@ -51,7 +51,7 @@ def test_resume_matches_uninterrupted_run(synthetic_root, tmp_path):
     assert resumed.step == 4
     assert _losses(tmp_path / "part") == _losses(tmp_path / "full")
     for name in ("metrics.json", "expert_usage.json", "expert_usage.png", "model.safetensors", "config.json",
-                 "chance_metrics.json", "det_results.json"):
+                 "chance_metrics.json", "det_results.json", "curves.png", "predictions.png", "val_log.jsonl"):
         assert (tmp_path / "full" / name).is_file(), name
     metrics = json.loads((tmp_path / "full" / "metrics.json").read_text())
     assert set(metrics) == {"cls", "det", "seg"}
@@ -67,6 +67,33 @@ def test_existing_run_needs_resume_and_no_half_written_checkpoint(synthetic_root
     ckpts = tmp_path / "run" / "checkpoints"
     assert not list(ckpts.glob(".*tmp"))
     assert (ckpts / (ckpts / "latest").read_text()).is_dir()
+
+
+def test_periodic_validation_uses_a_fixed_random_subset(synthetic_root, tmp_path):
+    cfg = make_cfg(synthetic_root, tmp_path / "v", "train.steps=2", "train.eval_every=1", "eval.periodic_images=5")
+    trainer = Trainer(cfg)
+    subset = trainer.periodic_sets["cls"]
+    assert len(subset) == 5 and subset.classes == trainer.val_sets["cls"].classes
+    labels = {int(subset[i][1]["label"]) for i in range(5)}
+    assert len(labels) > 1  # the val split is sorted by class; the first 5 items would be one class
+    trainer.fit()
+    rows = [json.loads(line) for line in (tmp_path / "v" / "val_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and [r["subset"] for r in rows] == [True, False]
+    assert set(rows[0]["metrics"]) == {"cls", "det", "seg"}
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.steps=-3", r"train.steps=-3 must be positive"),
+    ("train.steps=0", r"train.steps=0 must be positive"),
+    ("train.lr=0", r"train.lr=0 must be positive"),
+    ("train.lr=-0.1", r"train.lr=-0.1 must be positive"),
+    ("tasks.det.batch_size=0", r"tasks.det.batch_size=0 must be a positive integer"),
+    ("train.warmup_steps=-1", r"train.warmup_steps=-1 must be >= 0"),
+])
+def test_nonsense_training_values_are_refused(synthetic_root, tmp_path, override, message):
+    with pytest.raises(ValueError, match=message):
+        Trainer(make_cfg(synthetic_root, tmp_path / "bad", override))
+    assert not (tmp_path / "bad").exists()
 
 
 def test_config_errors(synthetic_root, tmp_path):

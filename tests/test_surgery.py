@@ -17,7 +17,7 @@ from tests.test_engine import make_cfg
 from moe_vision.engine.trainer import Trainer
 
 TASKS = {"cls": {"num_classes": 5}, "det": {"num_classes": 4}, "seg": {"num_classes": 3}}
-DEC = {"dim": 32, "num_queries": 6, "num_layers": 2, "num_heads": 2}
+DEC = {"dim": 32, "num_queries": 14, "num_layers": 2, "num_heads": 2}
 
 
 def _model(**moe):

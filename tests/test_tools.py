@@ -73,7 +73,7 @@ def test_make_synthetic_train_evaluate_compare_cli(tmp_path):
     again = _run("tools/make_synthetic.py", "--out", str(data), "--scale", "0.01")
     assert "already holds a complete benchmark" in again.stdout
     common = [f"data.root={data}", "data.synthetic=null", "data.img_size=32", "model=moe_vit_nano", "model.img_size=32",
-              "model.moe.num_experts=4", "decoder.dim=32", "decoder.num_queries=6", "decoder.num_layers=1",
+              "model.moe.num_experts=4", "decoder.dim=32", "decoder.num_queries=14", "decoder.num_layers=1",
               "decoder.num_heads=2", "tasks.cls.batch_size=4", "tasks.det.batch_size=4", "tasks.seg.batch_size=2",
               "device=cpu", "eval.batch_size=8"]
     run = tmp_path / "run"

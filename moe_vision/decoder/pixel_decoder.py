@@ -6,6 +6,7 @@ Legend: B batch, C backbone dim, D decoder dim, L levels, M memory tokens (sum o
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -15,47 +16,98 @@ import torch.nn.functional as F
 
 def sine_position_embedding(h: int, w: int, dim: int, device=None, dtype=None) -> torch.Tensor:
     """Fixed 2-D sine/cosine position embedding ``[h*w, dim]`` (half the channels per axis)."""
+    ys = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) / h
+    xs = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) / w
+    centres = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1).reshape(h * w, 2)
+    return sine_embed_points(centres, dim).to(dtype or torch.float32)
+
+
+def sine_embed_points(points_N2: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sine/cosine embedding ``[..., dim]`` of normalised ``(x, y)`` points in [0, 1]: the same
+    code as :func:`sine_position_embedding` uses for the memory, so a query placed at a token's
+    centre gets that token's position embedding."""
     if dim % 4:
         raise ValueError(f"sine position embedding needs dim divisible by 4, got {dim}")
     quarter = dim // 4
-    freq = 1.0 / (10000 ** (torch.arange(quarter, device=device, dtype=torch.float32) / quarter))
-    ys = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) / h * 2 * math.pi
-    xs = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) / w * 2 * math.pi
-    y = ys[:, None] * freq[None]  # [h, q]
-    x = xs[:, None] * freq[None]  # [w, q]
-    pos = torch.cat([y.sin()[:, None].expand(h, w, quarter), y.cos()[:, None].expand(h, w, quarter),
-                     x.sin()[None].expand(h, w, quarter), x.cos()[None].expand(h, w, quarter)], dim=-1)
-    return pos.reshape(h * w, dim).to(dtype or torch.float32)
+    freq = 1.0 / (10000 ** (torch.arange(quarter, device=points_N2.device, dtype=torch.float32) / quarter))
+    x = points_N2[..., 0:1].float() * 2 * math.pi * freq
+    y = points_N2[..., 1:2].float() * 2 * math.pi * freq
+    return torch.cat([y.sin(), y.cos(), x.sin(), x.cos()], dim=-1)
+
+
+@dataclass
+class DecoderInputs:
+    """What the pixel decoder hands to the query decoder and the task heads."""
+
+    pixel_BDhw: torch.Tensor  # per-pixel features at the finest stride
+    memory_BMD: torch.Tensor  # every level flattened, fine to coarse
+    memory_pos_BMD: torch.Tensor  # sine position + nothing learned (level embedding is in memory)
+    centres_M2: torch.Tensor  # normalised (x, y) centre of each memory token
+    strides_M: torch.Tensor  # stride (input pixels) of each memory token's level
+    shapes: list[tuple[int, int]]  # (h, w) of each level
 
 
 class PixelDecoder(nn.Module):
     """FPN-style top-down fusion of maps ordered fine to coarse.
 
-    ``forward(maps)`` returns ``pixel_BDhw`` (finest stride), ``memory_BMD`` and ``memory_pos_BMD``
-    (every level flattened, with a learned level embedding and a sine position embedding).
+    ``forward(maps, stem_maps)`` returns :class:`DecoderInputs`. With ``stem_channels`` (the conv
+    stem's stage widths), the stem's map at the finest level's stride is added to it through a
+    1x1 convolution: backbone maps at strides below the patch size are only resampled tokens,
+    the stem's map carries real high-resolution detail. ``pixel_stride`` half the finest stride
+    gives per-pixel features at twice the resolution (the stem's map at that stride added).
     """
 
-    def __init__(self, in_dim: int, dim: int = 128, num_levels: int = 4) -> None:
+    def __init__(self, in_dim: int, dim: int = 128, num_levels: int = 4, stem_channels: Sequence[int] = (),
+                 finest_stride: int = 4, pixel_stride: int | None = None) -> None:
         super().__init__()
         self.dim = dim
+        # Optional finer pixel features: upsample the fused map and add the stem's map at that
+        # stride (1x1 projection), e.g. stride 2 for thin structures in small images.
+        pixel_stride = pixel_stride or finest_stride
+        if pixel_stride not in (finest_stride, finest_stride // 2):
+            raise ValueError(f"decoder.pixel_stride={pixel_stride}; expected {finest_stride} or {finest_stride // 2}")
+        fine_stage = int(math.log2(pixel_stride)) - 1
+        if pixel_stride != finest_stride and not 0 <= fine_stage < len(stem_channels):
+            raise ValueError(f"decoder.pixel_stride={pixel_stride} needs the conv stem's stride-{pixel_stride} map "
+                             "(model.stem=conv and decoder.stem_skip=true)")
+        self.fine_stage = fine_stage if pixel_stride != finest_stride else None
+        self.fine_lateral = nn.Conv2d(stem_channels[fine_stage], dim, 1) if self.fine_stage is not None else None
         self.lateral = nn.ModuleList(nn.Conv2d(in_dim, dim, 1) for _ in range(num_levels))
         self.memory_proj = nn.ModuleList(nn.Conv2d(in_dim, dim, 1) for _ in range(num_levels))
+        # Stem stage i has stride 2^(i+1); use the one at the finest level's stride, if any.
+        stage = int(math.log2(finest_stride)) - 1
+        self.stem_stage = stage if 0 <= stage < len(stem_channels) else None
+        self.stem_lateral = nn.Conv2d(stem_channels[stage], dim, 1) if self.stem_stage is not None else None
         self.output = nn.Sequential(nn.Conv2d(dim, dim, 3, padding=1), nn.GroupNorm(8, dim), nn.GELU(),
                                     nn.Conv2d(dim, dim, 1))
         self.level_embed = nn.Parameter(torch.zeros(num_levels, dim))
         nn.init.normal_(self.level_embed, std=0.02)
 
-    def forward(self, maps: Sequence[torch.Tensor]):
+    def forward(self, maps: Sequence[torch.Tensor], stem_maps: Sequence[torch.Tensor] = (),
+                image_size: tuple[int, int] | None = None) -> DecoderInputs:
         if len(maps) != len(self.lateral):
             raise ValueError(f"pixel decoder built for {len(self.lateral)} levels, got {len(maps)} maps")
         lat = [proj(m) for proj, m in zip(self.lateral, maps)]
+        if self.stem_lateral is not None and len(stem_maps) > self.stem_stage:
+            lat[0] = lat[0] + self.stem_lateral(stem_maps[self.stem_stage])
         x = lat[-1]
         for m in reversed(lat[:-1]):
             x = m + F.interpolate(x, size=m.shape[-2:], mode="bilinear", align_corners=False)
         pixel_BDhw = self.output(x)
-        memory, pos = [], []
+        if self.fine_lateral is not None:
+            fine = stem_maps[self.fine_stage]
+            pixel_BDhw = self.fine_lateral(fine) + F.interpolate(pixel_BDhw, size=fine.shape[-2:], mode="bilinear",
+                                                                 align_corners=False)
+        memory, pos, centres, strides, shapes = [], [], [], [], []
+        img_h = image_size[0] if image_size else maps[0].shape[-2] * 4
         for i, (proj, m) in enumerate(zip(self.memory_proj, maps)):
             h, w = m.shape[-2:]
             memory.append(proj(m).flatten(2).transpose(1, 2) + self.level_embed[i])
             pos.append(sine_position_embedding(h, w, self.dim, m.device, m.dtype).expand(m.shape[0], -1, -1))
-        return pixel_BDhw, torch.cat(memory, 1), torch.cat(pos, 1)
+            ys = (torch.arange(h, device=m.device, dtype=torch.float32) + 0.5) / h
+            xs = (torch.arange(w, device=m.device, dtype=torch.float32) + 0.5) / w
+            centres.append(torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1).reshape(h * w, 2))
+            strides.append(torch.full((h * w,), img_h / h, device=m.device))
+            shapes.append((h, w))
+        return DecoderInputs(pixel_BDhw, torch.cat(memory, 1), torch.cat(pos, 1), torch.cat(centres),
+                             torch.cat(strides), shapes)

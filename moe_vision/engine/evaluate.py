@@ -13,6 +13,30 @@ from ..moe import ExpertUsage
 from ..tasks import GeneralistModel
 
 
+class SubsetView:
+    """``indices`` of a dataset, forwarding every other attribute (ann_file, classes, ...) to it."""
+
+    def __init__(self, dataset, indices: list[int]) -> None:
+        self.dataset, self.indices = dataset, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        return self.dataset[self.indices[i]]
+
+    def __getattr__(self, name: str):
+        return getattr(self.__dict__["dataset"], name)
+
+
+def fixed_subset(dataset, n: int, seed: int = 0):
+    """A fixed random subset of ``n`` items (the whole dataset when ``n`` is 0 or larger)."""
+    if not n or n >= len(dataset):
+        return dataset
+    g = torch.Generator().manual_seed(seed)
+    return SubsetView(dataset, sorted(torch.randperm(len(dataset), generator=g)[:n].tolist()))
+
+
 def iterate_batches(dataset, batch_size: int, max_batches: int | None = None):
     """``(images, targets)`` batches over ``dataset`` in order, at most ``max_batches`` of them."""
     n = len(dataset)

@@ -11,6 +11,7 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
+from torch.profiler import record_function
 from tqdm import tqdm
 
 from ..data import InfiniteBatches, TaskSampler, collate
@@ -20,7 +21,7 @@ from ..moe import ExpertUsage
 from . import report
 from .builders import build_dataset, build_generalist, check_num_classes, resolve_device, run_dir_of
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .evaluate import chance_metrics, evaluate
+from .evaluate import chance_metrics, evaluate, fixed_subset
 from .optim import LossWeighting, build_optimizer, cosine_with_warmup
 
 
@@ -49,6 +50,22 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     raise ValueError(f"train.precision={precision!r}; expected auto, fp32 or bf16")
 
 
+def check_train_config(cfg: Mapping[str, Any]) -> None:
+    """One clear error for values that would train nothing or nonsense."""
+    t = cfg["train"]
+    for key in ("steps", "lr"):
+        if not float(t[key]) > 0:
+            raise ValueError(f"train.{key}={t[key]} must be positive")
+    for key in ("warmup_steps", "weight_decay", "grad_clip"):
+        if float(t.get(key) or 0) < 0:
+            raise ValueError(f"train.{key}={t[key]} must be >= 0")
+    for task, tc in cfg["tasks"].items():
+        if not int(tc.get("batch_size", 0)) > 0:
+            raise ValueError(f"tasks.{task}.batch_size={tc.get('batch_size')} must be a positive integer")
+    if int(cfg["eval"].get("batch_size", 1)) <= 0:
+        raise ValueError(f"eval.batch_size={cfg['eval']['batch_size']} must be a positive integer")
+
+
 class Trainer:
     """Owns one run: ``Trainer(cfg).fit()`` trains, evaluates and writes the run directory.
 
@@ -57,6 +74,7 @@ class Trainer:
     """
 
     def __init__(self, cfg: Mapping[str, Any], model: torch.nn.Module | None = None) -> None:
+        check_train_config(cfg)
         self.cfg = cfg
         self.tcfg = cfg["train"]
         self.run_dir = run_dir_of(cfg)
@@ -79,6 +97,9 @@ class Trainer:
             if names and "class_names" not in self.model.spec(t).options:
                 # Stored in the checkpoint's config, so bundles and predict.py can name classes.
                 self.model.spec(t).options["class_names"] = list(names)
+        # Periodic validation runs on a fixed random subset (the val splits may be sorted by class).
+        n_periodic = int(cfg["eval"].get("periodic_images") or 0)
+        self.periodic_sets = {t: fixed_subset(d, n_periodic, int(cfg["seed"])) for t, d in self.val_sets.items()}
         sampling = self.tcfg["sampling"]
         self.sampler = TaskSampler({t: len(d) for t, d in self.train_sets.items()}, sampling["strategy"],
                                    float(sampling.get("temperature", 2.0)), int(cfg["seed"]),
@@ -131,11 +152,15 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         routing, total, logs = [], 0.0, {}
         for task in tasks:
-            images, targets = next(self.iters[task])
+            # Named phases show up in torch.profiler traces (tools/profile_step.py).
+            with record_function(f"data/{task}"):
+                images, targets = next(self.iters[task])
             with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                                 enabled=self.amp_dtype is not None):
-                out, r = self.model(images.to(self.device), task, return_routing=True)
-                losses = self.model.spec(task).total_loss(out, targets)
+                with record_function(f"forward/{task}"):
+                    out, r = self.model(images.to(self.device), task, return_routing=True, targets=targets)
+                with record_function(f"loss/{task}"):
+                    losses = self.model.spec(task).total_loss(out, targets)
             routing += r
             total = total + self.weighting(task, losses["loss"])
             logs[task] = {k: float(v.detach()) for k, v in losses.items()}
@@ -144,11 +169,13 @@ class Trainer:
         if not torch.isfinite(loss):
             raise FloatingPointError(f"step {self.step}: loss is {float(loss)} (tasks {tasks}); "
                                      "lower train.lr or enable train.grad_clip")
-        loss.backward()
-        clip = float(self.tcfg.get("grad_clip", 0.0))
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip) if clip > 0 else None
-        self.optimizer.step()
-        self.scheduler.step()
+        with record_function("backward"):
+            loss.backward()
+        with record_function("optimizer"):
+            clip = float(self.tcfg.get("grad_clip", 0.0))
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip) if clip > 0 else None
+            self.optimizer.step()
+            self.scheduler.step()
         self.step += 1
         rec = {"step": self.step, "tasks": tasks, "loss": float(loss.detach()), "task_losses": logs,
                "aux": aux.as_floats(), "lr": self.scheduler.get_last_lr()[0],
@@ -190,15 +217,7 @@ class Trainer:
                                         f" mi={rec['aux']['mutual_information']:.3f} lb={rec['aux']['load_balance']:.2f}"
                                         f" task={','.join(rec['tasks'])}")
                 if eval_every and self.step % eval_every == 0 and self.step < steps:
-                    m = evaluate(self.model, self.val_sets, int(self.cfg["eval"]["batch_size"]),
-                                 self.cfg["eval"].get("max_batches"), self.device, progress=False,
-                                 autocast_dtype=self.amp_dtype)
-                    for task, ms in m.items():
-                        for k, v in ms.items():
-                            writer.add_scalar(f"val/{task}/{k}", v, self.step)
-                    tqdm.write(f"step {self.step}: " + "  ".join(
-                        f"{t} {self.model.spec(t).primary_metric}={ms[self.model.spec(t).primary_metric]:.4f}"
-                        for t, ms in m.items()))
+                    self.periodic_validation(writer)
                 if ckpt_every and self.step % ckpt_every == 0 and self.step < steps:
                     self.save()
         bar.close()
@@ -210,6 +229,32 @@ class Trainer:
         writer.close()
         return results
 
+    def periodic_validation(self, writer) -> dict:
+        """Metrics on the fixed validation subsets, logged to TensorBoard and ``val_log.jsonl``."""
+        m = evaluate(self.model, self.periodic_sets, int(self.cfg["eval"]["batch_size"]), None, self.device,
+                     progress=False, autocast_dtype=self.amp_dtype)
+        self._log_validation(m, subset=True)
+        for task, ms in m.items():
+            for k, v in ms.items():
+                writer.add_scalar(f"val/{task}/{k}", v, self.step)
+        tqdm.write(f"step {self.step}: " + "  ".join(
+            f"{t} {self.model.spec(t).primary_metric}={ms[self.model.spec(t).primary_metric]:.4f}"
+            for t, ms in m.items()))
+        return m
+
+    def _log_validation(self, metrics: dict, subset: bool) -> None:
+        with open(self.run_dir / "val_log.jsonl", "a") as f:
+            f.write(json.dumps({"step": self.step, "subset": subset, "metrics": metrics}) + "\n")
+
+    def write_pictures(self) -> None:
+        """``curves.png`` from the run's logs and ``predictions.png`` on validation images."""
+        from .visualize import plot_curves, plot_predictions
+        read = (lambda name: [json.loads(line) for line in (self.run_dir / name).read_text().splitlines()]
+                if (self.run_dir / name).is_file() else [])
+        plot_curves(read("train_log.jsonl"), read("val_log.jsonl"),
+                    {t: self.model.spec(t).primary_metric for t in self.tasks}, self.run_dir / "curves.png")
+        plot_predictions(self.model, self.val_sets, self.run_dir / "predictions.png", device=self.device)
+
     def final_evaluation(self) -> dict:
         usage = ExpertUsage(self.model.backbone.moe_layers(), self.tasks)
         metrics = evaluate(self.model, self.val_sets, int(self.cfg["eval"]["batch_size"]),
@@ -217,4 +262,6 @@ class Trainer:
                            autocast_dtype=self.amp_dtype)
         chance = chance_metrics(self.model, self.val_sets)
         report.write_run_reports(self.run_dir, metrics, chance, usage)
+        self._log_validation(metrics, subset=False)
+        self.write_pictures()
         return {"metrics": metrics, "chance": chance, "usage": usage}

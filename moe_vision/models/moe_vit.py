@@ -76,27 +76,45 @@ class MoEBlock(nn.Module):
 
 class ConvStem(nn.Module):
     """Convolutional stem (Xiao et al. 2021, "Early convolutions help transformers see better"):
-    log2(patch_size) 3x3 stride-2 convolutions then a 1x1 projection, in place of the single
+    log2(patch_size) stages, each a 3x3 stride-2 convolution followed by ``depth - 1`` 3x3
+    stride-1 convolutions (BatchNorm + ReLU), then a 1x1 projection, in place of the single
     patchifying convolution; ViTs trained from scratch on little data optimise much faster with it.
-    Output ``[B, gh, gw, D]`` like timm's ``PatchEmbed(output_fmt="NHWC")``."""
+    Stage i has ``width >> (stages - 1 - i)`` channels (``width`` defaults to ``embed_dim``).
+    Output ``[B, gh, gw, D]`` like timm's ``PatchEmbed(output_fmt="NHWC")``; with
+    ``return_stages`` also each stage's map ``[B, C_i, H / 2^(i+1), W / 2^(i+1)]`` (fine to coarse),
+    which dense heads use as high-resolution detail."""
 
-    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int) -> None:
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int, depth: int = 1,
+                 width: int | None = None) -> None:
         super().__init__()
         n = int(math.log2(patch_size))
         if 2 ** n != patch_size:
             raise ValueError(f"stem='conv' needs a power-of-two patch_size, got {patch_size}")
-        layers, c_in = [], in_chans
+        if depth < 1:
+            raise ValueError(f"stem_depth must be >= 1, got {depth}")
+        width = width or embed_dim
+        layers, c_in, self.stage_ends, self.stage_channels = [], in_chans, [], []
         for i in range(n):
-            c_out = max(16, embed_dim >> (n - 1 - i))
-            layers += [nn.Conv2d(c_in, c_out, 3, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+            c_out = max(16, width >> (n - 1 - i))
+            for j in range(depth):
+                layers += [nn.Conv2d(c_in if j == 0 else c_out, c_out, 3, 2 if j == 0 else 1, 1, bias=False),
+                           nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
             c_in = c_out
+            self.stage_ends.append(len(layers) - 1)
+            self.stage_channels.append(c_out)
         layers.append(nn.Conv2d(c_in, embed_dim, 1))
         self.stem = nn.Sequential(*layers)
         self.grid_size = (img_size // patch_size, img_size // patch_size)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.stem(x).permute(0, 2, 3, 1)
+    def forward(self, x: torch.Tensor, return_stages: bool = False):
+        stages = []
+        for i, layer in enumerate(self.stem):
+            x = layer(x)
+            if return_stages and i in self.stage_ends:
+                stages.append(x)
+        x = x.permute(0, 2, 3, 1)
+        return (x, stages) if return_stages else x
 
 
 class MoEViT(nn.Module):
@@ -110,6 +128,10 @@ class MoEViT(nn.Module):
         moe: a :class:`MoEConfig` or a dict of its fields.
         stem: ``"patch"`` (timm's patch embedding; needed for upcycling timm checkpoints) or
             ``"conv"`` (:class:`ConvStem`).
+        stem_depth, stem_width: convolutions per stage and width of the conv stem.
+        multiscale: how :meth:`forward_multiscale` builds its maps: ``"spread"`` (one map per scale
+            from evenly spaced blocks, shallow to deep) or ``"last"`` (every scale from the last
+            block, as ViTDet's simple feature pyramid).
     """
 
     def __init__(
@@ -127,6 +149,9 @@ class MoEViT(nn.Module):
         init_values: float | None = None,
         moe: MoEConfig | dict | None = None,
         stem: str = "patch",
+        stem_depth: int = 1,
+        stem_width: int | None = None,
+        multiscale: str = "spread",
     ) -> None:
         super().__init__()
         tasks = list(tasks)
@@ -139,7 +164,11 @@ class MoEViT(nn.Module):
         self.config = dict(tasks=tasks, img_size=img_size, patch_size=patch_size, in_chans=in_chans,
                            embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
                            qkv_bias=qkv_bias, drop_path_rate=drop_path_rate, init_values=init_values,
-                           moe=moe_cfg.to_dict(), stem=stem)
+                           moe=moe_cfg.to_dict(), stem=stem, stem_depth=stem_depth, stem_width=stem_width,
+                           multiscale=multiscale)
+        if multiscale not in ("spread", "last"):
+            raise ValueError(f"multiscale={multiscale!r}; expected 'spread' or 'last'")
+        self.multiscale = multiscale
         self.moe_config = moe_cfg
         self.aux_weights = AuxLossWeights(**moe_cfg.aux_weights)
         self.patch_size, self.embed_dim, self.num_features = patch_size, embed_dim, embed_dim
@@ -148,7 +177,7 @@ class MoEViT(nn.Module):
             self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, flatten=False,
                                           output_fmt="NHWC", strict_img_size=False)
         elif stem == "conv":
-            self.patch_embed = ConvStem(img_size, patch_size, in_chans, embed_dim)
+            self.patch_embed = ConvStem(img_size, patch_size, in_chans, embed_dim, stem_depth, stem_width)
         else:
             raise ValueError(f"stem={stem!r}; expected 'patch' (timm's patchifying conv) or 'conv'")
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -186,7 +215,12 @@ class MoEViT(nn.Module):
         return compute_aux_losses(routing, self.aux_weights)
 
     # ----------------------------------------------------------------- forward
-    def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    @property
+    def stem_channels(self) -> list[int]:
+        """Channels of the conv stem's stage maps (stride 2, 4, ...); empty for the patch stem."""
+        return list(getattr(self.patch_embed, "stage_channels", []))
+
+    def _embed(self, x: torch.Tensor, stem_maps: list | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
         if x.ndim != 4:
             raise ValueError(f"expected images [B, C, H, W], got shape {tuple(x.shape)}")
         H, W = x.shape[-2:]
@@ -194,7 +228,11 @@ class MoEViT(nn.Module):
         if H % p or W % p:
             raise ValueError(f"image size {H}x{W} is not divisible by patch size {p}; "
                              f"expected height and width that are multiples of {p}")
-        x = self.patch_embed(x)  # [B, gh, gw, D]
+        if stem_maps is not None and isinstance(self.patch_embed, ConvStem):
+            x, stages = self.patch_embed(x, return_stages=True)  # [B, gh, gw, D]
+            stem_maps.extend(stages)
+        else:
+            x = self.patch_embed(x)
         grid = tuple(x.shape[1:3])
         pos = self.pos_embed
         if grid != tuple(self.patch_embed.grid_size):
@@ -203,9 +241,9 @@ class MoEViT(nn.Module):
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x.flatten(1, 2)], dim=1) + pos
         return x, grid
 
-    def _run(self, x: torch.Tensor, task: str, keep: set[int] = frozenset()):
+    def _run(self, x: torch.Tensor, task: str, keep: set[int] = frozenset(), stem_maps: list | None = None):
         check_task(task, self.tasks)
-        x, grid = self._embed(x)
+        x, grid = self._embed(x, stem_maps)
         x = x + self.task_embed[task]
         routing: list[RoutingOutput] = []
         kept = []
@@ -238,11 +276,12 @@ class MoEViT(nn.Module):
         return sorted({len(self.blocks) - 1 - step * i for i in range(n) if len(self.blocks) - 1 - step * i >= 0})
 
     def forward_intermediates(self, x: torch.Tensor, task: str, indices: int | Sequence[int] | None = None,
-                              norm: bool = False, return_routing: bool = False):
+                              norm: bool = False, return_routing: bool = False, stem_maps: list | None = None):
         """Final tokens and feature maps ``[B, D, gh, gw]`` after the given blocks (timm-style).
 
         ``indices`` is a list of block indices or an int n (the last n blocks); default: 4
-        evenly spaced blocks. Returns ``(tokens, maps)`` or ``(tokens, maps, routing)``.
+        evenly spaced blocks. Returns ``(tokens, maps)`` or ``(tokens, maps, routing)``. A list
+        passed as ``stem_maps`` receives the conv stem's stage maps.
         """
         depth = len(self.blocks)
         if indices is None:
@@ -251,7 +290,7 @@ class MoEViT(nn.Module):
             idx = list(range(depth - indices, depth))
         else:
             idx = sorted(int(i) % depth for i in indices)
-        tokens, kept, (gh, gw), routing = self._run(x, task, set(idx))
+        tokens, kept, (gh, gw), routing = self._run(x, task, set(idx), stem_maps)
         maps = []
         for h in kept:
             h = self.norm(h) if norm else h
@@ -259,12 +298,21 @@ class MoEViT(nn.Module):
         return (tokens, maps, routing) if return_routing else (tokens, maps)
 
     def forward_multiscale(self, x: torch.Tensor, task: str, scales: Sequence[float] = (2.0, 1.0, 0.5, 0.25),
-                           return_routing: bool = False):
-        """Multi-scale feature maps for dense heads, ViTDet-style but parameter-free: one
-        intermediate map per scale (evenly spaced blocks, shallow to deep), resized by that
-        scale; strides are ``patch_size / scale``."""
-        tokens, maps, routing = self.forward_intermediates(x, task, self.default_indices(len(scales)),
-                                                           norm=True, return_routing=True)
+                           return_routing: bool = False, stem_maps: list | None = None):
+        """Multi-scale feature maps for dense heads, ViTDet-style but parameter-free: one map per
+        scale, resized by that scale (strides ``patch_size / scale``), taken from evenly spaced
+        blocks (``multiscale="spread"``) or all from the last block (``"last"``). A list passed as
+        ``stem_maps`` receives the conv stem's stage maps (strides 2, 4, ...)."""
+        depth = len(self.blocks)
+        if self.multiscale == "last":
+            per_scale = [depth - 1] * len(scales)
+        else:  # evenly spaced, deepest for the coarsest scale; shallow models repeat blocks
+            step = max(1, depth // len(scales))
+            per_scale = [max(0, depth - 1 - step * i) for i in reversed(range(len(scales)))]
+        unique = sorted(set(per_scale))
+        tokens, maps, routing = self.forward_intermediates(x, task, unique, norm=True, return_routing=True,
+                                                           stem_maps=stem_maps)
+        maps = [maps[unique.index(i)] for i in per_scale]
         out = []
         for m, s in zip(maps, scales):
             if s > 1:

@@ -5,7 +5,8 @@ Legend: E experts in the full layer, E' kept experts, D dim.
 Kept: every shared parameter (embeddings, attention, norms, the GLID decoder and queries), the
 kept experts of each MoE layer (stacked weights sliced along E), this task's router rows for
 those experts, its task embedding and its head. Dropped: other experts, other tasks' routers,
-task embeddings and heads.
+task embeddings and heads, and the head's training-only parameters (detection's denoising label
+embedding).
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def extract_task(model: GeneralistModel, task: str, kept: dict[str, list[int]]) 
     if missing:
         raise ValueError(f"no kept experts given for MoE layer(s) {missing}")
     cfg = copy.deepcopy(model.config)
-    cfg["tasks"] = {task: cfg["tasks"][task]}
+    cfg["tasks"] = {task: model.spec(task).inference_config()}  # training-only parts (denoising) dropped
     cfg["backbone"]["tasks"] = [task]
     cfg["backbone"]["moe"]["layer_num_experts"] = {layer: len(kept[layer]) for layer in layers}
     cfg["backbone"]["moe"]["added_experts"] = []  # every kept expert lands in one group
@@ -63,6 +64,8 @@ def extract_task(model: GeneralistModel, task: str, kept: dict[str, list[int]]) 
         if key.startswith("backbone.task_embed.") and key != f"backbone.task_embed.{task}":
             continue
         if key.startswith("heads.") and not key.startswith(f"heads.{task}."):
+            continue
+        if any(key.startswith(f"heads.{task}.{name}.") for name in model.spec(task).training_only):
             continue
         if layer is not None and (router or _EXPERT_PARAM.search(key)):
             value = value[torch.tensor(kept[layer], dtype=torch.long)]

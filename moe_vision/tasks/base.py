@@ -5,7 +5,10 @@ a loss, a postprocess (outputs -> predictions in image coordinates) and an evalu
 accumulates predictions over a dataset and returns standard metrics.
 
 Shared inputs every head receives: ``queries_BQD`` (query decoder answers) and ``pixel_BDhw``
-(pixel decoder features at the finest stride).
+(pixel decoder features at the finest stride). :meth:`Task.forward` decides how the task's head
+reads the shared decoder: by default the shared learned queries go through the decoder and the
+head reads the answers; a task may place the queries itself (class-wise segmentation picks one
+query per class, detection gives queries reference boxes).
 """
 from __future__ import annotations
 
@@ -38,6 +41,8 @@ class Task:
     type_name: str = ""
     primary_metric: str = ""
     loss_defaults: dict[str, float] = {}  # loss term -> default weight (overridden by ``loss_weights``)
+    uses_deep_supervision = False  # read every decoder layer while training (DETR's auxiliary losses)
+    training_only: tuple[str, ...] = ()  # head parameters used only while training (dropped from bundles)
 
     def __init__(self, name: str, num_classes: int = 0, loss_weights: dict | None = None, **options: Any) -> None:
         self.name, self.num_classes = name, int(num_classes)
@@ -53,8 +58,36 @@ class Task:
         return {"type": self.type_name, "num_classes": self.num_classes, "loss_weights": self.loss_weights,
                 **self.options}
 
+    def inference_config(self) -> dict:
+        """The config of this task without training-only parts (what a bundle stores)."""
+        return self.config()
+
     def build_head(self, dim: int) -> nn.Module:
         raise NotImplementedError
+
+    def check_decoder(self, num_queries: int) -> None:
+        """Raise a clear error if the shared decoder cannot serve this task."""
+
+    def decoder_queries(self, decoder, batch_size: int):
+        """The :class:`~moe_vision.decoder.Queries` this task asks the decoder (None: the shared
+        learned queries as they are)."""
+        return None
+
+    def forward(self, head: nn.Module, decoder, feats, image_size: tuple[int, int], deep_supervision: bool = False,
+                targets: list[dict] | None = None) -> dict[str, Any]:
+        """The head's outputs on the shared decoder's answers (``feats``: the pixel decoder's
+        :class:`~moe_vision.decoder.DecoderInputs`). With ``deep_supervision`` (training), also
+        ``aux_outputs``: the same head on every earlier decoder layer. ``targets`` are given while
+        training for tasks that build training-only queries from them."""
+        queries = self.decoder_queries(decoder, feats.memory_BMD.shape[0])
+        every = deep_supervision and self.uses_deep_supervision
+        answers = decoder(feats.memory_BMD, feats.memory_pos_BMD, return_all=every, queries=queries,
+                          centres_M2=feats.centres_M2)
+        layers = answers if every else [answers]
+        out = self.head_forward(head, layers[-1], feats.pixel_BDhw, image_size)
+        if every:
+            out["aux_outputs"] = [self.head_forward(head, q, feats.pixel_BDhw, image_size) for q in layers[:-1]]
+        return out
 
     def head_forward(self, head: nn.Module, queries_BQD: torch.Tensor, pixel_BDhw: torch.Tensor,
                      image_size: tuple[int, int]) -> dict[str, torch.Tensor]:

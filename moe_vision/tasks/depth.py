@@ -36,6 +36,10 @@ class DepthTask(Task):
     def build_head(self, dim: int) -> nn.Module:
         return nn.Linear(dim, 1)
 
+    def forward(self, head, decoder, feats, image_size, deep_supervision=False, targets=None):
+        # Depth reads the pixel features only: no need to run the query decoder.
+        return self.head_forward(head, None, feats.pixel_BDhw, image_size)
+
     def head_forward(self, head, queries_BQD, pixel_BDhw, image_size):
         log_depth = head(pixel_BDhw.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         log_depth = F.interpolate(log_depth, size=image_size, mode="bilinear", align_corners=False)

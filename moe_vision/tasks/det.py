@@ -1,37 +1,163 @@
-"""Detection, DETR-style on the shared queries: class linear (+ no-object) and box linear
-(normalised cxcywh); Hungarian matching; classification + L1 + generalised IoU loss; COCO mAP by
-pycocotools.
+"""Detection on the shared GLID decoder, built to converge in a few epochs from scratch.
 
-Legend: B batch, Q queries, C classes, N ground-truth boxes of one image.
+The task's parameters are two linear layers: ``class_linear`` (sigmoid score per class, no
+"no object" class) and ``box_linear`` (offsets of a normalised cxcywh box, in logit space, from a
+reference box). They are applied to three kinds of features:
+
+1. every memory token (dense, two-stage): the box is relative to an anchor at the token's
+   centre; trained with a one-to-many assignment (a token whose centre lies in a ground-truth
+   box, near its centre, predicts it; the smallest such box wins), matching-free;
+2. the decoder's queries: the ``num_queries`` best tokens become the reference boxes of the
+   shared queries (mixed query selection, DINO); every decoder layer refines the boxes through
+   the same ``box_linear`` (iterative refinement); trained one-to-one with Hungarian matching on
+   every layer, so inference needs no NMS;
+3. while training only, denoising queries (DN-DETR / DINO): noised ground-truth boxes with label
+   embeddings as content, which must reconstruct their box and class; an attention mask keeps
+   the matching queries from seeing them. The label embedding (``dn_label_embed``) is the only
+   training-only parameter; bundles drop it.
+
+Classification uses the varifocal loss (IoU-aware targets: a positive's target score is the IoU
+of its box with the ground truth) so that scores rank boxes by localisation quality.
+
+Legend: B batch, Q queries, M memory tokens, C classes, N ground-truth boxes, G denoising groups.
 """
 from __future__ import annotations
 
 import contextlib
 import io
 import json
+import math
+import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 import torch.nn.functional as F
-from torchvision.ops import box_convert, generalized_box_iou
+from torch.profiler import record_function
+from torchvision.ops import batched_nms, box_convert, box_iou, generalized_box_iou
 
+from ..decoder import Queries
 from .base import Evaluator, Task, register_task
-from .matching import hungarian_match, matched_cross_entropy
+from .matching import hungarian_match
+
+INFERENCE_MODES = ("queries", "queries_nms", "dense_nms")
+
+
+def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    x = x.clamp(eps, 1 - eps)
+    return torch.log(x / (1 - x))
 
 
 class DetHead(nn.Module):
-    def __init__(self, dim: int, num_classes: int) -> None:
+    """The task's topmost linear layers (+ the training-only denoising label embedding)."""
+
+    def __init__(self, dim: int, num_classes: int, denoising: bool = False) -> None:
         super().__init__()
-        self.class_linear = nn.Linear(dim, num_classes + 1)
+        self.class_linear = nn.Linear(dim, num_classes)
         self.box_linear = nn.Linear(dim, 4)
+        # Focal-loss prior: every class starts at probability 0.01, so the many negatives do not
+        # swamp the first steps; the box starts exactly at its reference.
+        nn.init.constant_(self.class_linear.bias, -math.log(99.0))
+        nn.init.zeros_(self.box_linear.weight)
+        nn.init.zeros_(self.box_linear.bias)
+        self.dn_label_embed = nn.Embedding(num_classes, dim) if denoising else None
+
+    def boxes(self, features: torch.Tensor, reference_4: torch.Tensor) -> torch.Tensor:
+        """Normalised cxcywh boxes: ``reference`` moved by ``box_linear`` in logit space."""
+        return (self.box_linear(features).float() + inverse_sigmoid(reference_4.float())).sigmoid()
 
 
 def _normalised_cxcywh(target: dict, image_size: tuple[int, int]) -> torch.Tensor:
     h, w = image_size
-    boxes = torch.as_tensor(target["boxes"]).float()
+    boxes = torch.as_tensor(target["boxes"]).float().reshape(-1, 4)
     scale = boxes.new_tensor([w, h, w, h])
     return box_convert(boxes / scale, "xyxy", "cxcywh")
+
+
+def _xyxy(b: torch.Tensor) -> torch.Tensor:
+    return box_convert(b, "cxcywh", "xyxy")
+
+
+def varifocal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 0.75, gamma: float = 2.0) -> torch.Tensor:
+    """Summed varifocal loss (VarifocalNet): positives (target q > 0) weighted by q, negatives by
+    ``alpha * p^gamma``; targets are IoU-aware scores in [0, 1]."""
+    p = logits.sigmoid()
+    weight = torch.where(target > 0, target, alpha * p.detach().pow(gamma))
+    return (F.binary_cross_entropy_with_logits(logits, target, reduction="none") * weight).sum()
+
+
+def focal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0) -> torch.Tensor:
+    """Summed sigmoid focal loss (RetinaNet) with binary targets."""
+    p = logits.sigmoid()
+    ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    p_t = p * target + (1 - p) * (1 - target)
+    a_t = alpha * target + (1 - alpha) * (1 - target)
+    return (a_t * ce * (1 - p_t) ** gamma).sum()
+
+
+def box_losses(pred_N4: torch.Tensor, gt_N4: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed L1 and (1 - GIoU) between matched normalised cxcywh boxes."""
+    if len(pred_N4) == 0:
+        zero = pred_N4.sum() * 0
+        return zero, zero
+    giou = torch.diag(generalized_box_iou(_xyxy(pred_N4), _xyxy(gt_N4)))
+    return F.l1_loss(pred_N4, gt_N4, reduction="sum"), (1 - giou).sum()
+
+
+def paired_iou(a_N4: torch.Tensor, b_N4: torch.Tensor) -> torch.Tensor:
+    """IoU of each box in ``a`` with the box at the same index in ``b`` (cxcywh)."""
+    if len(a_N4) == 0:
+        return a_N4.new_zeros(0)
+    return torch.diag(box_iou(_xyxy(a_N4), _xyxy(b_N4)))
+
+
+@torch.no_grad()
+@record_function("matching/dense_assign")
+def assign_tokens(centres_M2: torch.Tensor, strides_M: torch.Tensor, gt_N4: torch.Tensor, image_size: tuple[int, int],
+                  radius: float = 1.5) -> torch.Tensor:
+    """One-to-many assignment of memory tokens to ground-truth boxes ``[M]`` (-1 = background).
+
+    A token is a candidate for a box when its centre lies inside the box and, with ``radius`` > 0,
+    within ``radius`` strides of the box centre (FCOS centre sampling). A token with several
+    candidate boxes takes the smallest. A box that no token's centre falls into gets the token nearest its centre, so
+    every object has at least one positive.
+    """
+    M, N = len(centres_M2), len(gt_N4)
+    assigned = torch.full((M,), -1, dtype=torch.long, device=centres_M2.device)
+    if N == 0:
+        return assigned
+    h, w = image_size
+    x0y0, x1y1 = _xyxy(gt_N4)[:, :2], _xyxy(gt_N4)[:, 2:]
+    c = centres_M2[:, None, :]  # [M, 1, 2]
+    inside = ((c > x0y0[None]) & (c < x1y1[None])).all(-1)  # [M, N]
+    if radius > 0:
+        reach = radius * strides_M[:, None, None] / centres_M2.new_tensor([w, h])  # [M, 1, 2]
+        inside &= ((c - gt_N4[None, :, :2]).abs() < reach).all(-1)
+    area = (gt_N4[:, 2] * gt_N4[:, 3])[None].expand(M, N)
+    area = torch.where(inside, area, torch.full_like(area, float("inf")))
+    best_area, best = area.min(1)
+    assigned[torch.isfinite(best_area)] = best[torch.isfinite(best_area)]
+    missing = torch.bincount(assigned[assigned >= 0], minlength=N) == 0
+    if missing.any():
+        nearest_N = ((centres_M2[:, None] - gt_N4[None, :, :2]) ** 2).sum(-1).argmin(0)
+        assigned[nearest_N[missing]] = torch.arange(N, device=assigned.device)[missing]
+    return assigned
+
+
+def denoising_mask(num_dn: int, groups: int, num_queries: int, device=None) -> torch.Tensor:
+    """Self-attention mask ``[G*n + Q, G*n + Q]``, True where row may attend to column. The
+    ``G`` denoising groups of ``n`` queries come first: each sees itself and the matching
+    queries; the ``Q`` matching queries see only each other (they must not learn from noised
+    ground truth, which inference does not have)."""
+    total = groups * num_dn + num_queries
+    allowed = torch.zeros(total, total, dtype=torch.bool, device=device)
+    dn_end = groups * num_dn
+    allowed[dn_end:, dn_end:] = True
+    for g in range(groups):
+        s = slice(g * num_dn, (g + 1) * num_dn)
+        allowed[s, s] = True
+        allowed[s, dn_end:] = True
+    return allowed
 
 
 class CocoEvaluator(Evaluator):
@@ -74,54 +200,256 @@ class CocoEvaluator(Evaluator):
 
 @register_task
 class DetectionTask(Task):
+    """Options (task config keys): ``dense_radius`` (centre-sampling radius in strides, 0 = the
+    whole box), ``class_loss`` (``varifocal`` | ``focal``), ``denoising_groups`` (0 disables
+    denoising), ``dn_box_noise``, ``dn_label_noise``, ``query_content`` (``learned``: the shared
+    query embeddings, ``token``: the selected tokens' features), ``inference`` (``queries``:
+    one-to-one, no NMS; ``queries_nms``: the same + class-wise NMS; ``dense_nms``: dense token
+    predictions + NMS), ``nms_iou``."""
+
     type_name, primary_metric = "det", "mAP"
-    loss_defaults = {"class": 1.0, "l1": 5.0, "giou": 2.0, "no_object": 0.1}
+    loss_defaults = {"class": 2.0, "l1": 5.0, "giou": 2.0, "dense": 1.0, "denoising": 1.0}
+    training_only = ("dn_label_embed",)
+
+    def opt(self, key: str, default):
+        return self.options.get(key, default)
+
+    @property
+    def dn_groups(self) -> int:
+        return int(self.opt("denoising_groups", 0))
+
+    def inference_config(self) -> dict:
+        return {**self.config(), "denoising_groups": 0}
 
     def build_head(self, dim: int) -> nn.Module:
-        return DetHead(dim, self.num_classes)
+        if self.opt("inference", "queries") not in INFERENCE_MODES:
+            raise ValueError(f"det inference={self.opt('inference', None)!r}; expected one of {list(INFERENCE_MODES)}")
+        if self.opt("class_loss", "varifocal") not in ("varifocal", "focal"):
+            raise ValueError(f"det class_loss={self.opt('class_loss', None)!r}; expected 'varifocal' or 'focal'")
+        return DetHead(dim, self.num_classes, denoising=self.dn_groups > 0)
 
-    def head_forward(self, head, queries_BQD, pixel_BDhw, image_size):
-        return {"logits": head.class_linear(queries_BQD), "boxes": head.box_linear(queries_BQD).sigmoid(),
-                "image_size": image_size}
+    # ------------------------------------------------------------------ forward
+    def anchors(self, feats, image_size) -> torch.Tensor:
+        """A square anchor at each memory token's centre, two strides wide ``[M, 4]``."""
+        side = (2 * feats.strides_M / max(image_size)).clamp(max=0.9)
+        return torch.cat([feats.centres_M2, side[:, None], side[:, None]], -1)
 
-    def match(self, logits_QC, boxes_Q4, target, image_size):
-        labels = target["labels"].to(logits_QC.device)
-        gt = _normalised_cxcywh(target, image_size).to(boxes_Q4.device)
-        prob = logits_QC.float().softmax(-1)
-        cost = (-self.w("class") * prob[:, labels] + self.w("l1") * torch.cdist(boxes_Q4.float(), gt, p=1)
-                - self.w("giou") * generalized_box_iou(box_convert(boxes_Q4.float(), "cxcywh", "xyxy"),
-                                                       box_convert(gt, "cxcywh", "xyxy")))
-        return hungarian_match(cost), labels, gt
+    def forward(self, head, decoder, feats, image_size, deep_supervision=False, targets=None):
+        tokens_BMD = decoder.proposal_norm(feats.memory_BMD)
+        anchors_M4 = self.anchors(feats, image_size)
+        dense_logits = head.class_linear(tokens_BMD)
+        dense_boxes = head.boxes(tokens_BMD, anchors_M4.expand(tokens_BMD.shape[0], -1, -1))
+        B, M, _ = tokens_BMD.shape
+        K = min(decoder.num_queries, M)
+        top_BK = dense_logits.detach().float().amax(-1).topk(K, dim=1).indices
+        reference = dense_boxes.detach().gather(1, top_BK[..., None].expand(-1, -1, 4))
+        if self.opt("query_content", "learned") == "token":
+            content = tokens_BMD.detach().gather(1, top_BK[..., None].expand(-1, -1, tokens_BMD.shape[-1]))
+        else:
+            content = decoder.query_embed[:K].unsqueeze(0).expand(B, -1, -1)
+        mask, dn = None, None
+        if head.training and targets is not None and self.dn_groups > 0:
+            dn = self.denoising_queries(head, targets, image_size, content.device)
+            if dn is not None:
+                content = torch.cat([dn["content"].to(content.dtype), content], 1)
+                reference = torch.cat([dn["reference"], reference], 1)
+                mask = denoising_mask(dn["num"], self.dn_groups, K, content.device)
+        layers = decoder(feats.memory_BMD, feats.memory_pos_BMD, return_all=True,
+                         queries=Queries(content, None, reference, head.boxes, mask), centres_M2=feats.centres_M2)
+        if not (head.training and deep_supervision):
+            layers = layers[-1:]
+        n_dn = 0 if dn is None else self.dn_groups * dn["num"]
+        outs = [{"logits": head.class_linear(a[:, n_dn:]), "boxes": b[:, n_dn:], "image_size": image_size}
+                for a, b in layers]
+        out = outs[-1]
+        out["aux_outputs"] = outs[:-1]
+        out["dense"] = {"logits": dense_logits, "boxes": dense_boxes, "centres": feats.centres_M2,
+                        "strides": feats.strides_M}
+        if dn is not None:
+            out["denoising"] = {**dn, "layers": [{"logits": head.class_linear(a[:, :n_dn]), "boxes": b[:, :n_dn]}
+                                                 for a, b in layers]}
+        return out
+
+    def denoising_queries(self, head, targets, image_size, device):
+        """Noised copies of each image's ground truth, ``G`` groups padded to the batch's
+        largest box count: label embeddings (some labels flipped) as content, jittered boxes as
+        references."""
+        with torch.no_grad():
+            noised = self._noised_ground_truth(targets, image_size, device)
+        if noised is None:
+            return None
+        return {**noised, "content": head.dn_label_embed(noised["noised_labels"])}
+
+    def _noised_ground_truth(self, targets, image_size, device):
+        gts = [_normalised_cxcywh(t, image_size) for t in targets]
+        n = max(len(g) for g in gts)
+        if n == 0:
+            return None
+        B, G = len(targets), self.dn_groups
+        boxes = torch.zeros(B, n, 4, device=device)
+        boxes[..., :2], boxes[..., 2:] = 0.5, 0.1
+        labels = torch.zeros(B, n, dtype=torch.long, device=device)
+        valid = torch.zeros(B, n, dtype=torch.bool, device=device)
+        for b, (g, t) in enumerate(zip(gts, targets)):
+            boxes[b, :len(g)] = g.to(device)
+            labels[b, :len(g)] = torch.as_tensor(t["labels"]).to(device)
+            valid[b, :len(g)] = True
+        boxes, labels, valid = boxes.repeat(1, G, 1), labels.repeat(1, G), valid.repeat(1, G)
+        flip = torch.rand(labels.shape, device=device) < float(self.opt("dn_label_noise", 0.2))
+        noised_labels = torch.where(flip, torch.randint_like(labels, self.num_classes), labels)
+        lam = float(self.opt("dn_box_noise", 0.4))
+        jitter = (torch.rand_like(boxes) * 2 - 1) * lam
+        noised = boxes.clone()
+        noised[..., :2] += jitter[..., :2] * boxes[..., 2:] / 2
+        noised[..., 2:] *= 1 + jitter[..., 2:]
+        noised = noised.clamp(1e-3, 1.0)
+        return {"noised_labels": noised_labels, "reference": noised, "num": n,
+                "gt_boxes": boxes, "gt_labels": labels, "valid": valid}
+
+    # ------------------------------------------------------------------ losses
+    def _class_loss(self, logits, target) -> torch.Tensor:
+        if self.opt("class_loss", "varifocal") == "focal":
+            return focal_loss(logits, (target > 0).to(logits.dtype))
+        return varifocal_loss(logits, target)
+
+    def _score_targets(self, logits, idx, labels, pred_boxes, gt_boxes) -> torch.Tensor:
+        """Classification targets: zeros, and at each positive (``idx`` into the flattened
+        leading dims) its class set to the IoU of its box with the ground truth (varifocal) or 1."""
+        target = torch.zeros_like(logits, dtype=torch.float32)
+        flat = target.view(-1, target.shape[-1])
+        score = paired_iou(pred_boxes.detach(), gt_boxes).clamp(min=0.01) \
+            if self.opt("class_loss", "varifocal") == "varifocal" else torch.ones(len(idx), device=logits.device)
+        flat[idx, labels] = score.to(flat.dtype)
+        return target
+
+    @record_function("matching/det")
+    def match(self, logits_BQC, boxes_BQ4, gts) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Hungarian matching per image: (query indices, ground-truth indices)."""
+        with torch.no_grad():
+            B, Q, _ = logits_BQC.shape
+            labels = torch.cat([lab for lab, _ in gts]).to(logits_BQC.device)
+            gt = torch.cat([g for _, g in gts]).to(logits_BQC.device)
+            if len(gt) == 0:
+                return [(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))] * B
+            # One cost matrix for the whole batch against every image's boxes (DETR's trick), then
+            # one assignment per image on its own columns.
+            p = logits_BQC.float().sigmoid().reshape(B * Q, -1)[:, labels]
+            cost_class = 0.25 * (1 - p) ** 2 * -(p + 1e-8).log() - 0.75 * p ** 2 * -(1 - p + 1e-8).log()
+            boxes = boxes_BQ4.float().reshape(B * Q, 4)
+            cost = (self.w("class") * cost_class + self.w("l1") * torch.cdist(boxes, gt, p=1)
+                    - self.w("giou") * generalized_box_iou(_xyxy(boxes), _xyxy(gt))).reshape(B, Q, -1).cpu()
+            out, start = [], 0
+            for b, (_, g) in enumerate(gts):
+                out.append(hungarian_match(cost[b, :, start:start + len(g)]))
+                start += len(g)
+        return out
+
+    def set_loss(self, out, gts, num_boxes: float) -> dict[str, torch.Tensor]:
+        """One-to-one loss of one decoder layer's predictions."""
+        logits, boxes = out["logits"].float(), out["boxes"].float()
+        matches = self.match(logits, boxes, gts)
+        Q = logits.shape[1]
+        most = max((len(g) for _, g in gts), default=0)
+        if most > Q and not getattr(self, "_warned_queries", False):
+            self._warned_queries = True
+            warnings.warn(f"det: an image has {most} objects, more objects than queries ({Q}); only {Q} can be "
+                          "matched and detected per image: raise decoder.num_queries", stacklevel=2)
+        idx = torch.cat([b * Q + qi.to(logits.device) for b, (qi, _) in enumerate(matches)])
+        labels = torch.cat([gts[b][0][ti] for b, (_, ti) in enumerate(matches)]).to(logits.device)
+        gt = torch.cat([gts[b][1][ti] for b, (_, ti) in enumerate(matches)]).to(logits.device)
+        pred = boxes.reshape(-1, 4)[idx]
+        cls = self._class_loss(logits, self._score_targets(logits, idx, labels, pred, gt)) / num_boxes
+        l1, giou = box_losses(pred, gt)
+        return {"class": cls, "l1": l1 / num_boxes, "giou": giou / num_boxes}
+
+    def dense_loss(self, dense, gts, image_size) -> dict[str, torch.Tensor]:
+        """One-to-many, matching-free loss of every memory token."""
+        logits, boxes = dense["logits"].float(), dense["boxes"].float()
+        B, M, _ = logits.shape
+        radius = float(self.opt("dense_radius", 1.5))
+        idx, labels, gt = [], [], []
+        for b, (lab, g) in enumerate(gts):
+            assigned = assign_tokens(dense["centres"], dense["strides"], g.to(logits.device), image_size, radius)
+            pos = (assigned >= 0).nonzero().squeeze(1)
+            idx.append(b * M + pos)
+            labels.append(lab.to(logits.device)[assigned[pos]])
+            gt.append(g.to(logits.device)[assigned[pos]])
+        idx, labels, gt = torch.cat(idx), torch.cat(labels), torch.cat(gt)
+        num_pos = max(1.0, float(len(idx)))
+        pred = boxes.reshape(-1, 4)[idx]
+        cls = self._class_loss(logits, self._score_targets(logits, idx, labels, pred, gt)) / num_pos
+        l1, giou = box_losses(pred, gt)
+        return {"class": cls, "l1": l1 / num_pos, "giou": giou / num_pos}
+
+    def denoising_loss(self, dn) -> dict[str, torch.Tensor]:
+        """Each denoising query reconstructs the ground truth it was made from (no matching)."""
+        valid = dn["valid"].reshape(-1)
+        idx = valid.nonzero().squeeze(1)
+        n = max(1.0, float(len(idx)))
+        labels, gt = dn["gt_labels"].reshape(-1)[idx], dn["gt_boxes"].reshape(-1, 4)[idx]
+        terms = []
+        for layer in dn["layers"]:
+            logits, boxes = layer["logits"].float(), layer["boxes"].float()
+            pred = boxes.reshape(-1, 4)[idx]
+            cls = self._class_loss(logits, self._score_targets(logits, idx, labels, pred, gt)) / n
+            l1, giou = box_losses(pred, gt)
+            terms.append(self.w("class") * cls + self.w("l1") * l1 / n + self.w("giou") * giou / n)
+        return torch.stack(terms).mean()
+
+    def _weighted(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.w("class") * terms["class"] + self.w("l1") * terms["l1"] + self.w("giou") * terms["giou"]
 
     def loss(self, outputs, targets):
-        logits, boxes, size = outputs["logits"].float(), outputs["boxes"].float(), outputs["image_size"]
-        matched, l1, giou, n_boxes = [], logits.new_zeros(()), logits.new_zeros(()), 0
-        for b, t in enumerate(targets):
-            (qi, ti), labels, gt = self.match(logits[b], boxes[b], t, size)
-            if len(qi) == 0:
-                continue
-            matched.append((b, qi, labels[ti]))
-            pb, gb = boxes[b, qi], gt[ti]
-            l1 = l1 + F.l1_loss(pb, gb, reduction="sum")
-            giou = giou + (1 - torch.diag(generalized_box_iou(box_convert(pb, "cxcywh", "xyxy"),
-                                                              box_convert(gb, "cxcywh", "xyxy")))).sum()
-            n_boxes += len(qi)
-        ce = matched_cross_entropy(logits, matched, self.w("no_object"))
-        n = max(1, n_boxes)
-        l1, giou = l1 / n, giou / n
-        total = self.w("class") * ce + self.w("l1") * l1 + self.w("giou") * giou
-        return {"loss": total, "ce": ce, "l1": l1, "giou": giou}
+        """Loss of the final decoder layer alone (one-to-one)."""
+        size = outputs["image_size"]
+        gts = [(torch.as_tensor(t["labels"]).long(), _normalised_cxcywh(t, size)) for t in targets]
+        num_boxes = max(1.0, float(sum(len(g) for _, g in gts)))
+        terms = self.set_loss(outputs, gts, num_boxes)
+        return {"loss": self._weighted(terms), **terms}
 
+    def total_loss(self, outputs, targets):
+        """Final layer + mean of the earlier layers (deep supervision) + the dense token loss +
+        the denoising loss, each term reported."""
+        size = outputs["image_size"]
+        gts = [(torch.as_tensor(t["labels"]).long(), _normalised_cxcywh(t, size)) for t in targets]
+        num_boxes = max(1.0, float(sum(len(g) for _, g in gts)))
+        terms = self.set_loss(outputs, gts, num_boxes)
+        losses = {"loss": self._weighted(terms), **terms}
+        aux = outputs.get("aux_outputs") or []
+        if aux:
+            losses["aux_layers"] = torch.stack([self._weighted(self.set_loss(o, gts, num_boxes)) for o in aux]).mean()
+            losses["loss"] = losses["loss"] + losses["aux_layers"]
+        if "dense" in outputs and self.w("dense") > 0:
+            losses["dense"] = self._weighted(self.dense_loss(outputs["dense"], gts, size))
+            losses["loss"] = losses["loss"] + self.w("dense") * losses["dense"]
+        if "denoising" in outputs:
+            losses["denoising"] = self.denoising_loss(outputs["denoising"])
+            losses["loss"] = losses["loss"] + self.w("denoising") * losses["denoising"]
+        return losses
+
+    # ------------------------------------------------------------------ inference
     def postprocess(self, outputs, targets, max_detections: int = 100):
-        """Top-scoring (query, class) pairs per image, boxes in original image pixels (XYXY)."""
-        prob = outputs["logits"].float().softmax(-1)[..., :-1]  # [B, Q, C]
-        boxes = box_convert(outputs["boxes"].float(), "cxcywh", "xyxy")
+        """Top-scoring (box, class) pairs per image, boxes in original image pixels (XYXY).
+
+        ``inference=queries``: the decoder's one-to-one predictions, no NMS; ``queries_nms``: the
+        same with class-wise NMS at ``nms_iou`` (removes the duplicates a briefly trained
+        one-to-one decoder still makes); ``dense_nms``: the dense token predictions + NMS."""
+        mode = self.opt("inference", "queries")
+        src = outputs["dense"] if mode == "dense_nms" else outputs
+        prob = src["logits"].float().sigmoid()  # [B, Q, C]
+        boxes = _xyxy(src["boxes"].float()).clamp(0, 1)  # inside the image
+        C = prob.shape[-1]
+        nms = mode != "queries"
         preds = []
         for b, t in enumerate(targets):
             h, w = [int(v) for v in t["orig_size"]]
-            scores, flat = prob[b].flatten().topk(min(max_detections, prob[b].numel()))
-            q, c = flat // prob.shape[-1], flat % prob.shape[-1]
+            k = min(max_detections * (4 if nms else 1), prob[b].numel())
+            scores, flat = prob[b].flatten().topk(k)
+            q, c = flat // C, flat % C
             xyxy = boxes[b, q] * boxes.new_tensor([w, h, w, h])
+            if nms:
+                keep = batched_nms(xyxy, scores, c, float(self.opt("nms_iou", 0.6)))[:max_detections]
+                xyxy, scores, c = xyxy[keep], scores[keep], c[keep]
             preds.append({"boxes": xyxy.detach().cpu(), "scores": scores.detach().cpu(), "labels": c.cpu()})
         return preds
 

@@ -17,7 +17,7 @@ from ..models.checkpoint import register_format
 from .base import Task, build_task
 
 DEFAULT_DECODER = {"dim": 128, "num_queries": 20, "num_layers": 3, "num_heads": 4, "mlp_ratio": 4.0,
-                   "deep_supervision": True}
+                   "deep_supervision": True, "stem_skip": False, "box_prior": 0.0, "pixel_stride": None}
 
 
 class GeneralistModel(nn.Module):
@@ -40,9 +40,14 @@ class GeneralistModel(nn.Module):
             raise ValueError(f"backbone has no router for task(s) {missing}; it knows {self.backbone.tasks}")
         dec = {**DEFAULT_DECODER, **(decoder or {})}
         self.specs: dict[str, Task] = {name: build_task(name, dict(cfg)) for name, cfg in tasks.items()}
-        self.pixel_decoder = PixelDecoder(self.backbone.embed_dim, dec["dim"], num_levels=4)
+        for spec in self.specs.values():
+            spec.check_decoder(dec["num_queries"])
+        self.pixel_decoder = PixelDecoder(self.backbone.embed_dim, dec["dim"], num_levels=4,
+                                          stem_channels=self.backbone.stem_channels if dec["stem_skip"] else (),
+                                          finest_stride=self.backbone.patch_size // 2,
+                                          pixel_stride=dec["pixel_stride"])
         self.decoder = QueryDecoder(dec["dim"], dec["num_queries"], dec["num_layers"], dec["num_heads"],
-                                    dec["mlp_ratio"])
+                                    dec["mlp_ratio"], box_prior=float(dec["box_prior"]))
         self.heads = nn.ModuleDict({name: spec.build_head(dec["dim"]) for name, spec in self.specs.items()})
         self.decoder_config = dec
 
@@ -60,20 +65,19 @@ class GeneralistModel(nn.Module):
             raise KeyError(f"unknown task {task!r}; this model knows tasks {self.tasks}")
         return self.specs[task]
 
-    def forward(self, images: torch.Tensor, task: str, return_routing: bool = False):
+    def forward(self, images: torch.Tensor, task: str, return_routing: bool = False,
+                targets: list[dict] | None = None):
         """The head's outputs for the last decoder layer. While training with deep supervision,
         ``out["aux_outputs"]`` holds the same head applied to every earlier decoder layer (DETR's
-        auxiliary losses; the head is the same linear layer, so nothing task-specific is added)."""
+        auxiliary losses; the head is the same linear layer, so nothing task-specific is added).
+        ``targets`` (training) let a task add training-only queries (detection's denoising)."""
         spec = self.spec(task)
-        maps, routing = self.backbone.forward_multiscale(images, task, return_routing=True)
-        pixel_BDhw, memory_BMD, memory_pos_BMD = self.pixel_decoder(maps)
+        stem_maps: list[torch.Tensor] = []
+        maps, routing = self.backbone.forward_multiscale(images, task, return_routing=True, stem_maps=stem_maps)
         size = tuple(images.shape[-2:])
-        if self.training and self.decoder_config.get("deep_supervision") and spec.type_name in ("det", "seg"):
-            layers = self.decoder(memory_BMD, memory_pos_BMD, return_all=True)
-            out = spec.head_forward(self.heads[task], layers[-1], pixel_BDhw, size)
-            out["aux_outputs"] = [spec.head_forward(self.heads[task], q, pixel_BDhw, size) for q in layers[:-1]]
-        else:
-            out = spec.head_forward(self.heads[task], self.decoder(memory_BMD, memory_pos_BMD), pixel_BDhw, size)
+        feats = self.pixel_decoder(maps, stem_maps, size)
+        deep = self.training and bool(self.decoder_config.get("deep_supervision"))
+        out = spec.forward(self.heads[task], self.decoder, feats, size, deep, targets if self.training else None)
         return (out, routing) if return_routing else out
 
     @torch.no_grad()

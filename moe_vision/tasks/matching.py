@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
+from torch.profiler import record_function
 
 
 @torch.no_grad()
@@ -12,7 +13,8 @@ def hungarian_match(cost_QN: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if cost_QN.shape[1] == 0:
         empty = torch.zeros(0, dtype=torch.long)
         return empty, empty
-    q, t = linear_sum_assignment(cost_QN.detach().float().cpu().numpy())
+    with record_function("matching/hungarian"):
+        q, t = linear_sum_assignment(cost_QN.detach().float().cpu().numpy())
     return torch.as_tensor(q, dtype=torch.long), torch.as_tensor(t, dtype=torch.long)
 
 

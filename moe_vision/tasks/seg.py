@@ -1,7 +1,9 @@
-"""Semantic segmentation as mask classification (MaskFormer) on the shared queries: per-query
-class logits (+ no-object) and a mask embedding dotted with the per-pixel features; matched
-masks trained with binary cross-entropy + dice, classes with cross-entropy; mIoU over the whole
-dataset from a confusion matrix.
+"""Semantic segmentation on the shared queries: a mask embedding (the task's linear layer) of a
+query answer dotted with the per-pixel features gives a mask. Two ways to read classes from the
+queries: class-wise (the default; query c is class c's, per-pixel cross-entropy + dice, no
+matching) or MaskFormer's mask classification (per-query class logits + no-object, Hungarian
+matching, binary cross-entropy + dice on masks). mIoU over the whole dataset from a confusion
+matrix.
 
 Legend: B batch, Q queries, C classes, N classes present in one image, H x W target size.
 """
@@ -11,6 +13,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from ..decoder import Queries
 from .base import Evaluator, Task, register_task
 from .matching import hungarian_match, matched_cross_entropy
 
@@ -18,9 +21,19 @@ IGNORE = 255
 
 
 class SegHead(nn.Module):
+    """MaskFormer head: class linear (+ no-object) and mask-embedding linear."""
+
     def __init__(self, dim: int, num_classes: int) -> None:
         super().__init__()
         self.class_linear = nn.Linear(dim, num_classes + 1)
+        self.mask_linear = nn.Linear(dim, dim)
+
+
+class ClasswiseSegHead(nn.Module):
+    """Class-wise head: the mask-embedding linear only (query c answers for class c)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
         self.mask_linear = nn.Linear(dim, dim)
 
 
@@ -64,22 +77,76 @@ class MIoUEvaluator(Evaluator):
 
 @register_task
 class SegmentationTask(Task):
+    """Options: ``mode`` = ``classwise`` (default: query c of the shared query set answers for
+    class c, its mask embedding dotted with the pixel features gives class c's per-pixel logit;
+    per-pixel cross-entropy + dice, no matching, as Segmenter / MaskFormer's fixed matching; needs
+    ``decoder.num_queries >= num_classes``) or ``maskformer`` (every query predicts a class and a
+    mask; Hungarian matching; BCE + dice on masks, cross-entropy on classes)."""
+
     type_name, primary_metric = "seg", "mIoU"
-    loss_defaults = {"class": 1.0, "bce": 5.0, "dice": 5.0, "no_object": 0.1}
+    loss_defaults = {"class": 1.0, "bce": 5.0, "dice": 5.0, "no_object": 0.1, "ce": 1.0}
+    uses_deep_supervision = True
+
+    @property
+    def mode(self) -> str:
+        return self.options.get("mode", "classwise")
 
     def build_head(self, dim: int) -> nn.Module:
-        return SegHead(dim, self.num_classes)
+        if self.mode not in ("classwise", "maskformer"):
+            raise ValueError(f"seg mode={self.mode!r}; expected 'classwise' or 'maskformer'")
+        return SegHead(dim, self.num_classes) if self.mode == "maskformer" else ClasswiseSegHead(dim)
+
+    def check_decoder(self, num_queries: int) -> None:
+        if self.mode == "classwise" and num_queries < self.num_classes:
+            raise ValueError(f"seg mode=classwise needs one query per class: decoder.num_queries={num_queries} < "
+                             f"num_classes={self.num_classes}; raise decoder.num_queries or use mode=maskformer")
+
+    def decoder_queries(self, decoder, batch_size: int) -> Queries | None:
+        if self.mode != "classwise":
+            return None
+        C = self.num_classes
+        return Queries(decoder.query_embed[:C].unsqueeze(0).expand(batch_size, -1, -1),
+                       decoder.query_pos[:C].unsqueeze(0).expand(batch_size, -1, -1))
 
     def head_forward(self, head, queries_BQD, pixel_BDhw, image_size):
         masks = torch.einsum("bqd,bdhw->bqhw", head.mask_linear(queries_BQD), pixel_BDhw)
+        if self.mode == "classwise":
+            return {"masks": masks}
         return {"logits": head.class_linear(queries_BQD), "masks": masks}
 
     def loss(self, outputs, targets):
+        if self.mode == "classwise":
+            return self.classwise_loss(outputs, targets)
+        return self.maskformer_loss(outputs, targets)
+
+    def classwise_loss(self, outputs, targets):
+        gt = torch.stack([torch.as_tensor(t["mask"]).long() for t in targets]).to(outputs["masks"].device)
+        self.check_labels(gt)
+        logits = F.interpolate(outputs["masks"].float(), size=gt.shape[-2:], mode="bilinear", align_corners=False)
+        ce = F.cross_entropy(logits, gt, ignore_index=IGNORE)
+        valid = (gt != IGNORE).unsqueeze(1)
+        prob = logits.softmax(1) * valid
+        onehot = F.one_hot(gt.clamp(max=self.num_classes - 1) * valid[:, 0], self.num_classes).permute(0, 3, 1, 2)
+        onehot = onehot * valid
+        inter, total = (prob * onehot).sum((2, 3)), prob.sum((2, 3)) + onehot.sum((2, 3))
+        present = onehot.sum((2, 3)) > 0
+        dice = (1 - (2 * inter + 1) / (total + 1))[present].mean() if present.any() else ce * 0
+        return {"loss": self.w("ce") * ce + self.w("dice") * dice, "ce": ce, "dice": dice}
+
+    def check_labels(self, gt: torch.Tensor) -> None:
+        bad = gt[(gt != IGNORE) & ((gt < 0) | (gt >= self.num_classes))]
+        if len(bad):
+            raise ValueError(f"segmentation label {int(bad[0])} is outside [0, num_classes={self.num_classes}) "
+                             f"(and is not the ignore value {IGNORE}); set tasks.<seg>.num_classes to cover every "
+                             "label, or map unknown labels to 255")
+
+    def maskformer_loss(self, outputs, targets):
         logits, masks = outputs["logits"].float(), outputs["masks"].float()
         Q = logits.shape[1]
         matched, bce, dice, n_masks = [], logits.new_zeros(()), logits.new_zeros(()), 0
         for b, t in enumerate(targets):
             gt = torch.as_tensor(t["mask"]).long().to(logits.device)
+            self.check_labels(gt)
             up = F.interpolate(masks[b:b + 1], size=gt.shape, mode="bilinear", align_corners=False)[0]
             valid = (gt != IGNORE).reshape(-1)
             classes = gt[gt != IGNORE].unique()
@@ -106,10 +173,13 @@ class SegmentationTask(Task):
                 "ce": ce, "bce": bce, "dice": dice}
 
     def semantic_probs(self, outputs, size) -> torch.Tensor:
-        """Per-class scores ``[B, C, H, W]``: sum over queries of P(class) x mask probability."""
+        """Per-class scores ``[B, C, H, W]``: class-wise softmax, or (maskformer) the sum over
+        queries of P(class) x mask probability."""
+        masks = F.interpolate(outputs["masks"].float(), size=size, mode="bilinear", align_corners=False)
+        if self.mode == "classwise":
+            return masks.softmax(1)
         prob = outputs["logits"].float().softmax(-1)[..., :-1]
-        masks = F.interpolate(outputs["masks"].float(), size=size, mode="bilinear", align_corners=False).sigmoid()
-        return torch.einsum("bqc,bqhw->bchw", prob, masks)
+        return torch.einsum("bqc,bqhw->bchw", prob, masks.sigmoid())
 
     def postprocess(self, outputs, targets):
         size = tuple(torch.as_tensor(targets[0]["mask"]).shape[-2:])
