@@ -27,13 +27,14 @@ benchmark: $(STAMP)
 	$(PY) tools/benchmark.py --json benchmark.json
 
 # The main job: generate the synthetic benchmark if missing, train the MoE generalist on
-# cls + det + seg, evaluate, print the metrics table (about 10 minutes on 2 CPU cores).
+# cls + det + seg, evaluate, print the metrics table (about 11 minutes on 2 CPU cores).
 demo: $(STAMP)
 	$(PY) tools/make_synthetic.py
 	$(PY) tools/train.py experiment=synthetic output_dir=runs/synthetic-$(STAMP_NOW)
 
 # Dense single-task baselines of the same active compute, and the comparison table
-# against the latest demo run (about 10 minutes in all).
+# against the latest demo run (1200 steps each; at most ~20 minutes in all: 6.5-8 min per
+# task measured with 1 thread on a busy machine).
 baselines: $(STAMP)
 	$(PY) tools/make_synthetic.py
 	for t in cls det seg; do \

@@ -189,3 +189,18 @@ def test_decoder_refines_reference_boxes_layer_by_layer_and_box_prior_biases_att
     assert bias.shape == (2, 16) and float(bias.max()) <= 0
     near = int(((_grid_centres(4) - ref[0, 0, :2]) ** 2).sum(-1).argmin())
     assert int(bias[0].argmax()) == near
+
+
+def test_pixel_decoder_adds_the_stem_map_to_per_pixel_features_only():
+    from moe_vision.decoder import PixelDecoder
+    maps = [torch.randn(2, 24, 16 // 2 ** i, 16 // 2 ** i) for i in range(4)]  # strides 4..32 of a 64 px image
+    stem = [torch.randn(2, 8, 32, 32), torch.randn(2, 12, 16, 16), torch.randn(2, 16, 8, 8)]  # strides 2, 4, 8
+    dec = PixelDecoder(24, 32, stem_channels=(8, 12, 16), finest_stride=4)
+    out = dec(maps, stem, image_size=(64, 64))
+    assert out.pixel_BDhw.shape == (2, 32, 16, 16) and out.memory_BMD.shape == (2, 16 * 16 + 64 + 16 + 4, 32)
+    other_stem = [s.clone() for s in stem]
+    other_stem[1] += 1.0  # the stride-4 stem map reaches the per-pixel features; memory is backbone-only
+    moved = dec(maps, other_stem, image_size=(64, 64))
+    assert not torch.allclose(moved.pixel_BDhw, out.pixel_BDhw) and torch.equal(moved.memory_BMD, out.memory_BMD)
+    no_skip = PixelDecoder(24, 32, stem_channels=(), finest_stride=4)
+    assert no_skip.stem_lateral is None and no_skip(maps, stem, image_size=(64, 64)).pixel_BDhw.shape == (2, 32, 16, 16)

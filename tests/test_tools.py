@@ -85,6 +85,13 @@ def test_make_synthetic_train_evaluate_compare_cli(tmp_path):
              *common)
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text()).keys() == {"cls", "det", "seg"}
+    r = _run("tools/evaluate.py", "experiment=synthetic", f"eval.checkpoint={run}", f"eval.out={tmp_path / 'nms'}",
+             "+eval.task_options.det.inference=queries_nms", *common)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "mAP50" in json.loads((tmp_path / "nms" / "metrics.json").read_text())["det"]
+    bad = _run("tools/evaluate.py", "experiment=synthetic", f"eval.checkpoint={run}", f"eval.out={tmp_path / 'x'}",
+               "+eval.task_options.det.inferense=queries_nms", *common)
+    assert bad.returncode == 2 and "has no option 'inferense'" in bad.stderr
     single = tmp_path / "single"
     r = _run("tools/train.py", "experiment=synthetic_single_task", "single_task=seg", "train.steps=1",
              "train.warmup_steps=1", f"output_dir={single}", *common)
@@ -120,9 +127,13 @@ def test_surgery_cli_extract_predict_add_task_finetune(synthetic_root, tmp_path)
     assert pred["detections"] and all(d["label"] in CLASS_NAMES for d in pred["detections"])  # names recorded at training
     run2 = tmp_path / "run2"
     r = _run("tools/add_task.py", "--checkpoint", str(run), "--task", "depth", "--data", str(synthetic_root / "depth"),
-             "--new-experts", "1", "--steps", "2", "--batch-size", "4", "--out", str(run2))
+             "--new-experts", "1", "--out", str(run2))
     assert r.returncode == 0, r.stderr[-2000:]
     rep = json.loads((run2 / "continual_report.json").read_text())
+    parent_cfg = json.loads((run / "config.json").read_text())
+    assert rep["train_steps"] == parent_cfg["train"]["steps"] == 2  # the parent's schedule by default
+    added_cfg = json.loads((run2 / "config.json").read_text())["tasks"]["depth"]
+    assert added_cfg["batch_size"] == min(t["batch_size"] for t in parent_cfg["tasks"].values())
     assert rep["old_tasks_bit_identical"] is True
     assert all(v == 0 for ms in rep["old_metrics_delta"].values() for v in ms.values())
     assert rep["parameters"]["trainable"] < rep["parameters"]["total"]

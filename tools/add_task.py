@@ -27,8 +27,9 @@ def main() -> int:
     ap.add_argument("--type", default=None, help="task type (cls, det, seg, depth); default: the task name")
     ap.add_argument("--data", required=True, type=Path, help="the new task's dataset folder (standard layout)")
     ap.add_argument("--new-experts", type=int, default=2, help="experts added to every MoE layer")
-    ap.add_argument("--steps", type=int, default=250)
-    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=None, help="training steps (default: the parent run's)")
+    ap.add_argument("--batch-size", type=int, default=None,
+                    help="new task's batch size (default: the parent run's smallest per-task batch)")
     ap.add_argument("--out", required=True, type=Path, help="new run directory")
     args = ap.parse_args()
     with user_errors():

@@ -53,25 +53,13 @@ class PixelDecoder(nn.Module):
     ``forward(maps, stem_maps)`` returns :class:`DecoderInputs`. With ``stem_channels`` (the conv
     stem's stage widths), the stem's map at the finest level's stride is added to it through a
     1x1 convolution: backbone maps at strides below the patch size are only resampled tokens,
-    the stem's map carries real high-resolution detail. ``pixel_stride`` half the finest stride
-    gives per-pixel features at twice the resolution (the stem's map at that stride added).
+    the stem's map carries real high-resolution detail.
     """
 
     def __init__(self, in_dim: int, dim: int = 128, num_levels: int = 4, stem_channels: Sequence[int] = (),
-                 finest_stride: int = 4, pixel_stride: int | None = None) -> None:
+                 finest_stride: int = 4) -> None:
         super().__init__()
         self.dim = dim
-        # Optional finer pixel features: upsample the fused map and add the stem's map at that
-        # stride (1x1 projection), e.g. stride 2 for thin structures in small images.
-        pixel_stride = pixel_stride or finest_stride
-        if pixel_stride not in (finest_stride, finest_stride // 2):
-            raise ValueError(f"decoder.pixel_stride={pixel_stride}; expected {finest_stride} or {finest_stride // 2}")
-        fine_stage = int(math.log2(pixel_stride)) - 1
-        if pixel_stride != finest_stride and not 0 <= fine_stage < len(stem_channels):
-            raise ValueError(f"decoder.pixel_stride={pixel_stride} needs the conv stem's stride-{pixel_stride} map "
-                             "(model.stem=conv and decoder.stem_skip=true)")
-        self.fine_stage = fine_stage if pixel_stride != finest_stride else None
-        self.fine_lateral = nn.Conv2d(stem_channels[fine_stage], dim, 1) if self.fine_stage is not None else None
         self.lateral = nn.ModuleList(nn.Conv2d(in_dim, dim, 1) for _ in range(num_levels))
         self.memory_proj = nn.ModuleList(nn.Conv2d(in_dim, dim, 1) for _ in range(num_levels))
         # Stem stage i has stride 2^(i+1); use the one at the finest level's stride, if any.
@@ -94,10 +82,6 @@ class PixelDecoder(nn.Module):
         for m in reversed(lat[:-1]):
             x = m + F.interpolate(x, size=m.shape[-2:], mode="bilinear", align_corners=False)
         pixel_BDhw = self.output(x)
-        if self.fine_lateral is not None:
-            fine = stem_maps[self.fine_stage]
-            pixel_BDhw = self.fine_lateral(fine) + F.interpolate(pixel_BDhw, size=fine.shape[-2:], mode="bilinear",
-                                                                 align_corners=False)
         memory, pos, centres, strides, shapes = [], [], [], [], []
         img_h = image_size[0] if image_size else maps[0].shape[-2] * 4
         for i, (proj, m) in enumerate(zip(self.memory_proj, maps)):

@@ -90,6 +90,18 @@ def chance_metrics(model: GeneralistModel, datasets: Mapping[str, object], max_i
     return out
 
 
+def apply_task_options(model: GeneralistModel, task_options: Mapping[str, Mapping]) -> None:
+    """Override stored task options for this evaluation only, e.g. ``{"det": {"inference": "queries_nms"}}``.
+    Only options the task already has may be set, so a typo fails instead of being ignored."""
+    for task, options in task_options.items():
+        spec = model.spec(task)
+        for key, value in (options or {}).items():
+            if key not in spec.options:
+                raise ValueError(f"eval.task_options.{task}.{key}: task {task!r} has no option {key!r}; "
+                                 f"it has {sorted(spec.options)}")
+            spec.options[key] = value
+
+
 def evaluate_run(cfg: dict) -> dict:
     """Load ``cfg['eval']['checkpoint']`` (a run directory or model file), evaluate every task the
     model and the config share, and write the run-directory reports into ``eval.out``."""
@@ -103,6 +115,7 @@ def evaluate_run(cfg: dict) -> dict:
     device = resolve_device(cfg.get("device", "auto"))
     model.to(device)
     tasks = [t for t in model.tasks if t in cfg["tasks"]] or model.tasks
+    apply_task_options(model, cfg["eval"].get("task_options") or {})
     datasets = {t: build_dataset(t, {**model.spec(t).config(), **cfg["tasks"].get(t, {})}, cfg["data"],
                                  cfg["eval"].get("split", "val"), False) for t in tasks}
     usage = ExpertUsage(model.backbone.moe_layers(), tasks)

@@ -39,8 +39,13 @@ def default_task_config(task_type: str) -> dict:
 
 
 def add_task_run(checkpoint: str | Path, task: str, data_dir: str | Path, out: str | Path, new_experts: int = 2,
-                 steps: int = 250, task_type: str | None = None, overrides: dict | None = None,
+                 steps: int | None = None, task_type: str | None = None, overrides: dict | None = None,
                  probe_size: int = 16, log=print) -> dict:
+    """Grow a trained run by one task and train only the new parts; see tools/add_task.py.
+
+    By default the new task trains with the parent run's schedule: its number of steps and the
+    smallest per-task batch size among its tasks (`steps` / `overrides["batch_size"]` change them).
+    """
     full, model_file, run_cfg = load_generalist(checkpoint)
     if run_cfg is None:
         raise ValueError(f"{model_file} has no config.json beside it; add_task needs the run directory")
@@ -51,7 +56,9 @@ def add_task_run(checkpoint: str | Path, task: str, data_dir: str | Path, out: s
     if not Path(data_dir).is_dir():
         raise FileNotFoundError(f"--data {data_dir} is not a folder")
     old_tasks = full.tasks
-    task_cfg = {**default_task_config(task_type), "type": task_type, **(overrides or {})}
+    steps = int(steps or run_cfg["train"]["steps"])
+    parent_batch = min(int(t["batch_size"]) for t in run_cfg["tasks"].values())
+    task_cfg = {**default_task_config(task_type), "type": task_type, "batch_size": parent_batch, **(overrides or {})}
     grown = add_task(full, task, head_config(task_cfg), new_experts)
     counts = parameter_counts(grown)
     log(f"added task '{task}' with {new_experts} new experts per MoE layer: "
