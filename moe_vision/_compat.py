@@ -38,3 +38,22 @@ def check_torchvision(import_module: Callable[[str], object] = importlib.import_
             "https://github.com/pytorch/vision#installation"
         ) from None
     del tv
+
+
+MIN_DISTRIBUTED_TORCH = (2, 10)
+
+
+def require_distributed_torch(version: str | None = None) -> None:
+    """Refuse torch versions whose distributed pieces are known to be wrong for us.
+
+    Before torch 2.10 the functional ``all_to_all_single`` returned no input gradient (expert
+    parallelism trains silently wrong) and FSDP2 on CPU/gloo either fails (2.4 creates CUDA
+    streams) or doubles gradients (2.8). Tested here on torch 2.14.
+    """
+    import torch
+    version = version or torch.__version__
+    parts = tuple(int(p) for p in version.split("+")[0].split(".")[:2])
+    if parts < MIN_DISTRIBUTED_TORCH:
+        raise RuntimeError(f"distributed training (DDP, FSDP2, expert parallelism) needs torch >= "
+                           f"{'.'.join(map(str, MIN_DISTRIBUTED_TORCH))}; this is torch {version}: "
+                           "pip install --upgrade torch torchvision")

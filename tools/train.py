@@ -5,6 +5,7 @@
     python tools/train.py experiment=synthetic train.steps=2000 model=moe_vit_tiny
     python tools/train.py experiment=synthetic resume=true                  # continue a killed run
     python tools/train.py experiment=synthetic_single_task single_task=det  # dense single-task baseline
+    torchrun --nproc_per_node 2 tools/train.py experiment=synthetic          # data parallel (DDP) on 2 ranks
 """
 from __future__ import annotations
 
@@ -26,6 +27,9 @@ def main(cfg: DictConfig) -> None:
     with user_errors():
         trainer = Trainer(prepare_config(OmegaConf.to_container(cfg, resolve=True)))
         out = trainer.fit()
+        trainer.dist.shutdown()
+        if not trainer.dist.is_main:
+            return
         print(f"\n{trainer.run_dir}: trained {trainer.step} steps in {out['train_seconds']:.0f} s")
         print(report.metrics_table(out["metrics"], out["chance"]))
         print("expert usage (top experts per task, share of selections):")

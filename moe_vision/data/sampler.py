@@ -69,12 +69,21 @@ class TaskSampler:
 class InfiniteBatches:
     """Endless batches from one dataset, reshuffled every epoch (the last partial batch of an
     epoch is dropped so batch shapes stay fixed). Optional ``num_workers`` load the batch's items
-    in a thread pool."""
+    in a thread pool.
+
+    ``batch_size`` is the global batch. With ``world_size`` ranks, every rank walks the same
+    permutation and loads only its slice ``rank`` of each global batch, so the ranks' data are
+    disjoint, together equal the single-process batch, and the state (epoch, position) is the
+    same on every rank: a run can resume at another world size."""
 
     def __init__(self, dataset: Dataset, batch_size: int, collate: Callable, seed: int = 0, name: str = "",
-                 num_workers: int = 0) -> None:
+                 num_workers: int = 0, rank: int = 0, world_size: int = 1) -> None:
         if len(dataset) < batch_size:
             raise ValueError(f"dataset {name!r} has {len(dataset)} items, fewer than batch_size={batch_size}")
+        if batch_size % world_size:
+            raise ValueError(f"tasks.{name}.batch_size={batch_size} is the global batch and must be divisible by "
+                             f"the {world_size} ranks")
+        self.rank, self.local_batch = rank, batch_size // world_size
         self.dataset, self.batch_size, self.collate = dataset, batch_size, collate
         self.seed = seed + zlib.crc32(name.encode())  # stable across processes, unlike hash()
         self.epoch, self.position = 0, 0
@@ -95,7 +104,8 @@ class InfiniteBatches:
         if self.position + self.batch_size > len(self._perm):
             self.epoch, self.position = self.epoch + 1, 0
             self._perm = self._permutation(self.epoch)
-        idx = self._perm[self.position:self.position + self.batch_size]
+        start = self.position + self.rank * self.local_batch
+        idx = self._perm[start:start + self.local_batch]
         self.position += self.batch_size
         items = list(self._pool.map(self.dataset.__getitem__, idx)) if self._pool else [self.dataset[i] for i in idx]
         return self.collate(items)

@@ -3,6 +3,7 @@ cosine schedule, clipping, optional bf16 autocast, TensorBoard, periodic evaluat
 checkpoints and exact resume."""
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import time
@@ -21,8 +22,10 @@ from ..moe import ExpertUsage
 from . import report
 from .builders import build_dataset, build_generalist, check_num_classes, resolve_device, run_dir_of
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .distributed import DistContext, init_distributed, wrap_data_parallel
 from .evaluate import chance_metrics, evaluate, fixed_subset
 from .optim import LossWeighting, build_optimizer, cosine_with_warmup
+from .step import MultiTaskStep
 
 
 def seed_everything(seed: int) -> None:
@@ -79,8 +82,13 @@ class Trainer:
         self.tcfg = cfg["train"]
         self.run_dir = run_dir_of(cfg)
         self.device = resolve_device(cfg.get("device", "auto"))
+        self.dist: DistContext = init_distributed(self.device, cfg.get("dist") or {})
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
         self.amp_dtype = autocast_dtype(self.tcfg.get("precision", "auto"), self.device)
-        ensure_synthetic(cfg["data"], progress=tqdm.write)
+        if self.dist.is_main:  # one rank generates the benchmark, the others wait for it
+            ensure_synthetic(cfg["data"], progress=tqdm.write)
+        self.dist.barrier()
         seed_everything(int(cfg["seed"]))
         self.model = (model if model is not None else build_generalist(cfg)).to(self.device)
         self.model.backbone.grad_checkpointing = bool(self.tcfg.get("grad_checkpointing", False))
@@ -105,7 +113,9 @@ class Trainer:
                                    float(sampling.get("temperature", 2.0)), int(cfg["seed"]),
                                    int(sampling.get("tasks_per_step", 1)))
         workers = int(cfg["data"].get("num_workers", 0))
-        self.iters = {t: InfiniteBatches(d, int(cfg["tasks"][t]["batch_size"]), collate, int(cfg["seed"]), t, workers)
+        # tasks.*.batch_size is the global batch; each rank loads its own disjoint slice of it.
+        self.iters = {t: InfiniteBatches(d, int(cfg["tasks"][t]["batch_size"]), collate, int(cfg["seed"]), t, workers,
+                                         rank=self.dist.rank, world_size=self.dist.world_size)
                       for t, d in self.train_sets.items()}
         self.weighting = LossWeighting({t: float(cfg["tasks"][t].get("loss_weight", 1.0)) for t in self.tasks},
                                        self.tcfg.get("loss_weighting", "fixed")).to(self.device)
@@ -113,6 +123,8 @@ class Trainer:
                                          self.tcfg.get("betas", (0.9, 0.999)), list(self.weighting.parameters()))
         self.scheduler = cosine_with_warmup(self.optimizer, int(self.tcfg["warmup_steps"]), int(self.tcfg["steps"]),
                                             float(self.tcfg.get("min_lr_ratio", 0.0)))
+        self.step_module = MultiTaskStep(self.model, self.weighting, self.amp_dtype)
+        self.runner = wrap_data_parallel(self.step_module, self.dist, cfg.get("dist") or {}, self.device)
         self.step = 0
 
     # ------------------------------------------------------------------ state
@@ -150,22 +162,11 @@ class Trainer:
         self._train_mode()
         tasks = next(self.sampler)
         self.optimizer.zero_grad(set_to_none=True)
-        routing, total, logs = [], 0.0, {}
+        batches = []
         for task in tasks:
-            # Named phases show up in torch.profiler traces (tools/profile_step.py).
             with record_function(f"data/{task}"):
-                images, targets = next(self.iters[task])
-            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                                enabled=self.amp_dtype is not None):
-                with record_function(f"forward/{task}"):
-                    out, r = self.model(images.to(self.device), task, return_routing=True, targets=targets)
-                with record_function(f"loss/{task}"):
-                    losses = self.model.spec(task).total_loss(out, targets)
-            routing += r
-            total = total + self.weighting(task, losses["loss"])
-            logs[task] = {k: float(v.detach()) for k, v in losses.items()}
-        aux = self.model.backbone.aux_losses(routing)
-        loss = total + aux.total.to(self.device)
+                batches.append((task, *next(self.iters[task])))
+        loss, logs, aux, routing = self.runner(batches)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"step {self.step}: loss is {float(loss)} (tasks {tasks}); "
                                      "lower train.lr or enable train.grad_clip")
@@ -177,7 +178,8 @@ class Trainer:
             self.optimizer.step()
             self.scheduler.step()
         self.step += 1
-        rec = {"step": self.step, "tasks": tasks, "loss": float(loss.detach()), "task_losses": logs,
+        loss, logs = self.dist.mean_over_ranks(loss.detach(), logs)  # logs show the global batch's values
+        rec = {"step": self.step, "tasks": tasks, "loss": float(loss), "task_losses": logs,
                "aux": aux.as_floats(), "lr": self.scheduler.get_last_lr()[0],
                "grad_norm": float(grad_norm) if grad_norm is not None else None,
                "dropped_tokens": sum(x.dropped_tokens for x in routing)}
@@ -191,43 +193,60 @@ class Trainer:
         elif latest_checkpoint(self.run_dir) is not None:
             raise FileExistsError(f"{self.run_dir} already holds a training run; pass resume=true to continue it "
                                   "or choose another output_dir")
-        report.write_json(self.run_dir / "config.json", self.cfg)
+        main = self.dist.is_main  # only rank 0 writes logs, reports, pictures and checkpoints
+        if main:
+            report.write_json(self.run_dir / "config.json", self.cfg)
         from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(str(self.run_dir / "tb"))
+        writer = SummaryWriter(str(self.run_dir / "tb")) if main else None
         steps = int(self.tcfg["steps"])
         log_every, eval_every = int(self.tcfg.get("log_every", 10)), int(self.tcfg.get("eval_every", 0))
         ckpt_every = int(self.tcfg.get("ckpt_every", 0))
+        global_images = sum(int(self.cfg["tasks"][t]["batch_size"]) for t in self.tasks) / max(1, len(self.tasks)) \
+            * int(self.tcfg["sampling"].get("tasks_per_step", 1))
         ema: dict[str, float] = {}
-        bar = tqdm(total=steps, initial=self.step, desc="train", dynamic_ncols=True)
+        bar = tqdm(total=steps, initial=self.step, desc="train", dynamic_ncols=True, disable=not main)
         log_path = self.run_dir / "train_log.jsonl"
         t0 = time.time()
-        with open(log_path, "a") as log_file:
+        first_step = self.step
+        with open(log_path, "a") if main else contextlib.nullcontext() as log_file:
             while self.step < steps:
                 rec = self.train_step()
-                log_file.write(json.dumps(rec) + "\n")
-                for task, ls in rec["task_losses"].items():
-                    ema[task] = ls["loss"] if task not in ema else 0.9 * ema[task] + 0.1 * ls["loss"]
-                    writer.add_scalar(f"loss/{task}", ls["loss"], self.step)
-                for k, v in rec["aux"].items():
-                    writer.add_scalar(f"aux/{k}", v, self.step)
-                writer.add_scalar("lr", rec["lr"], self.step)
+                if main:
+                    self._log_step(rec, log_file, writer, ema)
                 bar.update(1)
-                if self.step % log_every == 0 or self.step == steps:
+                if main and (self.step % log_every == 0 or self.step == steps):
+                    # Images per second over all ranks (every rank loads its slice of the global batch).
+                    ips = global_images * (self.step - first_step) / max(time.time() - t0, 1e-9)
                     bar.set_postfix_str(" ".join(f"{t}={v:.3f}" for t, v in ema.items()) +
                                         f" mi={rec['aux']['mutual_information']:.3f} lb={rec['aux']['load_balance']:.2f}"
-                                        f" task={','.join(rec['tasks'])}")
+                                        f" img/s={ips:.0f} task={','.join(rec['tasks'])}")
                 if eval_every and self.step % eval_every == 0 and self.step < steps:
-                    self.periodic_validation(writer)
+                    if main:
+                        self.periodic_validation(writer)
+                    self.dist.barrier()
                 if ckpt_every and self.step % ckpt_every == 0 and self.step < steps:
-                    self.save()
+                    if main:
+                        self.save()
+                    self.dist.barrier()
         bar.close()
         train_seconds = time.time() - t0
-        self.save()
-        save_model(self.model, self.run_dir / "model.safetensors")
-        results = self.final_evaluation()
-        results["train_seconds"] = train_seconds
-        writer.close()
+        results: dict = {"train_seconds": train_seconds}
+        if main:
+            self.save()
+            save_model(self.model, self.run_dir / "model.safetensors")
+            results.update(self.final_evaluation())
+            writer.close()
+        # No barrier here: the others need not wait (and time out) while rank 0 evaluates the full split.
         return results
+
+    def _log_step(self, rec: dict, log_file, writer, ema: dict) -> None:
+        log_file.write(json.dumps(rec) + "\n")
+        for task, ls in rec["task_losses"].items():
+            ema[task] = ls["loss"] if task not in ema else 0.9 * ema[task] + 0.1 * ls["loss"]
+            writer.add_scalar(f"loss/{task}", ls["loss"], self.step)
+        for k, v in rec["aux"].items():
+            writer.add_scalar(f"aux/{k}", v, self.step)
+        writer.add_scalar("lr", rec["lr"], self.step)
 
     def periodic_validation(self, writer) -> dict:
         """Metrics on the fixed validation subsets, logged to TensorBoard and ``val_log.jsonl``."""

@@ -12,6 +12,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from .dispatch import TokenDispatcher
+from . import expert_parallel as ep
 from .experts import GroupedExperts
 from .losses import load_balancing_loss, router_z_loss
 from .router import TaskRouter
@@ -27,8 +28,9 @@ class RoutingOutput:
     idx_TK: torch.Tensor
     weights_TK: torch.Tensor
     prob_sum_E: torch.Tensor  # differentiable, feeds the mutual-information loss
-    balance_loss: torch.Tensor
+    balance_loss: torch.Tensor  # over this call's tokens (this rank's, under data parallelism)
     z_loss: torch.Tensor
+    task_experts: int  # experts this task's router chooses among
     dropped_tokens: int
     dropped_assignments: int
 
@@ -41,6 +43,7 @@ class RoutingOutput:
             layer=layer, task=task, num_tokens=r.idx_TK.shape[0], idx_TK=r.idx_TK, weights_TK=r.weights_TK,
             prob_sum_E=F.pad(r.probs_TE.sum(dim=0), (0, num_experts - r.probs_TE.shape[1])),
             balance_loss=load_balancing_loss(r.probs_TE, r.idx_TK), z_loss=router_z_loss(r.logits_TE),
+            task_experts=r.probs_TE.shape[1],
             dropped_tokens=plan.dropped_tokens if plan else 0,
             dropped_assignments=plan.dropped_assignments if plan else 0,
         )
@@ -92,6 +95,23 @@ class MoEMLP(nn.Module):
         self.experts = GroupedExperts(num_experts, dim, hidden, activation)
         # Experts added later (add_task) live in separate tensors so the old ones can be frozen.
         self.added_experts = nn.ModuleList(GroupedExperts(n, dim, hidden, activation) for n in added_experts)
+        self.ep_group = None  # set by shard_experts(): this rank then holds only its slice of experts
+
+    def shard_experts(self, group) -> None:
+        """Keep only this rank's experts (expert e on ep-rank e // (E / ep_size)); the forward then
+        exchanges tokens with the other ranks of ``group``. Every rank must hold the same full
+        layer when this is called (same seed or a loaded checkpoint)."""
+        if len(self.added_experts):
+            raise ValueError(f"{self.layer_name}: expert parallelism over experts added by add_task is not supported; "
+                             "train the grown model with dist.expert_parallel=1")
+        local = ep.local_expert_range(self.num_experts, group)
+        for name in ("w1", "b1", "w2", "b2"):
+            p = getattr(self.experts, name)
+            if p is not None:
+                setattr(self.experts, name, nn.Parameter(p.detach()[local.start:local.stop].clone(),
+                                                         requires_grad=p.requires_grad))
+        self.experts.num_experts = len(local)
+        self.ep_group = group
 
     def run_experts(self, x_AD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """Expert-sorted rows through the expert groups (each group's rows are contiguous)."""
@@ -109,7 +129,12 @@ class MoEMLP(nn.Module):
         T = x_TD.shape[0]
         r = self.router(x_TD, task)
         plan = self.dispatcher.plan(r.idx_TK, r.weights_TK)
-        y_AD = self.run_experts(self.dispatcher.permute(x_TD, plan), plan.counts_E)
+        x_AD = self.dispatcher.permute(x_TD, plan)
+        if self.ep_group is not None:
+            ex = ep.exchange_plan(plan.counts_E, self.ep_group)
+            y_AD = ep.combine_rows(self.experts(ep.dispatch_rows(x_AD, ex), ex.local_counts_L), ex)
+        else:
+            y_AD = self.run_experts(x_AD, plan.counts_E)
         y_TD = self.dispatcher.unpermute(y_AD, plan, T)
         if self.expert_scale != 1.0:
             y_TD = y_TD * self.expert_scale

@@ -10,7 +10,20 @@ from typing import Sequence
 
 import torch
 
+from .reduce import active_world_size, sum_over_ranks
+
 _EPS = 1e-9
+
+
+def global_load_balancing_loss(r) -> torch.Tensor:
+    """:func:`load_balancing_loss` of one routing output over the tokens of every rank: the
+    assignment counts and router probability sums are summed over ranks first."""
+    E, K = r.task_experts, r.idx_TK.shape[1]
+    counts_E = torch.bincount(r.idx_TK.reshape(-1), minlength=E).to(r.prob_sum_E.dtype)
+    stats = sum_over_ranks(torch.cat([counts_E, counts_E.new_tensor([r.num_tokens])]).detach())
+    counts_E, tokens = stats[:E], stats[E]
+    prob_sum_E = sum_over_ranks(r.prob_sum_E[:E])
+    return E * torch.sum(counts_E / (tokens * K) * prob_sum_E / tokens)
 
 
 def load_balancing_loss(probs_TE: torch.Tensor, idx_TK: torch.Tensor) -> torch.Tensor:
@@ -75,16 +88,19 @@ def compute_aux_losses(routing: Sequence, weights: AuxLossWeights) -> AuxLosses:
     if not routing:
         zero = torch.zeros(())
         return AuxLosses(zero, zero, zero, zero)
-    balance = torch.stack([r.balance_loss for r in routing]).mean()
+    # Under data parallelism (inside moe.reduce.over_ranks) the batch-wide statistics of the balance
+    # and MI losses are summed over ranks, so both equal their single-process values.
+    distributed = active_world_size() > 1
+    balance = torch.stack([global_load_balancing_loss(r) if distributed else r.balance_loss for r in routing]).mean()
     z = torch.stack([r.z_loss for r in routing]).mean()
     by_layer: dict[int, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     for r in routing:
         by_layer[r.layer][r.task].append(r)
     mi_terms = []
     for tasks in by_layer.values():
-        prob_sum_SE = torch.stack([sum(r.prob_sum_E for r in rs) for rs in tasks.values()])
-        tokens_S = torch.tensor([float(sum(r.num_tokens for r in rs)) for rs in tasks.values()],
-                                device=prob_sum_SE.device)
+        prob_sum_SE = sum_over_ranks(torch.stack([sum(r.prob_sum_E for r in rs) for rs in tasks.values()]))
+        tokens_S = sum_over_ranks(torch.tensor([float(sum(r.num_tokens for r in rs)) for rs in tasks.values()],
+                                               device=prob_sum_SE.device))
         mi_terms.append(mutual_information_loss(prob_sum_SE, tokens_S))
     mi = torch.stack(mi_terms).mean()
     total = weights.mutual_information * mi + weights.load_balance * balance + weights.z_loss * z

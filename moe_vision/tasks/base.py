@@ -17,7 +17,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..moe.reduce import mean_count_over_ranks
+
 TASK_TYPES: dict[str, type["Task"]] = {}
+
+
+def loss_normaliser(count: float, device: torch.device) -> float:
+    """``max(1, count)`` for normalising a summed loss; under data parallelism the count is the
+    mean over ranks (see :func:`moe_vision.moe.reduce.mean_count_over_ranks`)."""
+    return max(1.0, mean_count_over_ranks(count, device))
 
 
 def register_task(cls: type["Task"]) -> type["Task"]:

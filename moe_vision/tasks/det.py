@@ -37,7 +37,7 @@ from torch.profiler import record_function
 from torchvision.ops import batched_nms, box_convert, box_iou, generalized_box_iou
 
 from ..decoder import Queries
-from .base import Evaluator, Task, register_task
+from .base import Evaluator, Task, loss_normaliser, register_task
 from .matching import hungarian_match
 
 INFERENCE_MODES = ("queries", "queries_nms", "dense_nms")
@@ -375,7 +375,7 @@ class DetectionTask(Task):
             labels.append(lab.to(logits.device)[assigned[pos]])
             gt.append(g.to(logits.device)[assigned[pos]])
         idx, labels, gt = torch.cat(idx), torch.cat(labels), torch.cat(gt)
-        num_pos = max(1.0, float(len(idx)))
+        num_pos = loss_normaliser(len(idx), logits.device)
         pred = boxes.reshape(-1, 4)[idx]
         cls = self._class_loss(logits, self._score_targets(logits, idx, labels, pred, gt)) / num_pos
         l1, giou = box_losses(pred, gt)
@@ -385,7 +385,7 @@ class DetectionTask(Task):
         """Each denoising query reconstructs the ground truth it was made from (no matching)."""
         valid = dn["valid"].reshape(-1)
         idx = valid.nonzero().squeeze(1)
-        n = max(1.0, float(len(idx)))
+        n = loss_normaliser(len(idx), valid.device)
         labels, gt = dn["gt_labels"].reshape(-1)[idx], dn["gt_boxes"].reshape(-1, 4)[idx]
         terms = []
         for layer in dn["layers"]:
@@ -403,7 +403,7 @@ class DetectionTask(Task):
         """Loss of the final decoder layer alone (one-to-one)."""
         size = outputs["image_size"]
         gts = [(torch.as_tensor(t["labels"]).long(), _normalised_cxcywh(t, size)) for t in targets]
-        num_boxes = max(1.0, float(sum(len(g) for _, g in gts)))
+        num_boxes = loss_normaliser(sum(len(g) for _, g in gts), outputs["logits"].device)
         terms = self.set_loss(outputs, gts, num_boxes)
         return {"loss": self._weighted(terms), **terms}
 
@@ -412,7 +412,7 @@ class DetectionTask(Task):
         the denoising loss, each term reported."""
         size = outputs["image_size"]
         gts = [(torch.as_tensor(t["labels"]).long(), _normalised_cxcywh(t, size)) for t in targets]
-        num_boxes = max(1.0, float(sum(len(g) for _, g in gts)))
+        num_boxes = loss_normaliser(sum(len(g) for _, g in gts), outputs["logits"].device)
         terms = self.set_loss(outputs, gts, num_boxes)
         losses = {"loss": self._weighted(terms), **terms}
         aux = outputs.get("aux_outputs") or []

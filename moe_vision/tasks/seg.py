@@ -14,7 +14,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from ..decoder import Queries
-from .base import Evaluator, Task, register_task
+from .base import Evaluator, Task, loss_normaliser, register_task
 from .matching import hungarian_match, matched_cross_entropy
 
 IGNORE = 255
@@ -123,14 +123,16 @@ class SegmentationTask(Task):
         gt = torch.stack([torch.as_tensor(t["mask"]).long() for t in targets]).to(outputs["masks"].device)
         self.check_labels(gt)
         logits = F.interpolate(outputs["masks"].float(), size=gt.shape[-2:], mode="bilinear", align_corners=False)
-        ce = F.cross_entropy(logits, gt, ignore_index=IGNORE)
         valid = (gt != IGNORE).unsqueeze(1)
+        # Sums over normalisers (not means) so that data-parallel ranks reproduce the global batch's loss.
+        ce = F.cross_entropy(logits, gt, ignore_index=IGNORE, reduction="sum") / \
+            loss_normaliser(int(valid.sum()), logits.device)
         prob = logits.softmax(1) * valid
         onehot = F.one_hot(gt.clamp(max=self.num_classes - 1) * valid[:, 0], self.num_classes).permute(0, 3, 1, 2)
         onehot = onehot * valid
         inter, total = (prob * onehot).sum((2, 3)), prob.sum((2, 3)) + onehot.sum((2, 3))
         present = onehot.sum((2, 3)) > 0
-        dice = (1 - (2 * inter + 1) / (total + 1))[present].mean() if present.any() else ce * 0
+        dice = (1 - (2 * inter + 1) / (total + 1))[present].sum() / loss_normaliser(int(present.sum()), logits.device)
         return {"loss": self.w("ce") * ce + self.w("dice") * dice, "ce": ce, "dice": dice}
 
     def check_labels(self, gt: torch.Tensor) -> None:

@@ -1,0 +1,121 @@
+"""Process-group setup for runs under ``torchrun``: backend from the device, explicit timeout,
+rank / world size, the DDP wrapper, and the few collectives the trainer needs (barrier, log means).
+
+A process started without torchrun (no ``WORLD_SIZE`` in the environment, or 1) is a world of
+one: every helper here then does nothing, so single-process code paths stay untouched.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .._compat import require_distributed_torch
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process sits in the job."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Only rank 0 writes logs, reports, pictures and plain model files."""
+        return self.rank == 0
+
+    def shutdown(self) -> None:
+        """Leave the process group (end of a run)."""
+        if self.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def mean_over_ranks(self, loss: torch.Tensor, logs: dict[str, dict[str, float]]):
+        """Average a step's loss and per-task loss floats over ranks (for logging only)."""
+        if not self.enabled:
+            return loss, logs
+        keys = [(t, k) for t in sorted(logs) for k in sorted(logs[t])]
+        vec = torch.tensor([float(loss)] + [logs[t][k] for t, k in keys], dtype=torch.float64, device=loss.device)
+        dist.all_reduce(vec)
+        vec /= self.world_size
+        out: dict[str, dict[str, float]] = {t: {} for t in logs}
+        for (t, k), v in zip(keys, vec[1:].tolist()):
+            out[t][k] = v
+        return vec[0], out
+
+
+def backend_for(device: torch.device) -> str:
+    """NCCL for CUDA devices, gloo for CPU."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+STRATEGIES = ("ddp",)
+
+
+def init_distributed(device: torch.device, dist_cfg: Mapping[str, Any] | None = None) -> DistContext:
+    """Join the process group torchrun describes in the environment (once per process).
+
+    ``dist_cfg`` is the ``dist`` config group: ``timeout_s`` bounds every collective (a rank
+    that dies makes the others fail with an error within that time instead of hanging).
+    """
+    dist_cfg = dist_cfg or {}
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistContext()
+    require_distributed_torch()
+    strategy = dist_cfg.get("strategy", "ddp")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"dist.strategy={strategy!r} is not available; expected one of {list(STRATEGIES)} "
+                         "(FSDP2 is planned, not built yet)")
+    if int(dist_cfg.get("expert_parallel", 1)) != 1:
+        raise ValueError(f"dist.expert_parallel={dist_cfg['expert_parallel']}: the MoE layer supports expert "
+                         "parallelism (moe_vision.moe.expert_parallel) but the trainer does not use it yet; use 1")
+    timeout_s = float(dist_cfg.get("timeout_s", 600))
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    backend = backend_for(device)
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return DistContext(rank, world, local_rank, backend)
+
+
+def current_context() -> DistContext:
+    """The context of the process group this process already joined (a world of one otherwise)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return DistContext()
+    return DistContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")),
+                       dist.get_backend())
+
+
+def wrap_data_parallel(module: nn.Module, ctx: DistContext, dist_cfg: Mapping[str, Any] | None,
+                       device: torch.device) -> nn.Module:
+    """``module`` itself in a world of one, else ``DistributedDataParallel`` around it.
+
+    A step uses only its tasks' heads and routers, so the others get no gradient:
+    ``find_unused_parameters=True`` (the default) lets DDP mark them ready; ``static_graph``
+    cannot be used because the set of used routers changes from step to step.
+    """
+    if not ctx.enabled:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+    find_unused = bool((dist_cfg or {}).get("find_unused_parameters", True))
+    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=find_unused)
+
+

@@ -1,0 +1,99 @@
+"""2-rank tests on CPU (gloo) through torchrun: each scenario in tests/dist_worker.py compares the
+distributed result with the single-process one on the concatenated batch."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_two_ranks(scenario: str, tmp_path: Path, timeout: int = 180) -> dict:
+    out = tmp_path / f"{scenario}.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "tests" / "dist_worker.py"), scenario, str(out)]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_all_to_all_uneven_and_zero_splits_forward_and_backward(tmp_path):
+    rep = run_two_ranks("all_to_all", tmp_path)
+    assert rep["a2a_forward"] == 0.0 and rep["a2a_input_grad"] == 0.0
+
+
+def test_expert_parallel_layer_equals_one_process_even_when_a_rank_gets_no_tokens(tmp_path):
+    rep = run_two_ranks("expert_parallel", tmp_path)
+    for key in ("ep_output", "ep_input_grad", "ep_router_grad", "ep_expert_grad_w1", "ep_expert_grad_b2",
+                "skewed_ep_output", "skewed_ep_input_grad", "skewed_ep_router_grad"):
+        assert rep[key] <= 1e-5, (key, rep[key])
+    assert rep["rows_received_rank1"] == 0 and rep["rows_received_rank0"] > 0  # the skew really starves rank 1
+
+
+def test_old_torch_is_refused_for_distributed_work():
+    from moe_vision._compat import require_distributed_torch
+    with pytest.raises(RuntimeError, match=r"needs torch >= 2\.10; this is torch 2\.8\.0"):
+        require_distributed_torch("2.8.0+cpu")
+    require_distributed_torch("2.14.1+cu130")
+
+
+def test_ddp_gradients_and_parameters_equal_one_process_with_unused_task_routers(tmp_path):
+    rep = run_two_ranks("ddp", tmp_path)
+    assert rep["ddp_grad_step1"] <= 1e-5 and rep["ddp_params_after_2_sgd_steps"] <= 1e-5
+
+
+TRAIN = ["experiment=synthetic", "data.synthetic=null", "data.img_size=32", "model=moe_vit_nano",
+         "model.img_size=32", "model.moe.num_experts=4", "decoder.dim=32", "decoder.num_queries=14",
+         "decoder.num_layers=1", "decoder.num_heads=2", "tasks.cls.batch_size=4", "tasks.det.batch_size=4",
+         "tasks.seg.batch_size=4", "tasks.cls.transforms.scale=null",  # no random augmentation: comparable runs
+         "train.steps=4", "train.warmup_steps=1", "train.log_every=1", "train.ckpt_every=2",
+         "train.keep_checkpoints=3", "eval.max_batches=1", "eval.batch_size=8", "eval.periodic_images=0", "device=cpu"]
+
+
+def _train(tmp_path, root, out, ranks: int, *extra) -> subprocess.CompletedProcess:
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)] if ranks > 1 else []
+    return subprocess.run([sys.executable, *launcher, str(ROOT / "tools" / "train.py"), *TRAIN,
+                           f"data.root={root}", f"output_dir={out}", *extra],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "train_log.jsonl").read_text().splitlines())}
+
+
+def test_two_rank_training_matches_one_process_and_resumes_across_world_sizes(synthetic_root, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    for out, ranks in ((one, 1), (two, 2)):
+        r = _train(tmp_path, synthetic_root, out, ranks)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    l1, l2 = _losses(one), _losses(two)
+    assert sorted(l1) == sorted(l2) == [1, 2, 3, 4]
+    # Same global batch, same loss: only the conv stem's BatchNorm statistics are per rank.
+    for s in l1:
+        assert l2[s] == pytest.approx(l1[s], rel=1e-4), (s, l1[s], l2[s])
+    assert (two / "model.safetensors").is_file() and (two / "metrics.json").is_file()
+    # The plain model file of a 2-rank run goes through the surgery tools unchanged.
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "extract_experts.py"), "--task", "det", "--checkpoint",
+                        str(two), "--out", str(tmp_path / "det"), "--data-root", str(synthetic_root)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "bit-identical" in r.stdout, r.stderr[-2000:]
+    # A world-size-2 checkpoint at step 2 resumes at world size 1 (and 1 -> 2): steps 3-4 continue alike.
+    for src, ranks in ((two, 1), (one, 2)):
+        resumed = tmp_path / f"resume_{src.name}_on_{ranks}"
+        (resumed / "checkpoints").mkdir(parents=True)
+        shutil.copytree(src / "checkpoints" / "step_0000002", resumed / "checkpoints" / "step_0000002")
+        (resumed / "checkpoints" / "latest").write_text("step_0000002")
+        r = _train(tmp_path, synthetic_root, resumed, ranks, "resume=true")
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+        lr = _losses(resumed)
+        assert sorted(lr) == [3, 4]
+        for s in (3, 4):
+            assert lr[s] == pytest.approx(_losses(src)[s], rel=1e-4), (src.name, ranks, s)
