@@ -157,7 +157,42 @@ def scenario_ddp(report: dict) -> None:
         check("ddp_params_after_2_sgd_steps", p, q, report)
 
 
-SCENARIOS = {"all_to_all": scenario_all_to_all, "expert_parallel": scenario_expert_parallel, "ddp": scenario_ddp}
+def scenario_aux_losses(report: dict) -> None:
+    """MI and balance losses of a 2-rank step equal the 1-process values on the concatenated batch,
+    and so do their router gradients once averaged over ranks (what DDP does)."""
+    from moe_vision.moe import AuxLossWeights, compute_aux_losses
+    from moe_vision.moe.reduce import over_ranks
+    rank = dist.get_rank()
+    weights = AuxLossWeights(mutual_information=1.0, load_balance=1.0, z_loss=0.0)
+    xs = {t: torch.randn(10, 8, generator=torch.Generator().manual_seed(20 + i)) for i, t in enumerate("ab")}
+    sl = slice(0, 4) if rank == 0 else slice(4, 10)  # uneven: 4 and 6 tokens
+
+    def run(layer, part):
+        routing = [layer(xs[t][part], t)[1] for t in "ab"]
+        return routing
+
+    torch.manual_seed(11)
+    ref = MoEMLP(8, 16, ["a", "b"], num_experts=4, top_k=2, layer_name="moe")
+    aux_ref = compute_aux_losses(run(ref, slice(0, 10)), weights)
+    aux_ref.total.backward()
+    torch.manual_seed(11)
+    layer = MoEMLP(8, 16, ["a", "b"], num_experts=4, top_k=2, layer_name="moe")
+    with over_ranks():
+        aux = compute_aux_losses(run(layer, sl), weights)
+    aux.total.backward()
+    check("mi_loss", aux.mutual_information, aux_ref.mutual_information, report)
+    check("balance_loss", aux.load_balance, aux_ref.load_balance, report)
+    for t in "ab":
+        g = layer.router.gates[t].weight.grad.clone()
+        dist.all_reduce(g)
+        check("aux_router_grad_mean_over_ranks", g / dist.get_world_size(), ref.router.gates[t].weight.grad, report)
+    # Outside over_ranks() the same call stays local (evaluation on one rank must not block).
+    local = compute_aux_losses(run(layer, sl), weights)
+    report["local_mi_differs"] = float(abs(float(local.mutual_information) - float(aux_ref.mutual_information)) > 1e-6)
+
+
+SCENARIOS = {"all_to_all": scenario_all_to_all, "expert_parallel": scenario_expert_parallel, "ddp": scenario_ddp,
+             "aux_losses": scenario_aux_losses}
 
 
 def main() -> int:

@@ -37,6 +37,27 @@ def test_expert_parallel_layer_equals_one_process_even_when_a_rank_gets_no_token
     assert rep["rows_received_rank1"] == 0 and rep["rows_received_rank0"] > 0  # the skew really starves rank 1
 
 
+def test_mutual_information_and_balance_losses_are_global_over_ranks(tmp_path):
+    rep = run_two_ranks("aux_losses", tmp_path)
+    assert rep["mi_loss"] <= 1e-5 and rep["balance_loss"] <= 1e-5 and rep["aux_router_grad_mean_over_ranks"] <= 1e-5
+    assert rep["local_mi_differs"] == 1.0  # without the reduction the per-rank value would differ
+
+
+def test_ep_traffic_tool_measures_close_to_the_formula():
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(ROOT / "tools" / "ep_traffic.py"), "--tokens", "256", "--dim", "32"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=180, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    row = [line for line in r.stdout.splitlines() if line.strip().startswith("256 |")]
+    assert row, r.stdout
+    ratio = float(row[0].split("|")[-1])
+    assert 0.8 < ratio < 1.2  # random routing is close to uniform; the formula is its expectation
+    alone = subprocess.run([sys.executable, str(ROOT / "tools" / "ep_traffic.py")], cwd=ROOT, capture_output=True,
+                           text=True, timeout=120)
+    assert alone.returncode == 2 and "run under torchrun" in alone.stderr
+
+
 def test_old_torch_is_refused_for_distributed_work():
     from moe_vision._compat import require_distributed_torch
     with pytest.raises(RuntimeError, match=r"needs torch >= 2\.10; this is torch 2\.8\.0"):
@@ -97,3 +118,54 @@ def test_two_rank_training_matches_one_process_and_resumes_across_world_sizes(sy
         assert sorted(lr) == [3, 4]
         for s in (3, 4):
             assert lr[s] == pytest.approx(_losses(src)[s], rel=1e-4), (src.name, ranks, s)
+
+
+def _rank_pids(marker: str) -> dict[int, int]:
+    """LOCAL_RANK -> pid of the training processes whose command line contains ``marker``."""
+    pids = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            env = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if marker in cmd and "tools/train.py" in cmd and "torch.distributed.run" not in cmd:
+            for item in env:
+                if item.startswith(b"LOCAL_RANK="):
+                    pids[int(item.split(b"=")[1])] = int(proc.name)
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux /proc to find rank 1")
+def test_a_rank_that_dies_ends_the_run_and_leaves_the_last_checkpoint_intact(synthetic_root, tmp_path):
+    import signal
+    import time
+    out = tmp_path / "dies"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                str(ROOT / "tools" / "train.py"), *TRAIN, "train.steps=100000", "train.ckpt_every=3",
+                "dist.timeout_s=30", f"data.root={synthetic_root}", f"output_dir={out}"]
+    proc = subprocess.Popen(launcher, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 120
+        while not (out / "checkpoints" / "latest").is_file() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        pids = _rank_pids(str(out))
+        assert 1 in pids, "rank 1 not found"
+        os.kill(pids[1], signal.SIGKILL)
+        killed = time.time()
+        _, err = proc.communicate(timeout=90)
+        assert proc.returncode != 0 and time.time() - killed < 60
+        assert "rank" in err and "FAILED" in err  # torchrun names the failed rank
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # The last complete checkpoint loads and training resumes from it in one process.
+    from moe_vision.engine.checkpoint import latest_checkpoint
+    latest = latest_checkpoint(out)
+    step = int(latest.name.split("_")[1])
+    r = _train(tmp_path, synthetic_root, out, 1, "resume=true", f"train.steps={step + 1}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert _losses(out)[step + 1] > 0

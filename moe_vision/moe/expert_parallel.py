@@ -36,6 +36,16 @@ class ExpertExchange:
     recv_counts_PL: torch.Tensor  # [P, L] rows received from source rank p for local expert l
     group: dist.ProcessGroup | None
 
+    def bytes_to_other_ranks(self, row_bytes: int) -> int:
+        """Bytes this rank sends to other ranks in one forward (dispatch and combine; the rows
+        it keeps for its own experts do not travel, the [P, L] count exchange is included)."""
+        me = dist.get_rank(self.group)
+        rows = sum(n for p, n in enumerate(self.send_splits) if p != me)
+        back = sum(n for p, n in enumerate(self.recv_splits) if p != me)
+        counts = self.recv_counts_PL.numel() * self.recv_counts_PL.element_size() * (len(self.send_splits) - 1) \
+            // len(self.send_splits)
+        return (rows + back) * row_bytes + counts
+
     @property
     def local_counts_L(self) -> torch.Tensor:
         """Rows per local expert after regrouping ``[L]``."""
@@ -92,6 +102,16 @@ def combine_rows(y_RD: torch.Tensor, ex: ExpertExchange) -> torch.Tensor:
     order = _source_major_to_expert_major(ex.recv_counts_PL).to(y_RD.device)
     y_src = y_RD.index_select(0, torch.argsort(order))
     return _all_to_all(y_src, ex.send_splits, ex.recv_splits, ex.group)
+
+
+def expected_bytes_per_rank(tokens: int, top_k: int, ep_size: int, dim: int, elem_bytes: int,
+                            num_experts: int) -> float:
+    """Analytic bytes one rank sends in one forward under uniform routing: each of its T*K
+    assignments lands on another rank with probability (P-1)/P, travels there and back
+    (D * elem_bytes each way), plus its share of the int64 count exchange (E/P counts to each
+    of the P-1 others)."""
+    rows = tokens * top_k * (ep_size - 1) / ep_size
+    return 2 * rows * dim * elem_bytes + 8 * num_experts * (ep_size - 1) / ep_size
 
 
 def local_expert_range(num_experts: int, group: dist.ProcessGroup | None = None) -> range:

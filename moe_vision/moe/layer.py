@@ -33,9 +33,10 @@ class RoutingOutput:
     task_experts: int  # experts this task's router chooses among
     dropped_tokens: int
     dropped_assignments: int
+    exchange: "ep.ExpertExchange | None" = None  # the all-to-all plan under expert parallelism
 
     @classmethod
-    def from_router(cls, layer: str, task: str, r, num_experts: int, plan=None) -> "RoutingOutput":
+    def from_router(cls, layer: str, task: str, r, num_experts: int, plan=None, exchange=None) -> "RoutingOutput":
         """Package a router's output (``RouterOutput``) with its aux losses and the dispatch plan's
         drop counts. ``prob_sum_E`` is padded to the layer's ``num_experts`` for a task whose
         router sees fewer experts."""
@@ -43,7 +44,7 @@ class RoutingOutput:
             layer=layer, task=task, num_tokens=r.idx_TK.shape[0], idx_TK=r.idx_TK, weights_TK=r.weights_TK,
             prob_sum_E=F.pad(r.probs_TE.sum(dim=0), (0, num_experts - r.probs_TE.shape[1])),
             balance_loss=load_balancing_loss(r.probs_TE, r.idx_TK), z_loss=router_z_loss(r.logits_TE),
-            task_experts=r.probs_TE.shape[1],
+            task_experts=r.probs_TE.shape[1], exchange=exchange,
             dropped_tokens=plan.dropped_tokens if plan else 0,
             dropped_assignments=plan.dropped_assignments if plan else 0,
         )
@@ -130,6 +131,7 @@ class MoEMLP(nn.Module):
         r = self.router(x_TD, task)
         plan = self.dispatcher.plan(r.idx_TK, r.weights_TK)
         x_AD = self.dispatcher.permute(x_TD, plan)
+        ex = None
         if self.ep_group is not None:
             ex = ep.exchange_plan(plan.counts_E, self.ep_group)
             y_AD = ep.combine_rows(self.experts(ep.dispatch_rows(x_AD, ex), ex.local_counts_L), ex)
@@ -138,4 +140,4 @@ class MoEMLP(nn.Module):
         y_TD = self.dispatcher.unpermute(y_AD, plan, T)
         if self.expert_scale != 1.0:
             y_TD = y_TD * self.expert_scale
-        return y_TD.reshape(shape), RoutingOutput.from_router(self.layer_name, task, r, self.num_experts, plan)
+        return y_TD.reshape(shape), RoutingOutput.from_router(self.layer_name, task, r, self.num_experts, plan, ex)
