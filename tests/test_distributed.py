@@ -106,6 +106,14 @@ def test_two_rank_training_matches_one_process_and_resumes_across_world_sizes(sy
                         str(two), "--out", str(tmp_path / "det"), "--data-root", str(synthetic_root)],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "bit-identical" in r.stdout, r.stderr[-2000:]
+    # add_task runs data parallel too; the old tasks stay bit-identical.
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(ROOT / "tools" / "add_task.py"), "--checkpoint", str(two), "--task", "depth",
+                        "--data", str(synthetic_root / "depth"), "--new-experts", "1", "--steps", "2",
+                        "--out", str(tmp_path / "grown")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("old tasks' outputs bit-identical") == 1  # only rank 0 reports
     # A world-size-2 checkpoint at step 2 resumes at world size 1 (and 1 -> 2): steps 3-4 continue alike.
     for src, ranks in ((two, 1), (one, 2)):
         resumed = tmp_path / f"resume_{src.name}_on_{ranks}"

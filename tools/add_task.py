@@ -3,6 +3,7 @@
 
     python tools/add_task.py --checkpoint runs/synthetic --task depth --data data/synthetic/depth \
         --new-experts 2 --out runs/synthetic+depth
+    torchrun --nproc_per_node 2 tools/add_task.py ...       # the same, data parallel
 
 Every pre-existing parameter is frozen (requires_grad=False, excluded from the optimizer); after
 training the tool checks that every old task's outputs on a probe batch are bit-identical and
@@ -36,6 +37,8 @@ def main() -> int:
         overrides = {"batch_size": args.batch_size} if args.batch_size else {}
         rep = add_task_run(args.checkpoint, args.task, args.data, args.out, args.new_experts, args.steps, args.type,
                            overrides)
+    if rep is None:  # ranks other than 0 under torchrun
+        return 0
     print(json.dumps({k: rep[k] for k in ("new_task_metrics", "old_metrics_delta", "parameters",
                                           "old_tasks_bit_identical")}, indent=2))
     print("old tasks' outputs " + ("bit-identical" if rep["old_tasks_bit_identical"] else "CHANGED") +

@@ -30,7 +30,8 @@ def main() -> int:
     args = ap.parse_args()
     with user_errors():
         rep = finetune_bundle(args.bundle, args.data, args.out, args.trainable, args.steps, args.lr, args.batch_size)
-    print(json.dumps(rep, indent=2))
+    if rep is not None:  # None on ranks other than 0 under torchrun
+        print(json.dumps(rep, indent=2))
     return 0
 
 

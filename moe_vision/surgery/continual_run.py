@@ -40,7 +40,7 @@ def default_task_config(task_type: str) -> dict:
 
 def add_task_run(checkpoint: str | Path, task: str, data_dir: str | Path, out: str | Path, new_experts: int = 2,
                  steps: int | None = None, task_type: str | None = None, overrides: dict | None = None,
-                 probe_size: int = 16, log=print) -> dict:
+                 probe_size: int = 16, log=print) -> dict | None:
     """Grow a trained run by one task and train only the new parts; see tools/add_task.py.
 
     By default the new task trains with the parent run's schedule: its number of steps and the
@@ -77,6 +77,9 @@ def add_task_run(checkpoint: str | Path, task: str, data_dir: str | Path, out: s
     cfg["train"] = {**cfg["train"], "steps": steps, "sampling": {**cfg["train"]["sampling"], "tasks_per_step": 1}}
     trainer = Trainer(cfg, model=grown)
     result = trainer.fit()
+    trainer.dist.shutdown()
+    if not trainer.dist.is_main:  # under torchrun only rank 0 checks, evaluates and reports
+        return None
 
     after_out = {t: outputs_on_probe(trainer.model, [t], probe[t])[t] for t in old_tasks}
     identical = bit_identical(before_out, after_out)

@@ -27,7 +27,7 @@ def set_trainable(model, which: str) -> dict[str, int]:
 
 
 def finetune_bundle(bundle: str | Path, data_dir: str | Path, out: str | Path, trainable: str = "head",
-                    steps: int = 200, lr: float = 5e-4, batch_size: int = 32, log=print) -> dict:
+                    steps: int = 200, lr: float = 5e-4, batch_size: int = 32, log=print) -> dict | None:
     model = load_bundle(bundle)
     task = model.bundle_info["task"]
     spec = model.spec(task)
@@ -43,5 +43,9 @@ def finetune_bundle(bundle: str | Path, data_dir: str | Path, out: str | Path, t
     cfg = OmegaConf.to_container(cfg, resolve=True)
     cfg["tasks"][task].update({k: v for k, v in spec.config().items() if k != "loss_weights"})
     cfg["data"]["tasks"] = {task: data_entry(spec.type_name, str(data_dir))}
-    result = Trainer(cfg, model=model).fit()
+    trainer = Trainer(cfg, model=model)
+    result = trainer.fit()
+    trainer.dist.shutdown()
+    if not trainer.dist.is_main:  # under torchrun only rank 0 evaluates and reports
+        return None
     return {"task": task, "trainable": trainable, "parameters": counts, "metrics": result["metrics"][task]}
