@@ -118,43 +118,80 @@ def scenario_expert_parallel(report: dict) -> None:
             report[f"rows_received_rank{rank}"] = float(received)
 
 
-def scenario_ddp(report: dict) -> None:
-    """DDP over a model with two task routers, a step using one task: no hang, and gradients after
-    step 1 and parameters after 2 SGD steps equal the single-process run on the global batch."""
-    from moe_vision.engine.distributed import current_context, wrap_data_parallel
-    rank = dist.get_rank()
+class _Block(torch.nn.Module):
+    def __init__(self, i: int):
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 8)
+        self.moe = MoEMLP(8, 16, ["a", "b"], num_experts=4, top_k=2, layer_name=f"blocks.{i}.moe")
 
-    class TwoTaskModel(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(3)
-            self.moe = MoEMLP(8, 16, ["a", "b"], num_experts=4, top_k=2, layer_name="moe")
-            self.heads = torch.nn.ModuleDict({"a": torch.nn.Linear(8, 3), "b": torch.nn.Linear(8, 3)})
+    def forward(self, x, task):
+        return x + self.moe(self.proj(x), task)[0]
 
-        def forward(self, x, task):
-            y, _ = self.moe(x, task)
-            return self.heads[task](y + x)
 
+class _TwoTaskNet(torch.nn.Module):
+    """Two blocks (a dense projection and an MoE layer each) and a head per task."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.blocks = torch.nn.ModuleList(_Block(i) for i in range(2))
+        self.heads = torch.nn.ModuleDict({"a": torch.nn.Linear(8, 3), "b": torch.nn.Linear(8, 3)})
+
+    def forward(self, x, task):
+        for block in self.blocks:
+            x = block(x, task)
+        return self.heads[task](x)
+
+
+def _strategy_vs_one_process(strategy: str, ep: int, report: dict) -> None:
+    """A step uses one task (the other router and head get no gradient): no hang, and the global
+    gradient norm and gradients after step 1 and parameters after 2 SGD steps (the second one
+    clipped) equal the single-process run on the global batch."""
+    from torch.distributed.tensor import DTensor
+    from moe_vision.engine.distributed import current_context
+    from moe_vision.engine.parallel import parallelize
+    rank, tag = dist.get_rank(), f"{strategy}_ep{ep}"
     x_full = torch.randn(12, 8, generator=torch.Generator().manual_seed(5))
     t_full = torch.randn(12, 3, generator=torch.Generator().manual_seed(6))
-    sl = slice(6 * rank, 6 * rank + 6)
-    ref, model = TwoTaskModel(), TwoTaskModel()
-    ddp = wrap_data_parallel(model, current_context(), {"find_unused_parameters": True}, torch.device("cpu"))
+    n = 12 // dist.get_world_size()  # 2 ranks, or 4 (then ep = 2 has two replicas of each expert)
+    sl = slice(n * rank, n * rank + n)
+    ref, model = _TwoTaskNet(), _TwoTaskNet()
+    runner, par = parallelize(model, current_context(), {"strategy": strategy, "expert_parallel": ep},
+                              torch.device("cpu"))
+    names = dict(model.named_parameters())
+
+    def full(name, t):
+        if isinstance(t, DTensor):
+            return t.full_tensor()
+        return par.as_expert_dtensor(t).full_tensor() if name in par.expert_params else t
+
     opt_ref = torch.optim.SGD(ref.parameters(), lr=0.1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    for step, task in enumerate(["a", "b"]):  # each step leaves the other task's router and head unused
+    max_norm = float("inf")
+    for step, task in enumerate(["a", "b"]):
         opt_ref.zero_grad()
         torch.nn.functional.mse_loss(ref(x_full, task), t_full).backward()
+        norm_ref = float(torch.nn.utils.clip_grad_norm_(ref.parameters(), max_norm))
         opt.zero_grad()
-        torch.nn.functional.mse_loss(ddp(x_full[sl], task), t_full[sl]).backward()
-        if step == 0:
-            for (name, p), q in zip(model.named_parameters(), ref.parameters()):
-                check("ddp_grad_step1", p.grad if p.grad is not None else torch.zeros_like(p),
-                      q.grad if q.grad is not None else torch.zeros_like(q), report)
+        torch.nn.functional.mse_loss(runner(x_full[sl], task), t_full[sl]).backward()
+        par.finish_gradients()
+        norm = par.clip_grad_norm(list(model.parameters()), max_norm)
+        check(f"{tag}_grad_norm", torch.tensor(norm), torch.tensor(norm_ref), report)
+        for name, q in ref.named_parameters():
+            p = names[name]
+            got = full(name, p.grad) if p.grad is not None else torch.zeros(q.shape)
+            check(f"{tag}_grad_step{step + 1}", got, q.grad if q.grad is not None else torch.zeros_like(q), report)
         opt_ref.step()
         opt.step()
-    for p, q in zip(model.parameters(), ref.parameters()):
-        check("ddp_params_after_2_sgd_steps", p, q, report)
+        max_norm = 0.5 * norm_ref  # the second step is clipped
+    for name, q in ref.named_parameters():
+        check(f"{tag}_params_after_2_sgd_steps", full(name, names[name].detach()), q, report)
+
+
+def scenario_strategies(report: dict) -> None:
+    for strategy in ("ddp", "fsdp"):
+        for ep in (1, 2):
+            _strategy_vs_one_process(strategy, ep, report)
 
 
 def scenario_aux_losses(report: dict) -> None:
@@ -188,10 +225,11 @@ def scenario_aux_losses(report: dict) -> None:
         check("aux_router_grad_mean_over_ranks", g / dist.get_world_size(), ref.router.gates[t].weight.grad, report)
     # Outside over_ranks() the same call stays local (evaluation on one rank must not block).
     local = compute_aux_losses(run(layer, sl), weights)
-    report["local_mi_differs"] = float(abs(float(local.mutual_information) - float(aux_ref.mutual_information)) > 1e-6)
+    gap = abs(float(local.mutual_information.detach()) - float(aux_ref.mutual_information))
+    report["local_mi_differs"] = float(gap > 1e-6)
 
 
-SCENARIOS = {"all_to_all": scenario_all_to_all, "expert_parallel": scenario_expert_parallel, "ddp": scenario_ddp,
+SCENARIOS = {"all_to_all": scenario_all_to_all, "expert_parallel": scenario_expert_parallel, "strategies": scenario_strategies,
              "aux_losses": scenario_aux_losses}
 
 

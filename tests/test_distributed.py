@@ -14,9 +14,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_two_ranks(scenario: str, tmp_path: Path, timeout: int = 180) -> dict:
+def run_ranks(scenario: str, tmp_path: Path, timeout: int = 180, ranks: int = 2) -> dict:
     out = tmp_path / f"{scenario}.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
            str(ROOT / "tests" / "dist_worker.py"), scenario, str(out)]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -25,12 +25,12 @@ def run_two_ranks(scenario: str, tmp_path: Path, timeout: int = 180) -> dict:
 
 
 def test_all_to_all_uneven_and_zero_splits_forward_and_backward(tmp_path):
-    rep = run_two_ranks("all_to_all", tmp_path)
+    rep = run_ranks("all_to_all", tmp_path)
     assert rep["a2a_forward"] == 0.0 and rep["a2a_input_grad"] == 0.0
 
 
 def test_expert_parallel_layer_equals_one_process_even_when_a_rank_gets_no_tokens(tmp_path):
-    rep = run_two_ranks("expert_parallel", tmp_path)
+    rep = run_ranks("expert_parallel", tmp_path)
     for key in ("ep_output", "ep_input_grad", "ep_router_grad", "ep_expert_grad_w1", "ep_expert_grad_b2",
                 "skewed_ep_output", "skewed_ep_input_grad", "skewed_ep_router_grad"):
         assert rep[key] <= 1e-5, (key, rep[key])
@@ -38,7 +38,7 @@ def test_expert_parallel_layer_equals_one_process_even_when_a_rank_gets_no_token
 
 
 def test_mutual_information_and_balance_losses_are_global_over_ranks(tmp_path):
-    rep = run_two_ranks("aux_losses", tmp_path)
+    rep = run_ranks("aux_losses", tmp_path)
     assert rep["mi_loss"] <= 1e-5 and rep["balance_loss"] <= 1e-5 and rep["aux_router_grad_mean_over_ranks"] <= 1e-5
     assert rep["local_mi_differs"] == 1.0  # without the reduction the per-rank value would differ
 
@@ -65,9 +65,22 @@ def test_old_torch_is_refused_for_distributed_work():
     require_distributed_torch("2.14.1+cu130")
 
 
-def test_ddp_gradients_and_parameters_equal_one_process_with_unused_task_routers(tmp_path):
-    rep = run_two_ranks("ddp", tmp_path)
-    assert rep["ddp_grad_step1"] <= 1e-5 and rep["ddp_params_after_2_sgd_steps"] <= 1e-5
+def test_ddp_and_fsdp2_with_and_without_expert_parallelism_equal_one_process(tmp_path):
+    """Gradients (steps 1 and 2), global gradient norm and parameters after 2 SGD steps (the second
+    clipped), with a task router and head unused in each step."""
+    rep = run_ranks("strategies", tmp_path)
+    for tag in ("ddp_ep1", "ddp_ep2", "fsdp_ep1", "fsdp_ep2"):
+        for what in ("grad_step1", "grad_step2", "grad_norm", "params_after_2_sgd_steps"):
+            assert rep[f"{tag}_{what}"] <= 1e-5, (tag, what, rep[f"{tag}_{what}"])
+
+
+@pytest.mark.slow
+def test_four_ranks_with_expert_replicas_equal_one_process(tmp_path):
+    """4 ranks, expert parallel degree 2: each expert lives on two ranks (an (edp, ep) = (2, 2) mesh)."""
+    rep = run_ranks("strategies", tmp_path, ranks=4)
+    for tag in ("ddp_ep2", "fsdp_ep2"):
+        for what in ("grad_step1", "grad_step2", "grad_norm", "params_after_2_sgd_steps"):
+            assert rep[f"{tag}_{what}"] <= 1e-5, (tag, what, rep[f"{tag}_{what}"])
 
 
 TRAIN = ["experiment=synthetic", "data.synthetic=null", "data.img_size=32", "model=moe_vit_nano",
@@ -91,36 +104,50 @@ def _losses(run_dir: Path) -> dict[int, float]:
 
 
 def test_two_rank_training_matches_one_process_and_resumes_across_world_sizes(synthetic_root, tmp_path):
-    one, two = tmp_path / "one", tmp_path / "two"
-    for out, ranks in ((one, 1), (two, 2)):
-        r = _train(tmp_path, synthetic_root, out, ranks)
+    """DDP and FSDP2, both with expert parallelism over the 2 ranks, against one process; the
+    model trained with expert parallelism goes through extraction, add_task and predict."""
+    one, ddp_ep, fsdp_ep = tmp_path / "one", tmp_path / "ddp_ep", tmp_path / "fsdp_ep"
+    for out, ranks, extra in ((one, 1, []), (ddp_ep, 2, ["dist.expert_parallel=2"]),
+                              (fsdp_ep, 2, ["dist.strategy=fsdp", "dist.expert_parallel=2"])):
+        r = _train(tmp_path, synthetic_root, out, ranks, *extra)
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    l1, l2 = _losses(one), _losses(two)
-    assert sorted(l1) == sorted(l2) == [1, 2, 3, 4]
-    # Same global batch, same loss: only the conv stem's BatchNorm statistics are per rank.
-    for s in l1:
-        assert l2[s] == pytest.approx(l1[s], rel=1e-4), (s, l1[s], l2[s])
-    assert (two / "model.safetensors").is_file() and (two / "metrics.json").is_file()
-    # The plain model file of a 2-rank run goes through the surgery tools unchanged.
+    l1 = _losses(one)
+    assert sorted(l1) == [1, 2, 3, 4]
+    for run in (ddp_ep, fsdp_ep):
+        # Same global batch, same loss: only the conv stem's BatchNorm statistics are per rank.
+        ln = _losses(run)
+        assert sorted(ln) == [1, 2, 3, 4]
+        for s in l1:
+            assert ln[s] == pytest.approx(l1[s], rel=1e-4), (run.name, s, l1[s], ln[s])
+        assert (run / "model.safetensors").is_file() and (run / "metrics.json").is_file()
+        ckpt = run / "checkpoints" / "step_0000002"
+        assert (ckpt / "rng_rank1.pt").is_file() and len(list(ckpt.glob("*.distcp"))) == 2  # each rank wrote its shard
+    # The plain model file of an expert-parallel run goes through the surgery tools unchanged.
     r = subprocess.run([sys.executable, str(ROOT / "tools" / "extract_experts.py"), "--task", "det", "--checkpoint",
-                        str(two), "--out", str(tmp_path / "det"), "--data-root", str(synthetic_root)],
+                        str(ddp_ep), "--out", str(tmp_path / "det"), "--data-root", str(synthetic_root)],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "bit-identical" in r.stdout, r.stderr[-2000:]
+    image = next((synthetic_root / "det" / "val").rglob("*.png"))
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "predict.py"), "--bundle", str(tmp_path / "det"),
+                        "--out", str(tmp_path / "pred"), str(image)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and any((tmp_path / "pred").iterdir()), r.stderr[-2000:]
     # add_task runs data parallel too; the old tasks stay bit-identical.
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        str(ROOT / "tools" / "add_task.py"), "--checkpoint", str(two), "--task", "depth",
+                        str(ROOT / "tools" / "add_task.py"), "--checkpoint", str(ddp_ep), "--task", "depth",
                         "--data", str(synthetic_root / "depth"), "--new-experts", "1", "--steps", "2",
                         "--out", str(tmp_path / "grown")],
                        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("old tasks' outputs bit-identical") == 1  # only rank 0 reports
-    # A world-size-2 checkpoint at step 2 resumes at world size 1 (and 1 -> 2): steps 3-4 continue alike.
-    for src, ranks in ((two, 1), (one, 2)):
+    # A step-2 checkpoint written by 2 ranks with expert parallelism resumes in one process, and one
+    # written by one process resumes on 2 ranks with FSDP2 + expert parallelism: steps 3-4 continue alike.
+    for src, ranks, extra in ((ddp_ep, 1, []), (one, 2, ["dist.strategy=fsdp", "dist.expert_parallel=2"])):
         resumed = tmp_path / f"resume_{src.name}_on_{ranks}"
         (resumed / "checkpoints").mkdir(parents=True)
         shutil.copytree(src / "checkpoints" / "step_0000002", resumed / "checkpoints" / "step_0000002")
         (resumed / "checkpoints" / "latest").write_text("step_0000002")
-        r = _train(tmp_path, synthetic_root, resumed, ranks, "resume=true")
+        r = _train(tmp_path, synthetic_root, resumed, ranks, "resume=true", *extra)
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
         lr = _losses(resumed)
         assert sorted(lr) == [3, 4]

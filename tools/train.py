@@ -6,6 +6,7 @@
     python tools/train.py experiment=synthetic resume=true                  # continue a killed run
     python tools/train.py experiment=synthetic_single_task single_task=det  # dense single-task baseline
     torchrun --nproc_per_node 2 tools/train.py experiment=synthetic          # data parallel (DDP) on 2 ranks
+    torchrun --nproc_per_node 2 tools/train.py experiment=synthetic dist.strategy=fsdp dist.expert_parallel=2
 """
 from __future__ import annotations
 

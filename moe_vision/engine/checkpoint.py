@@ -1,20 +1,38 @@
-"""Training checkpoints: model (safetensors) + optimiser, scheduler, sampler and RNG state.
+"""Training checkpoints written with ``torch.distributed.checkpoint`` (DCP), loadable at any world
+size and parallel layout.
 
-Layout under ``run_dir/checkpoints``: one folder per saved step, written as a temporary folder
-and renamed, and a ``latest`` file (replaced atomically) naming the newest complete one. A run
-killed mid-write leaves at most a stray ``.tmp`` folder that nothing reads.
+Layout under ``run_dir/checkpoints``::
+
+    step_0000200/
+        .metadata, __*_*.distcp   DCP: model + optimizer tensors, keyed by parameter name
+        trainer.pt                 scheduler, task sampler, data iterators, step (same on every rank)
+        rng_rank{r}.pt             each rank's RNG state
+    latest                         names the newest complete step folder
+
+Sharded tensors (FSDP parameters, expert slices under expert parallelism) are saved as DTensors:
+each rank writes its own shard once, and loading into another layout (world size 2 with expert
+parallelism -> 1 process, or back) reads exactly the slices each rank needs. Optimizer state is
+stored per parameter name (``optim.<name>.<key>``), so it follows its parameter's layout.
+
+Every rank calls :func:`save_checkpoint` and :func:`load_checkpoint` (they are collectives).
+The step folder is written under a temporary name and renamed by rank 0 once every rank has
+finished, so a run killed mid-write leaves at most a stray ``.tmp`` folder that nothing reads.
+For several machines, ``run_dir`` must be on a file system all of them share.
 """
 from __future__ import annotations
 
 import random
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
 from ..io_utils import atomic_path
-from ..models import load_weights, save_model
+from .distributed import DistContext
+
+TRAINER_STATE = "trainer.pt"
 
 
 def rng_state() -> dict:
@@ -30,22 +48,93 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(run_dir: Path, step: int, model, state: dict, keep: int = 2) -> Path:
-    """Write ``checkpoints/step_XXXXXXX`` and point ``checkpoints/latest`` at it; keep the newest ``keep``."""
+# ---------------------------------------------------------------------------- optimizer state by name
+def optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict[int, str],
+                      as_sharded: Callable[[str, torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``{"optim.<param name>.<key>": tensor}`` for every tensor in the optimizer's state.
+
+    ``names`` maps ``id(param)`` to its name; ``as_sharded(name, t)`` wraps a per-parameter state
+    tensor the way the parameter itself is stored (e.g. an expert slice as a DTensor).
+    """
+    out = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if torch.is_tensor(value):
+                    name = names[id(p)]
+                    out[f"optim.{name}.{key}"] = value if value.dim() == 0 else as_sharded(name, value)
+    return out
+
+
+def optimizer_hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict]:
+    return [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+
+
+def _saved_keys(path: Path) -> dict:
+    from torch.distributed.checkpoint import FileSystemReader
+    return FileSystemReader(str(path)).read_metadata().state_dict_metadata
+
+
+def optimizer_template(path: Path, model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Empty tensors shaped like the optimizer state saved in ``path``, each laid out like its
+    parameter in ``model_state`` (the current run's layout), for DCP to load into."""
+    template = {}
+    for key, meta in _saved_keys(path).items():
+        if not key.startswith("optim."):
+            continue
+        name, sub = key[len("optim."):].rsplit(".", 1)
+        if name not in model_state:
+            raise ValueError(f"checkpoint {path} holds optimizer state for {name!r}, which this model lacks")
+        if len(meta.size) == 0:
+            template[key] = torch.zeros((), dtype=meta.properties.dtype)
+        else:
+            template[key] = torch.empty_like(model_state[name])
+    return template
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, names: dict[int, str], loaded: dict[str, torch.Tensor],
+                      hyperparameters: list[dict], as_local: Callable[[str, torch.Tensor], torch.Tensor]) -> None:
+    """Put state loaded by name back into ``optimizer`` (``as_local`` undoes ``as_sharded``)."""
+    if len(hyperparameters) != len(optimizer.param_groups):
+        raise ValueError(f"checkpoint has {len(hyperparameters)} optimizer parameter groups, "
+                         f"this run {len(optimizer.param_groups)}")
+    for group, saved in zip(optimizer.param_groups, hyperparameters):
+        group.update(saved)
+        for p in group["params"]:
+            prefix = f"optim.{names[id(p)]}."
+            state = {k[len(prefix):]: v for k, v in loaded.items() if k.startswith(prefix)}
+            if state:
+                optimizer.state[p] = {k: (v if v.dim() == 0 else as_local(names[id(p)], v)) for k, v in state.items()}
+            else:
+                optimizer.state.pop(p, None)
+
+
+# ---------------------------------------------------------------------------- files
+def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], trainer_state: dict,
+                    ctx: DistContext, keep: int = 2) -> Path:
+    """Write ``checkpoints/step_XXXXXXX`` (all ranks call this) and point ``latest`` at it."""
+    import torch.distributed.checkpoint as dcp
     ckpt_root = Path(run_dir) / "checkpoints"
     final = ckpt_root / f"step_{step:07d}"
     tmp = ckpt_root / f".step_{step:07d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_model(model, tmp / "model.safetensors")
-    torch.save({"step": step, **state, "rng": rng_state()}, tmp / "state.pt")
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-    with atomic_path(ckpt_root / "latest") as t:
-        t.write_text(final.name)
-    for old in sorted(p for p in ckpt_root.glob("step_*") if p.is_dir())[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    if ctx.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    ctx.barrier()
+    dcp.save(tensors, checkpoint_id=str(tmp))
+    torch.save(rng_state(), tmp / f"rng_rank{ctx.rank}.pt")
+    if ctx.is_main:
+        torch.save({"step": step, "world_size": ctx.world_size, **trainer_state}, tmp / TRAINER_STATE)
+    ctx.barrier()
+    if ctx.is_main:
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        with atomic_path(ckpt_root / "latest") as t:
+            t.write_text(final.name)
+        for old in sorted(p for p in ckpt_root.glob("step_*") if p.is_dir())[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    ctx.barrier()
     return final
 
 
@@ -54,18 +143,29 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     if not pointer.is_file():
         return None
     path = pointer.parent / pointer.read_text().strip()
-    for f in ("model.safetensors", "state.pt"):
+    for f in (".metadata", TRAINER_STATE):
         if not (path / f).is_file():
-            raise FileNotFoundError(f"checkpoint {path} named by {pointer} is missing {f}")
+            raise FileNotFoundError(f"checkpoint {path} named by {pointer} is missing {f} "
+                                    "(incomplete, or written by moe-vision before distributed checkpoints)")
     return path
 
 
-def load_checkpoint(path: Path, model) -> dict:
-    """Load weights into ``model``; return the training state (RNG already restored)."""
-    load_weights(model, Path(path) / "model.safetensors")
+def load_checkpoint(path: Path, tensors: dict[str, torch.Tensor], ctx: DistContext) -> dict:
+    """Load ``tensors`` in place from ``path`` (resharding to their layout); restore this rank's RNG
+    (rank 0's when the checkpoint came from fewer ranks) and return the trainer state."""
+    import torch.distributed.checkpoint as dcp
+    path = Path(path)
+    saved = _saved_keys(path)
+    missing = sorted(k for k in tensors if k not in saved)
+    if missing:
+        raise ValueError(f"checkpoint {path} does not match the model: missing {missing[:5]} "
+                         "(check the model name and tasks)")
     try:
-        state = torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=False)
-    except Exception as e:  # torch raises many types for a damaged pickle
-        raise ValueError(f"training state {Path(path) / 'state.pt'} could not be read ({e})") from None
-    set_rng_state(state["rng"])
+        dcp.load(tensors, checkpoint_id=str(path))
+        state = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=False)
+        rng = path / f"rng_rank{ctx.rank}.pt"
+        set_rng_state(torch.load(rng if rng.is_file() else path / "rng_rank0.pt", weights_only=False))
+    except (RuntimeError, OSError, EOFError, ValueError) as e:
+        raise ValueError(f"checkpoint {path} could not be read ({str(e).splitlines()[0]})") from None
     return state
+

@@ -1,5 +1,6 @@
 """Process-group setup for runs under ``torchrun``: backend from the device, explicit timeout,
-rank / world size, the DDP wrapper, and the few collectives the trainer needs (barrier, log means).
+rank / world size, and the few collectives the trainer needs (barrier, log means). How the model is
+spread over the ranks (DDP, FSDP2, expert parallelism) is in :mod:`moe_vision.engine.parallel`.
 
 A process started without torchrun (no ``WORLD_SIZE`` in the environment, or 1) is a world of
 one: every helper here then does nothing, so single-process code paths stay untouched.
@@ -13,7 +14,6 @@ from typing import Any, Mapping
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from .._compat import require_distributed_torch
 
@@ -64,9 +64,6 @@ def backend_for(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
-STRATEGIES = ("ddp",)
-
-
 def init_distributed(device: torch.device, dist_cfg: Mapping[str, Any] | None = None) -> DistContext:
     """Join the process group torchrun describes in the environment (once per process).
 
@@ -78,13 +75,6 @@ def init_distributed(device: torch.device, dist_cfg: Mapping[str, Any] | None = 
     if world <= 1:
         return DistContext()
     require_distributed_torch()
-    strategy = dist_cfg.get("strategy", "ddp")
-    if strategy not in STRATEGIES:
-        raise ValueError(f"dist.strategy={strategy!r} is not available; expected one of {list(STRATEGIES)} "
-                         "(FSDP2 is planned, not built yet)")
-    if int(dist_cfg.get("expert_parallel", 1)) != 1:
-        raise ValueError(f"dist.expert_parallel={dist_cfg['expert_parallel']}: the MoE layer supports expert "
-                         "parallelism (moe_vision.moe.expert_parallel) but the trainer does not use it yet; use 1")
     timeout_s = float(dist_cfg.get("timeout_s", 600))
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     backend = backend_for(device)
@@ -101,21 +91,4 @@ def current_context() -> DistContext:
         return DistContext()
     return DistContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")),
                        dist.get_backend())
-
-
-def wrap_data_parallel(module: nn.Module, ctx: DistContext, dist_cfg: Mapping[str, Any] | None,
-                       device: torch.device) -> nn.Module:
-    """``module`` itself in a world of one, else ``DistributedDataParallel`` around it.
-
-    A step uses only its tasks' heads and routers, so the others get no gradient:
-    ``find_unused_parameters=True`` (the default) lets DDP mark them ready; ``static_graph``
-    cannot be used because the set of used routers changes from step to step.
-    """
-    if not ctx.enabled:
-        return module
-    from torch.nn.parallel import DistributedDataParallel
-    find_unused = bool((dist_cfg or {}).get("find_unused_parameters", True))
-    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
-                                   find_unused_parameters=find_unused)
-
 

@@ -4,6 +4,7 @@ checkpoints and exact resume."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import random
 import time
@@ -21,10 +22,12 @@ from ..models import save_model
 from ..moe import ExpertUsage
 from . import report
 from .builders import build_dataset, build_generalist, check_num_classes, resolve_device, run_dir_of
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .distributed import DistContext, init_distributed, wrap_data_parallel
+from .checkpoint import (latest_checkpoint, load_checkpoint, optimizer_hyperparameters, optimizer_template,
+                         optimizer_tensors, restore_optimizer, save_checkpoint)
+from .distributed import DistContext, init_distributed
 from .evaluate import chance_metrics, evaluate, fixed_subset
 from .optim import LossWeighting, build_optimizer, cosine_with_warmup
+from .parallel import parallelize
 from .step import MultiTaskStep
 
 
@@ -119,38 +122,66 @@ class Trainer:
                       for t, d in self.train_sets.items()}
         self.weighting = LossWeighting({t: float(cfg["tasks"][t].get("loss_weight", 1.0)) for t in self.tasks},
                                        self.tcfg.get("loss_weighting", "fixed")).to(self.device)
+        self.step_module = MultiTaskStep(self.model, self.weighting, self.amp_dtype)
+        dist_cfg = cfg.get("dist") or {}
+        sharded = self.dist.enabled and (dist_cfg.get("strategy", "ddp") == "fsdp"
+                                         or int(dist_cfg.get("expert_parallel", 1)) > 1)
+        # With FSDP or expert parallelism no rank holds the whole model: rank 0 keeps an unsharded
+        # copy, refreshed from the gathered state, to evaluate and to write plain model files.
+        self.eval_model = copy.deepcopy(self.model) if sharded and self.dist.is_main else self.model
+        self.runner, self.par = parallelize(self.step_module, self.dist, dist_cfg, self.device)
         self.optimizer = build_optimizer(self.model, float(self.tcfg["lr"]), float(self.tcfg["weight_decay"]),
                                          self.tcfg.get("betas", (0.9, 0.999)), list(self.weighting.parameters()))
         self.scheduler = cosine_with_warmup(self.optimizer, int(self.tcfg["warmup_steps"]), int(self.tcfg["steps"]),
                                             float(self.tcfg.get("min_lr_ratio", 0.0)))
-        self.step_module = MultiTaskStep(self.model, self.weighting, self.amp_dtype)
-        self.runner = wrap_data_parallel(self.step_module, self.dist, cfg.get("dist") or {}, self.device)
+        self.param_names = {id(p): n for n, p in self.step_module.named_parameters()}
         self.step = 0
 
     # ------------------------------------------------------------------ state
     def state(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "sampler": self.sampler.state_dict(), "iters": {t: it.state_dict() for t, it in self.iters.items()},
-                "weighting": self.weighting.state_dict()}
+        """What a checkpoint holds besides tensors (identical on every rank)."""
+        return {"optimizer_hparams": optimizer_hyperparameters(self.optimizer),
+                "scheduler": self.scheduler.state_dict(), "sampler": self.sampler.state_dict(),
+                "iters": {t: it.state_dict() for t, it in self.iters.items()}}
+
+    def _as_sharded(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        return self.par.as_expert_dtensor(t) if name in self.par.expert_params else t
+
+    def _as_local(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        return t.to_local() if name in self.par.expert_params else t
 
     def resume(self) -> bool:
+        """Continue from the latest checkpoint, whatever world size and layout wrote it."""
         path = latest_checkpoint(self.run_dir)
         if path is None:
             return False
-        state = load_checkpoint(path, self.model)
-        self.optimizer.load_state_dict(state["optimizer"])
+        model_state = self.par.sharded_state(self.step_module)  # views of the parameters: loaded in place
+        optim_state = optimizer_template(path, model_state)
+        state = load_checkpoint(path, {**model_state, **optim_state}, self.dist)
+        restore_optimizer(self.optimizer, self.param_names, optim_state, state["optimizer_hparams"], self._as_local)
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
         for t, s in state["iters"].items():
             self.iters[t].load_state_dict(s)
-        self.weighting.load_state_dict(state["weighting"])
         self.step = int(state["step"])
-        tqdm.write(f"resumed from {path} at step {self.step}")
+        if self.dist.is_main:
+            tqdm.write(f"resumed from {path} (written by {state['world_size']} rank(s)) at step {self.step}")
         return True
 
     def save(self) -> Path:
-        return save_checkpoint(self.run_dir, self.step, self.model, self.state(),
+        """A checkpoint of the current step (every rank calls this)."""
+        tensors = {**self.par.sharded_state(self.step_module),
+                   **optimizer_tensors(self.optimizer, self.param_names, self._as_sharded)}
+        return save_checkpoint(self.run_dir, self.step, tensors, self.state(), self.dist,
                                keep=int(self.tcfg.get("keep_checkpoints", 2)))
+
+    def sync_eval_model(self) -> None:
+        """Gather the sharded model into rank 0's unsharded copy (every rank calls this)."""
+        if not self.par.sharded:
+            return
+        full = self.par.full_state(self.step_module)
+        if self.dist.is_main:
+            self.eval_model.load_state_dict({k[len("model."):]: v for k, v in full.items() if k.startswith("model.")})
 
     # ------------------------------------------------------------------ one step
     def _train_mode(self) -> None:
@@ -172,9 +203,10 @@ class Trainer:
                                      "lower train.lr or enable train.grad_clip")
         with record_function("backward"):
             loss.backward()
+            self.par.finish_gradients()
         with record_function("optimizer"):
             clip = float(self.tcfg.get("grad_clip", 0.0))
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip) if clip > 0 else None
+            grad_norm = self.par.clip_grad_norm(list(self.model.parameters()), clip) if clip > 0 else None
             self.optimizer.step()
             self.scheduler.step()
         self.step += 1
@@ -221,19 +253,19 @@ class Trainer:
                                         f" mi={rec['aux']['mutual_information']:.3f} lb={rec['aux']['load_balance']:.2f}"
                                         f" img/s={ips:.0f} task={','.join(rec['tasks'])}")
                 if eval_every and self.step % eval_every == 0 and self.step < steps:
+                    self.sync_eval_model()
                     if main:
                         self.periodic_validation(writer)
                     self.dist.barrier()
                 if ckpt_every and self.step % ckpt_every == 0 and self.step < steps:
-                    if main:
-                        self.save()
-                    self.dist.barrier()
+                    self.save()
         bar.close()
         train_seconds = time.time() - t0
         results: dict = {"train_seconds": train_seconds}
+        self.save()
+        self.sync_eval_model()
         if main:
-            self.save()
-            save_model(self.model, self.run_dir / "model.safetensors")
+            save_model(self.eval_model, self.run_dir / "model.safetensors")
             results.update(self.final_evaluation())
             writer.close()
         # No barrier here: the others need not wait (and time out) while rank 0 evaluates the full split.
@@ -250,7 +282,7 @@ class Trainer:
 
     def periodic_validation(self, writer) -> dict:
         """Metrics on the fixed validation subsets, logged to TensorBoard and ``val_log.jsonl``."""
-        m = evaluate(self.model, self.periodic_sets, int(self.cfg["eval"]["batch_size"]), None, self.device,
+        m = evaluate(self.eval_model, self.periodic_sets, int(self.cfg["eval"]["batch_size"]), None, self.device,
                      progress=False, autocast_dtype=self.amp_dtype)
         self._log_validation(m, subset=True)
         for task, ms in m.items():
@@ -272,14 +304,14 @@ class Trainer:
                 if (self.run_dir / name).is_file() else [])
         plot_curves(read("train_log.jsonl"), read("val_log.jsonl"),
                     {t: self.model.spec(t).primary_metric for t in self.tasks}, self.run_dir / "curves.png")
-        plot_predictions(self.model, self.val_sets, self.run_dir / "predictions.png", device=self.device)
+        plot_predictions(self.eval_model, self.val_sets, self.run_dir / "predictions.png", device=self.device)
 
     def final_evaluation(self) -> dict:
-        usage = ExpertUsage(self.model.backbone.moe_layers(), self.tasks)
-        metrics = evaluate(self.model, self.val_sets, int(self.cfg["eval"]["batch_size"]),
+        usage = ExpertUsage(self.eval_model.backbone.moe_layers(), self.tasks)
+        metrics = evaluate(self.eval_model, self.val_sets, int(self.cfg["eval"]["batch_size"]),
                            self.cfg["eval"].get("max_batches"), self.device, usage=usage, results_dir=self.run_dir,
                            autocast_dtype=self.amp_dtype)
-        chance = chance_metrics(self.model, self.val_sets)
+        chance = chance_metrics(self.eval_model, self.val_sets)
         report.write_run_reports(self.run_dir, metrics, chance, usage)
         self._log_validation(metrics, subset=False)
         self.write_pictures()

@@ -43,8 +43,24 @@ def sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
     the single-process gradient."""
     if active_world_size() == 1:
         return x
-    from torch.distributed.nn.functional import all_reduce
-    return all_reduce(x, op=dist.ReduceOp.SUM)
+    return _SumOverRanks.apply(x)
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """All-reduce (sum) whose backward all-reduces the incoming gradient (y = sum_r x_r, so
+    dL/dx_r = sum over ranks of dL_r/dy)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        y = x.clone()
+        dist.all_reduce(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
 
 
 def mean_count_over_ranks(count: float, device: torch.device) -> float:

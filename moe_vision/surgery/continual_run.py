@@ -75,15 +75,18 @@ def add_task_run(checkpoint: str | Path, task: str, data_dir: str | Path, out: s
     cfg = copy.deepcopy(run_cfg)
     cfg.update(tasks={task: task_cfg}, data=data_cfg, output_dir=str(out), resume=False, single_task=None)
     cfg["train"] = {**cfg["train"], "steps": steps, "sampling": {**cfg["train"]["sampling"], "tasks_per_step": 1}}
+    # The grown layers hold old (frozen) and new expert groups; expert parallelism covers only a
+    # layer's base experts, so the new task trains with every rank holding every expert.
+    cfg["dist"] = {**(cfg.get("dist") or {}), "expert_parallel": 1}
     trainer = Trainer(cfg, model=grown)
     result = trainer.fit()
     trainer.dist.shutdown()
     if not trainer.dist.is_main:  # under torchrun only rank 0 checks, evaluates and reports
         return None
 
-    after_out = {t: outputs_on_probe(trainer.model, [t], probe[t])[t] for t in old_tasks}
+    after_out = {t: outputs_on_probe(trainer.eval_model, [t], probe[t])[t] for t in old_tasks}
     identical = bit_identical(before_out, after_out)
-    after = evaluate(trainer.model, old_val, progress=False)
+    after = evaluate(trainer.eval_model, old_val, progress=False)
     new_metric = result["metrics"][task]
     report.write_json(out / "metrics.json", {**after, task: new_metric})
     report.write_json(out / "config.json", {**cfg, "tasks": {**run_cfg["tasks"], task: task_cfg}})
