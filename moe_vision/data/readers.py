@@ -82,6 +82,9 @@ class ImageFolderDataset(_Base):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def image_paths(self) -> list[Path]:
+        return [p for p, _ in self.samples]
+
     def __getitem__(self, i: int):
         path, label = self.samples[i]
         return self._apply(read_image(path), {"label": torch.tensor(label)})
@@ -139,6 +142,9 @@ class CocoDetectionDataset(_Base):
     def __len__(self) -> int:
         return len(self.images)
 
+    def image_paths(self) -> list[Path]:
+        return [self.img_dir / im["file_name"] for im in self.images]
+
     def __getitem__(self, i: int):
         info = self.images[i]
         image = read_image(self.img_dir / info["file_name"])
@@ -170,6 +176,9 @@ class _PairedDataset(_Base):
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def image_paths(self) -> list[Path]:
+        return list(self.images)
 
     def _read_pair(self, i: int) -> tuple[tv_tensors.Image, np.ndarray]:
         image, label = read_image(self.images[i]), read_label_png(self.labels[i])

@@ -38,7 +38,32 @@ def build_dataset(task: str, task_cfg: Mapping[str, Any], data_cfg: Mapping[str,
         return ADE20KDataset(d["root"], split, transform, reduce_zero_label=bool(d.get("reduce_zero_label", True)))
     if fmt == "nyu_depth":
         return DepthDataset(d["root"], split, transform, max_depth=float(d.get("max_depth", 10.0)))
-    raise ValueError(f"data.tasks.{task}.format={fmt!r}; expected one of imagefolder, coco, ade20k, nyu_depth")
+    if fmt in ("images", "task_images"):
+        return unlabelled_dataset(task, task_cfg, data_cfg, d, split, transform)
+    raise ValueError(f"data.tasks.{task}.format={fmt!r}; expected one of imagefolder, coco, ade20k, nyu_depth, "
+                     "images, task_images")
+
+
+def unlabelled_dataset(task: str, task_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any], entry: Mapping[str, Any],
+                       split: str, transform):
+    """Pre-training images: ``format: images`` reads ``root/<split>`` (or ``root`` itself when it
+    has no such sub-folder) recursively; ``format: task_images`` takes the images of the data
+    config's tasks named in ``from`` (their labels ignored)."""
+    from ..pretrain import UnlabelledImages, images_under
+    if entry["format"] == "images":
+        root = Path(entry["root"])
+        paths = images_under(root / split if (root / split).is_dir() else root)
+    else:
+        sources = list(entry.get("from") or [])
+        if not sources:
+            raise ValueError(f"data.tasks.{task}.from is empty: name the tasks whose images to pre-train on")
+        paths = []
+        for name in sources:
+            if name not in (data_cfg.get("tasks") or {}) or name == task:
+                raise ValueError(f"data.tasks.{task}.from names {name!r}, which is not another task of the data config")
+            paths += build_dataset(name, {}, data_cfg, split, False).image_paths()
+    return UnlabelledImages(paths, transform, int(task_cfg["patch_size"]), float(task_cfg.get("mask_ratio", 0.75)),
+                            bool(task_cfg.get("norm_pix", True)))
 
 
 def check_num_classes(task: str, task_cfg: Mapping[str, Any], dataset) -> None:
@@ -53,7 +78,12 @@ def build_generalist(cfg: Mapping[str, Any]) -> GeneralistModel:
     tasks = {name: head_config(t) for name, t in cfg["tasks"].items()}
     if not tasks:
         raise ValueError("no tasks configured: choose an experiment (experiment=synthetic) or set tasks")
-    backbone = build_backbone(cfg["model"], list(tasks))
+    model_cfg = {k: v for k, v in cfg["model"].items() if k not in ("init_from", "init_routers_from")}
+    backbone = build_backbone(model_cfg, list(tasks))
+    for name, t in tasks.items():
+        if "patch_size" in t and int(t["patch_size"]) != backbone.patch_size:
+            raise ValueError(f"tasks.{name}.patch_size={t['patch_size']} but the backbone's patch size is "
+                             f"{backbone.patch_size}; set tasks.{name}.patch_size={backbone.patch_size}")
     return GeneralistModel(backbone, tasks, cfg.get("decoder"))
 
 

@@ -121,7 +121,7 @@ def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], 
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     ctx.barrier()
-    dcp.save(tensors, checkpoint_id=str(tmp))
+    dcp.save(tensors, checkpoint_id=str(tmp), no_dist=not ctx.enabled)
     torch.save(rng_state(), tmp / f"rng_rank{ctx.rank}.pt")
     if ctx.is_main:
         torch.save({"step": step, "world_size": ctx.world_size, **trainer_state}, tmp / TRAINER_STATE)
@@ -161,7 +161,7 @@ def load_checkpoint(path: Path, tensors: dict[str, torch.Tensor], ctx: DistConte
         raise ValueError(f"checkpoint {path} does not match the model: missing {missing[:5]} "
                          "(check the model name and tasks)")
     try:
-        dcp.load(tensors, checkpoint_id=str(path))
+        dcp.load(tensors, checkpoint_id=str(path), no_dist=not ctx.enabled)
         state = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=False)
         rng = path / f"rng_rank{ctx.rank}.pt"
         set_rng_state(torch.load(rng if rng.is_file() else path / "rng_rank0.pt", weights_only=False))

@@ -68,7 +68,7 @@ def evaluate(model: GeneralistModel, datasets: Mapping[str, object], batch_size:
         for images, targets in tqdm(iterate_batches(dataset, batch_size, max_batches), total=total, desc=f"eval {task}",
                                     leave=False, disable=not progress):
             with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-                out, routing = model(images.to(device), task, return_routing=True)
+                out, routing = model(images.to(device), task, return_routing=True, targets=targets)
             if usage is not None:
                 usage.update(routing)
             ev.update(spec.postprocess(out, targets), targets)

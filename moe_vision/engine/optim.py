@@ -11,24 +11,33 @@ _NO_DECAY_NAMES = ("pos_embed", "cls_token", "task_embed", "query_embed", "query
                    ".router.", "log_vars")
 
 
-def param_groups(model: nn.Module, weight_decay: float, extra: list[nn.Parameter] | None = None) -> list[dict]:
-    """Two groups; only trainable parameters (``requires_grad``) are included."""
-    decay, no_decay = [], []
+def param_groups(model: nn.Module, weight_decay: float, extra: list[nn.Parameter] | None = None,
+                 lr: float | None = None, head_lr_mult: float = 1.0) -> list[dict]:
+    """Groups by weight decay (on / off) and, with ``head_lr_mult != 1``, by learning rate (the
+    task heads, ``heads.*``, at ``lr * head_lr_mult``); only trainable parameters are included
+    and empty groups are left out."""
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {(d, h): [] for d in (True, False) for h in (False, True)}
+    split_heads = head_lr_mult != 1.0
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         # Stacked expert biases (b1, b2, GroupedLinear bias) are 2-D but still biases.
-        if p.ndim <= 1 or name.endswith(("bias", ".b1", ".b2")) or any(k in name for k in _NO_DECAY_NAMES):
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    no_decay += [p for p in (extra or []) if p.requires_grad]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        no_decay = p.ndim <= 1 or name.endswith(("bias", ".b1", ".b2")) or any(k in name for k in _NO_DECAY_NAMES)
+        groups[(not no_decay, split_heads and name.startswith("heads."))].append(p)
+    groups[(False, False)] += [p for p in (extra or []) if p.requires_grad]
+    out = []
+    for (decay, head), params in groups.items():
+        if params or (not head and not split_heads):  # the plain two groups always exist
+            group = {"params": params, "weight_decay": weight_decay if decay else 0.0}
+            if head and lr is not None:
+                group["lr"] = lr * head_lr_mult
+            out.append(group)
+    return out
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.999),
-                    extra: list[nn.Parameter] | None = None) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, weight_decay, extra), lr=lr, betas=tuple(betas))
+                    extra: list[nn.Parameter] | None = None, head_lr_mult: float = 1.0) -> torch.optim.AdamW:
+    return torch.optim.AdamW(param_groups(model, weight_decay, extra, lr, head_lr_mult), lr=lr, betas=tuple(betas))
 
 
 def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,

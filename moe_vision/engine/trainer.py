@@ -20,6 +20,7 @@ from ..data import InfiniteBatches, TaskSampler, collate
 from ..data.synthetic import SyntheticConfig, generate, is_complete
 from ..models import save_model
 from ..moe import ExpertUsage
+from ..pretrain.transfer import init_from_pretrained, set_trainable
 from . import report
 from .builders import build_dataset, build_generalist, check_num_classes, resolve_device, run_dir_of
 from .checkpoint import (latest_checkpoint, load_checkpoint, optimizer_hyperparameters, optimizer_template,
@@ -93,7 +94,14 @@ class Trainer:
             ensure_synthetic(cfg["data"], progress=tqdm.write)
         self.dist.barrier()
         seed_everything(int(cfg["seed"]))
-        self.model = (model if model is not None else build_generalist(cfg)).to(self.device)
+        self.model = model if model is not None else build_generalist(cfg)
+        self.init_report = None
+        if model is None and cfg["model"].get("init_from"):  # fine-tuning from a pre-trained run
+            self.init_report = init_from_pretrained(self.model, cfg["model"]["init_from"],
+                                                    cfg["model"].get("init_routers_from"))
+        if model is None and self.tcfg.get("trainable", "all") != "all":
+            set_trainable(self.model, self.tcfg["trainable"])
+        self.model = self.model.to(self.device)
         self.model.backbone.grad_checkpointing = bool(self.tcfg.get("grad_checkpointing", False))
         # Frozen normalisation layers (surgery tools) must not update their running statistics.
         self.frozen_norms = [m for m in self.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
@@ -131,7 +139,8 @@ class Trainer:
         self.eval_model = copy.deepcopy(self.model) if sharded and self.dist.is_main else self.model
         self.runner, self.par = parallelize(self.step_module, self.dist, dist_cfg, self.device)
         self.optimizer = build_optimizer(self.model, float(self.tcfg["lr"]), float(self.tcfg["weight_decay"]),
-                                         self.tcfg.get("betas", (0.9, 0.999)), list(self.weighting.parameters()))
+                                         self.tcfg.get("betas", (0.9, 0.999)), list(self.weighting.parameters()),
+                                         float(self.tcfg.get("head_lr_mult", 1.0)))
         self.scheduler = cosine_with_warmup(self.optimizer, int(self.tcfg["warmup_steps"]), int(self.tcfg["steps"]),
                                             float(self.tcfg.get("min_lr_ratio", 0.0)))
         self.param_names = {id(p): n for n, p in self.step_module.named_parameters()}
@@ -228,6 +237,14 @@ class Trainer:
         main = self.dist.is_main  # only rank 0 writes logs, reports, pictures and checkpoints
         if main:
             report.write_json(self.run_dir / "config.json", self.cfg)
+            if self.init_report is not None:
+                r = self.init_report
+                report.write_json(self.run_dir / "init_from.json", r)
+                tqdm.write(f"initialised from {r['source']}: {len(r['loaded'])} tensors loaded, "
+                           f"{len(r['routers_from'])} router/task-embedding tensors from "
+                           f"'{self.cfg['model'].get('init_routers_from')}', {len(r['new'])} new "
+                           f"(e.g. {', '.join(r['new'][:3])}), {len(r['ignored'])} ignored "
+                           f"(e.g. {', '.join(r['ignored'][:3])})")
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(str(self.run_dir / "tb")) if main else None
         steps = int(self.tcfg["steps"])
@@ -304,7 +321,15 @@ class Trainer:
                 if (self.run_dir / name).is_file() else [])
         plot_curves(read("train_log.jsonl"), read("val_log.jsonl"),
                     {t: self.model.spec(t).primary_metric for t in self.tasks}, self.run_dir / "curves.png")
-        plot_predictions(self.eval_model, self.val_sets, self.run_dir / "predictions.png", device=self.device)
+        pictured = {}
+        for task, dataset in self.val_sets.items():
+            spec = self.eval_model.spec(task)
+            if hasattr(spec, "write_pictures"):  # e.g. masked image modelling: reconstructions.png
+                spec.write_pictures(self.eval_model, task, dataset, self.run_dir)
+            else:
+                pictured[task] = dataset
+        if pictured:
+            plot_predictions(self.eval_model, pictured, self.run_dir / "predictions.png", device=self.device)
 
     def final_evaluation(self) -> dict:
         usage = ExpertUsage(self.eval_model.backbone.moe_layers(), self.tasks)

@@ -76,7 +76,8 @@ class GeneralistModel(nn.Module):
         size = tuple(images.shape[-2:])
         feats = self.pixel_decoder(maps, stem_maps, size)
         deep = self.training and bool(self.decoder_config.get("deep_supervision"))
-        out = spec.forward(self.heads[task], self.decoder, feats, size, deep, targets if self.training else None)
+        give_targets = self.training or spec.queries_from_targets
+        out = spec.forward(self.heads[task], self.decoder, feats, size, deep, targets if give_targets else None)
         return (out, routing) if return_routing else out
 
     @torch.no_grad()

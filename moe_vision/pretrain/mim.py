@@ -1,0 +1,101 @@
+"""GLID-style masked image modelling posed as queries to the shared decoder.
+
+Every masked patch is one question to the query decoder: its content is the shared mask query
+(the decoder's learned query 1) and its position the sine embedding of the patch centre, the same
+code the memory tokens' positions use. A [CLS] query (the decoder's learned query 0, the one
+classification reads) is asked alongside. One linear layer regresses each masked patch's
+(normalised) pixels from its answer: the only parameter that exists for pre-training alone.
+Fine-tuning keeps the encoder, the decoder and its queries, and replaces this layer by the
+tasks' heads.
+
+Legend: B batch, Nm masked patches per image, P = p*p*3 values per patch, D decoder dim.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..decoder import Queries
+from ..decoder.pixel_decoder import sine_embed_points
+from ..tasks.base import Evaluator, Task, register_task
+from .masking import patch_centres
+
+CLS_QUERY, MASK_QUERY = 0, 1
+
+
+class ReconstructionEvaluator(Evaluator):
+    """Mean squared error over the masked patches' (normalised) pixels; an input-blind predictor
+    of the patch mean scores 1.0 on normalised targets."""
+
+    def __init__(self) -> None:
+        self.sq, self.n = 0.0, 0
+
+    def update(self, preds: list[torch.Tensor], targets: list[dict]) -> None:
+        for pred_NmP, t in zip(preds, targets):
+            want = t["patches"][t["mask"]].to(pred_NmP.device)
+            self.sq += float(((pred_NmP.float() - want) ** 2).sum())
+            self.n += want.numel()
+
+    def compute(self) -> dict[str, float]:
+        return {"mse": self.sq / max(1, self.n)}
+
+
+def masked_indices(targets: list[dict], device) -> torch.Tensor:
+    """``[B, Nm]`` indices of each image's masked patches (every image hides the same number)."""
+    masks = torch.stack([t["mask"] for t in targets]).to(device)
+    counts = masks.sum(1)
+    if not bool((counts == counts[0]).all()):
+        raise ValueError(f"images in a batch hide different numbers of patches {counts.tolist()}")
+    return masks.nonzero()[:, 1].reshape(masks.shape[0], int(counts[0]))
+
+
+@register_task
+class MaskedImageModelingTask(Task):
+    """Task type ``mim``. Options: ``patch_size`` (the backbone's), ``mask_ratio``, ``norm_pix``."""
+
+    type_name, primary_metric = "mim", "mse"
+    lower_is_better = True
+    queries_from_targets = True  # the masked positions are the questions, also at evaluation
+
+    def build_head(self, dim: int) -> nn.Module:
+        return nn.Linear(dim, int(self.options["patch_size"]) ** 2 * 3)
+
+    def check_decoder(self, num_queries: int) -> None:
+        if num_queries < 2:
+            raise ValueError(f"masked image modelling needs decoder.num_queries >= 2 (a [CLS] and a mask query), "
+                             f"got {num_queries}")
+
+    def forward(self, head, decoder, feats, image_size, deep_supervision=False, targets=None):
+        if targets is None:
+            raise ValueError("masked image modelling needs the masks (targets) at every forward")
+        B, device = feats.memory_BMD.shape[0], feats.memory_BMD.device
+        p = int(self.options["patch_size"])
+        idx_BNm = masked_indices(targets, device)
+        centres_BNm2 = patch_centres((image_size[0] // p, image_size[1] // p)).to(device)[idx_BNm]
+        content = torch.cat([decoder.query_embed[CLS_QUERY].expand(B, 1, -1),
+                             decoder.query_embed[MASK_QUERY].expand(B, idx_BNm.shape[1], -1)], 1)
+        pos = torch.cat([decoder.query_pos[CLS_QUERY].expand(B, 1, -1),
+                         sine_embed_points(centres_BNm2, decoder.dim).to(content.dtype)], 1)
+        answers_BQD = decoder(feats.memory_BMD, feats.memory_pos_BMD, queries=Queries(content, pos),
+                              centres_M2=feats.centres_M2)
+        return {"pred_BNmP": head(answers_BQD[:, 1:]), "cls_BD": answers_BQD[:, 0], "idx_BNm": idx_BNm}
+
+    def loss(self, outputs, targets):
+        pred = outputs["pred_BNmP"].float()
+        want = torch.stack([t["patches"] for t in targets]).to(pred.device)
+        want = torch.gather(want, 1, outputs["idx_BNm"][..., None].expand(-1, -1, want.shape[-1]))
+        mse = ((pred - want) ** 2).mean()
+        return {"loss": mse, "mim": mse}
+
+    def postprocess(self, outputs, targets):
+        return list(outputs["pred_BNmP"].float().detach().cpu())
+
+    def evaluator(self, dataset) -> Evaluator:
+        return ReconstructionEvaluator()
+
+    def chance_predictions(self, dataset, targets):
+        return [torch.zeros_like(t["patches"][t["mask"]]) for t in targets]
+
+    def write_pictures(self, model, task: str, dataset, run_dir) -> None:
+        from .visualize import plot_reconstructions
+        plot_reconstructions(model, task, dataset, run_dir / "reconstructions.png")
