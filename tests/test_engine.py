@@ -130,3 +130,15 @@ def test_param_groups_schedule_and_uncertainty_weighting():
     torch.testing.assert_close(w("a", torch.tensor(3.0)), torch.tensor(6.0))
     with pytest.raises(ValueError, match="loss_weighting"):
         LossWeighting({"a": 1.0}, "magic")
+
+
+def test_low_label_budget_and_head_learning_rate(synthetic_root, tmp_path):
+    trainer = Trainer(make_cfg(synthetic_root, tmp_path / "ll", "data.max_train_images=5", "train.head_lr_mult=5"))
+    assert {t: len(d) for t, d in trainer.train_sets.items()} == {"cls": 5, "det": 5, "seg": 5}
+    base = float(trainer.tcfg["lr"])
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    heads = [g for g in trainer.optimizer.param_groups if g["lr"] == pytest.approx(5 * base)]
+    others = [g for g in trainer.optimizer.param_groups if g["lr"] == pytest.approx(base)]
+    assert heads and all(names[id(p)].startswith("heads.") for g in heads for p in g["params"])
+    assert all(not names.get(id(p), "").startswith("heads.") for g in others for p in g["params"])
+    assert sum(len(g["params"]) for g in heads) == sum(1 for n in names.values() if n.startswith("heads."))

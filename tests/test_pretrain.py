@@ -162,6 +162,9 @@ def test_pretrain_then_finetune_from_it(synthetic_root, tmp_path):
     assert "decoder.query_embed" in rep["loaded"] and "backbone.blocks.0.attn.qkv.weight" in rep["loaded"]
     assert torch.equal(state["backbone.blocks.1.mlp.router.gates.seg.weight"],
                        src["backbone.blocks.1.mlp.router.gates.pretrain.weight"])
+    encoder_only = init_from_pretrained(build_generalist(cfg), run, init_routers_from="pretrain", keep="encoder")
+    assert encoder_only["loaded"] and all(n.startswith("backbone.") for n in encoder_only["loaded"])
+    assert "decoder.query_embed" in encoder_only["new"] and "pixel_decoder.level_embed" in encoder_only["new"]
     counts = set_trainable(model, "head")
     assert counts["trainable"] == sum(p.numel() for n, p in model.named_parameters() if n.startswith("heads."))
 
@@ -204,3 +207,84 @@ def test_pretraining_bad_input(synthetic_root, tmp_path):
         init_from_pretrained(other, tmp_path / "small.safetensors")
     with pytest.raises(ValueError, match="train.trainable='encoder'"):
         set_trainable(other, "encoder")
+
+
+# ------------------------------------------------------------------ hybrid objective
+SEG_NAMES = ["background"] + [f"digit_{i}" for i in range(10)] + ["circle", "square", "triangle"]
+
+
+def _sources(root: Path) -> dict:
+    from moe_vision.data import ADE20KDataset, CocoDetectionDataset, DepthDataset, ImageFolderDataset
+    return {"cls": ImageFolderDataset(root / "cls", "train"),
+            "det": CocoDetectionDataset(root / "det" / "annotations" / "instances_train.json", root / "det" / "train"),
+            "seg": ADE20KDataset(root / "seg", "train", reduce_zero_label=False),
+            "depth": DepthDataset(root / "depth", "train")}
+
+
+def test_multilabel_targets_from_each_format(synthetic_root):
+    from moe_vision.pretrain import LabelSpace
+    sources = _sources(synthetic_root)
+    with pytest.raises(ValueError, match="class_names.seg"):
+        LabelSpace(sources)
+    space = LabelSpace(sources, {"seg": SEG_NAMES})
+    assert space.names[:13] == sources["cls"].classes and len(space) == 14  # same names share a column
+    det = sources["det"]
+    k = next(i for i in range(len(det)) if len(set(det.targets[i][j][4] for j in range(len(det.targets[i])))) == 2)
+    present, known = space.target("det", det, det[k][1])
+    names = {det.classes[int(row[4])] for row in det.targets[k]}
+    assert {space.names[i] for i in present.nonzero()[:, 0].tolist()} == names and int(present.sum()) == 2
+    assert int(known.sum()) == 13 and not bool(known[space.names.index("background")])  # det's own columns only
+    present, known = space.target("cls", sources["cls"], sources["cls"][0][1])
+    assert int(known.sum()) == 1 and int(present.sum()) == 1  # a single label says nothing about the rest
+    assert space.names[int(present.argmax())] == sources["cls"].classes[int(sources["cls"][0][1]["label"])]
+    seg_target = sources["seg"][0][1]
+    present, known = space.target("seg", sources["seg"], seg_target)
+    in_map = {SEG_NAMES[int(v)] for v in torch.as_tensor(seg_target["mask"]).unique()}
+    assert {space.names[i] for i in present.nonzero()[:, 0].tolist()} == in_map and int(known.sum()) == 14
+    present, known = space.target("depth", sources["depth"], sources["depth"][0][1])
+    assert not bool(known.any())
+
+
+def test_contrastive_and_masked_multilabel_losses_by_hand():
+    import math
+    from moe_vision.pretrain import info_nce, masked_bce
+    z1, z2 = torch.randn(4, 3), torch.randn(4, 3)
+    n1 = [v / v.norm() for v in z1]
+    n2 = [v / v.norm() for v in z2]
+    t = 0.3
+
+    def ce(rows, i):
+        logits = [float(rows[i] @ other) / t for other in rows_other]
+        return -logits[i] + math.log(sum(math.exp(v) for v in logits))
+    rows_other = n2
+    a = sum(ce(n1, i) for i in range(4)) / 4
+    rows_other = n1
+    b = sum(ce(n2, i) for i in range(4)) / 4
+    assert float(info_nce(z1, z2, t)) == pytest.approx(0.5 * (a + b), rel=1e-5)
+    logits = torch.tensor([[2.0, -1.0, 0.5]])
+    present, known = torch.tensor([[1.0, 0.0, 1.0]]), torch.tensor([[1.0, 1.0, 0.0]])
+    want = (math.log(1 + math.exp(-2.0)) + math.log(1 + math.exp(-1.0))) / 2  # the third column is unknown
+    assert float(masked_bce(logits, present, known)) == pytest.approx(want, rel=1e-6)
+    present[0, 2] = 0.0  # an unannotated column may hold anything
+    assert float(masked_bce(logits, present, known)) == pytest.approx(want, rel=1e-6)
+
+
+def test_hybrid_pretraining_runs_and_its_terms_switch_off(synthetic_root, tmp_path):
+    out = tmp_path / "hy"
+    r = _tool("pretrain.py", "experiment=pretrain_hybrid", *SMALL, f"data.root={synthetic_root}", f"output_dir={out}",
+              "tasks.pretrain.batch_size=4", "train.steps=2", "train.eval_every=0",
+              "tasks.pretrain.loss_weights.contrastive=0")
+    assert r.returncode == 0, r.stderr[-3000:]
+    logged = json.loads((out / "train_log.jsonl").read_text().splitlines()[-1])["task_losses"]["pretrain"]
+    assert {"mim", "multilabel"} <= set(logged) and "contrastive" not in logged
+    metrics = json.loads((out / "metrics.json").read_text())["pretrain"]
+    assert {"mse", "ml_acc", "retrieval_top1"} <= set(metrics) and (out / "reconstructions.png").is_file()
+    # Data without labels cannot feed the multi-label term: a clear message.
+    (tmp_path / "imgs").mkdir()
+    from PIL import Image
+    for i in range(4):
+        Image.new("RGB", (32, 32), (40 * i, 0, 0)).save(tmp_path / "imgs" / f"{i}.png")
+    r = _tool("pretrain.py", "experiment=pretrain_hybrid", *SMALL, f"data.root={synthetic_root}",
+              f"output_dir={tmp_path / 'nolabels'}", "data.tasks.pretrain.format=images",
+              f"+data.tasks.pretrain.root={tmp_path / 'imgs'}")
+    assert r.returncode != 0 and "set tasks.pretrain.loss_weights.multilabel=0" in r.stderr

@@ -6,6 +6,7 @@ configs/train.yaml with a pre-training experiment).
     python tools/pretrain.py experiment=pretrain_glid data.tasks.pretrain.format=images \\
         data.tasks.pretrain.root=/path/to/images                              # any folder, searched recursively
     python tools/pretrain.py experiment=pretrain_glid resume=true             # continue a killed run
+    python tools/pretrain.py experiment=pretrain_hybrid                       # multi-label + MIM + contrastive
     python tools/train.py experiment=synthetic model.init_from=runs/pretrain_glid   # then fine-tune
 
 The run directory is a training run's (checkpoints, TensorBoard, logs, metrics.json with the
@@ -25,7 +26,7 @@ from moe_vision.engine import report  # noqa: E402
 from moe_vision.engine.builders import prepare_config  # noqa: E402
 from moe_vision.engine.trainer import Trainer  # noqa: E402
 
-PRETRAIN_TYPES = ("mim",)
+PRETRAIN_TYPES = ("mim", "hybrid")
 
 
 @hydra.main(config_path="../configs", config_name="train", version_base="1.3")
@@ -35,7 +36,8 @@ def main(cfg: DictConfig) -> None:
         other = {t: c.get("type", t) for t, c in cfg["tasks"].items() if c.get("type", t) not in PRETRAIN_TYPES}
         if not cfg["tasks"] or other:
             raise ValueError(f"tools/pretrain.py trains pre-training objectives ({', '.join(PRETRAIN_TYPES)}); "
-                             f"got tasks {other or 'none'}: pass experiment=pretrain_glid, or use tools/train.py")
+                             f"got tasks {other or 'none'}: pass experiment=pretrain_glid or "
+                             "experiment=pretrain_hybrid, or use tools/train.py")
         trainer = Trainer(cfg)
         out = trainer.fit()
         trainer.dist.shutdown()

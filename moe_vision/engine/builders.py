@@ -39,31 +39,49 @@ def build_dataset(task: str, task_cfg: Mapping[str, Any], data_cfg: Mapping[str,
     if fmt == "nyu_depth":
         return DepthDataset(d["root"], split, transform, max_depth=float(d.get("max_depth", 10.0)))
     if fmt in ("images", "task_images"):
-        return unlabelled_dataset(task, task_cfg, data_cfg, d, split, transform)
+        return pretraining_dataset(task, task_cfg, data_cfg, d, split, transform)
     raise ValueError(f"data.tasks.{task}.format={fmt!r}; expected one of imagefolder, coco, ade20k, nyu_depth, "
                      "images, task_images")
 
 
-def unlabelled_dataset(task: str, task_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any], entry: Mapping[str, Any],
-                       split: str, transform):
+def pretraining_dataset(task: str, task_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any],
+                        entry: Mapping[str, Any], split: str, transform):
     """Pre-training images: ``format: images`` reads ``root/<split>`` (or ``root`` itself when it
     has no such sub-folder) recursively; ``format: task_images`` takes the images of the data
-    config's tasks named in ``from`` (their labels ignored)."""
+    config's tasks named in ``from``. Masked image modelling ignores their labels; the hybrid
+    objective reads them for its multi-label term (``class_names.<task>`` names the classes of
+    a source whose reader does not know them, e.g. segmentation label maps)."""
     from ..pretrain import UnlabelledImages, images_under
+    p, ratio, norm = int(task_cfg["patch_size"]), float(task_cfg.get("mask_ratio", 0.75)), bool(task_cfg.get("norm_pix", True))
     if entry["format"] == "images":
         root = Path(entry["root"])
         paths = images_under(root / split if (root / split).is_dir() else root)
+        sources = {"images": UnlabelledImages(paths, None, p, 0.0)}
     else:
-        sources = list(entry.get("from") or [])
-        if not sources:
+        names = list(entry.get("from") or [])
+        if not names:
             raise ValueError(f"data.tasks.{task}.from is empty: name the tasks whose images to pre-train on")
-        paths = []
-        for name in sources:
+        sources = {}
+        for name in names:
             if name not in (data_cfg.get("tasks") or {}) or name == task:
                 raise ValueError(f"data.tasks.{task}.from names {name!r}, which is not another task of the data config")
-            paths += build_dataset(name, {}, data_cfg, split, False).image_paths()
-    return UnlabelledImages(paths, transform, int(task_cfg["patch_size"]), float(task_cfg.get("mask_ratio", 0.75)),
-                            bool(task_cfg.get("norm_pix", True)))
+            sources[name] = build_dataset(name, {}, data_cfg, split, False)
+        paths = [path for d in sources.values() for path in d.image_paths()]
+    if task_cfg.get("type") != "hybrid":
+        return UnlabelledImages(paths, transform, p, ratio, norm)
+    from ..pretrain.hybrid import TwoViewImages
+    weights = {"mim": 1.0, "multilabel": 1.0, **(task_cfg.get("loss_weights") or {})}
+    for d in sources.values():
+        d.transform = None  # whole images and labels; the two views are augmented afterwards
+    tf = dict(task_cfg.get("transforms") or {})
+    views = build_transforms("mim", True, int(data_cfg["img_size"]), hflip=float(tf.get("hflip", 0.0)),
+                             scale=tf.get("scale"))  # random views also for validation (retrieval)
+    dataset = TwoViewImages(sources, views, p, ratio if float(weights["mim"]) > 0 else 0.0,
+                            entry.get("class_names"), norm)
+    if float(weights["multilabel"]) > 0 and not len(dataset.labels):
+        raise ValueError(f"data.tasks.{task}: none of the sources has labels for the multi-label term; "
+                         f"set tasks.{task}.loss_weights.multilabel=0 or add labelled sources to 'from'")
+    return dataset
 
 
 def check_num_classes(task: str, task_cfg: Mapping[str, Any], dataset) -> None:
@@ -78,7 +96,7 @@ def build_generalist(cfg: Mapping[str, Any]) -> GeneralistModel:
     tasks = {name: head_config(t) for name, t in cfg["tasks"].items()}
     if not tasks:
         raise ValueError("no tasks configured: choose an experiment (experiment=synthetic) or set tasks")
-    model_cfg = {k: v for k, v in cfg["model"].items() if k not in ("init_from", "init_routers_from")}
+    model_cfg = {k: v for k, v in cfg["model"].items() if k not in ("init_from", "init_routers_from", "init_keep")}
     backbone = build_backbone(model_cfg, list(tasks))
     for name, t in tasks.items():
         if "patch_size" in t and int(t["patch_size"]) != backbone.patch_size:

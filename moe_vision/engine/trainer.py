@@ -98,7 +98,8 @@ class Trainer:
         self.init_report = None
         if model is None and cfg["model"].get("init_from"):  # fine-tuning from a pre-trained run
             self.init_report = init_from_pretrained(self.model, cfg["model"]["init_from"],
-                                                    cfg["model"].get("init_routers_from"))
+                                                    cfg["model"].get("init_routers_from"),
+                                                    cfg["model"].get("init_keep") or "all")
         if model is None and self.tcfg.get("trainable", "all") != "all":
             set_trainable(self.model, self.tcfg["trainable"])
         self.model = self.model.to(self.device)
@@ -108,6 +109,9 @@ class Trainer:
                              and not any(p.requires_grad for p in m.parameters())]
         self.tasks = list(cfg["tasks"])
         self.train_sets = {t: build_dataset(t, cfg["tasks"][t], cfg["data"], "train", True) for t in self.tasks}
+        max_train = cfg["data"].get("max_train_images")
+        if max_train:  # a low-label budget: a fixed random subset of each task's training split
+            self.train_sets = {t: fixed_subset(d, int(max_train), int(cfg["seed"])) for t, d in self.train_sets.items()}
         self.val_sets = {t: build_dataset(t, cfg["tasks"][t], cfg["data"], cfg["eval"].get("split", "val"), False)
                          for t in self.tasks}
         for t in self.tasks:

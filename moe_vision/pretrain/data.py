@@ -33,7 +33,7 @@ def images_under(folder: str | Path) -> list[Path]:
 class UnlabelledImages(Dataset):
     """``dataset[i]`` -> ``(masked_image [3, S, S], target)`` with target keys ``mask`` (bool
     ``[N]``), ``patches`` (normalised pixel targets ``[N, P]``) and ``image`` (the unmasked input,
-    for pictures)."""
+    for pictures). With ``transform=None``: the decoded image and an empty target."""
 
     def __init__(self, paths: Sequence[Path], transform: Callable, patch_size: int, mask_ratio: float,
                  norm_pix: bool = True) -> None:
@@ -63,6 +63,8 @@ class UnlabelledImages(Dataset):
         raise ValueError(f"none of the {len(self.paths)} pre-training images could be read")
 
     def __getitem__(self, i: int):
+        if self.transform is None:  # a plain source (the hybrid objective augments and masks itself)
+            return self._read(i), {}
         image, _ = self.transform(self._read(i), {})
         image = torch.as_tensor(image)
         p = self.patch_size

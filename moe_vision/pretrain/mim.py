@@ -40,13 +40,32 @@ class ReconstructionEvaluator(Evaluator):
         return {"mse": self.sq / max(1, self.n)}
 
 
-def masked_indices(targets: list[dict], device) -> torch.Tensor:
+def masked_indices(masks_BN: torch.Tensor, device) -> torch.Tensor:
     """``[B, Nm]`` indices of each image's masked patches (every image hides the same number)."""
-    masks = torch.stack([t["mask"] for t in targets]).to(device)
+    masks = masks_BN.to(device)
     counts = masks.sum(1)
     if not bool((counts == counts[0]).all()):
         raise ValueError(f"images in a batch hide different numbers of patches {counts.tolist()}")
     return masks.nonzero()[:, 1].reshape(masks.shape[0], int(counts[0]))
+
+
+def ask_masked_patches(decoder, feats, image_size, p: int, idx_BNm: torch.Tensor) -> torch.Tensor:
+    """The decoder's answers ``[B, 1 + Nm, D]`` to the [CLS] query and one mask query per masked
+    patch (content: the shared mask query; position: the sine embedding of the patch centre)."""
+    B, device = feats.memory_BMD.shape[0], feats.memory_BMD.device
+    centres_BNm2 = patch_centres((image_size[0] // p, image_size[1] // p)).to(device)[idx_BNm]
+    content = torch.cat([decoder.query_embed[CLS_QUERY].expand(B, 1, -1),
+                         decoder.query_embed[MASK_QUERY].expand(B, idx_BNm.shape[1], -1)], 1)
+    pos = torch.cat([decoder.query_pos[CLS_QUERY].expand(B, 1, -1),
+                     sine_embed_points(centres_BNm2, decoder.dim).to(content.dtype)], 1)
+    return decoder(feats.memory_BMD, feats.memory_pos_BMD, queries=Queries(content, pos), centres_M2=feats.centres_M2)
+
+
+def reconstruction_loss(pred_BNmP: torch.Tensor, patches_BNP: torch.Tensor, idx_BNm: torch.Tensor) -> torch.Tensor:
+    """Mean squared error between the predictions and the masked patches' targets."""
+    want = patches_BNP.to(pred_BNmP.device)
+    want = torch.gather(want, 1, idx_BNm[..., None].expand(-1, -1, want.shape[-1]))
+    return ((pred_BNmP.float() - want) ** 2).mean()
 
 
 @register_task
@@ -68,23 +87,13 @@ class MaskedImageModelingTask(Task):
     def forward(self, head, decoder, feats, image_size, deep_supervision=False, targets=None):
         if targets is None:
             raise ValueError("masked image modelling needs the masks (targets) at every forward")
-        B, device = feats.memory_BMD.shape[0], feats.memory_BMD.device
-        p = int(self.options["patch_size"])
-        idx_BNm = masked_indices(targets, device)
-        centres_BNm2 = patch_centres((image_size[0] // p, image_size[1] // p)).to(device)[idx_BNm]
-        content = torch.cat([decoder.query_embed[CLS_QUERY].expand(B, 1, -1),
-                             decoder.query_embed[MASK_QUERY].expand(B, idx_BNm.shape[1], -1)], 1)
-        pos = torch.cat([decoder.query_pos[CLS_QUERY].expand(B, 1, -1),
-                         sine_embed_points(centres_BNm2, decoder.dim).to(content.dtype)], 1)
-        answers_BQD = decoder(feats.memory_BMD, feats.memory_pos_BMD, queries=Queries(content, pos),
-                              centres_M2=feats.centres_M2)
+        idx_BNm = masked_indices(torch.stack([t["mask"] for t in targets]), feats.memory_BMD.device)
+        answers_BQD = ask_masked_patches(decoder, feats, image_size, int(self.options["patch_size"]), idx_BNm)
         return {"pred_BNmP": head(answers_BQD[:, 1:]), "cls_BD": answers_BQD[:, 0], "idx_BNm": idx_BNm}
 
     def loss(self, outputs, targets):
-        pred = outputs["pred_BNmP"].float()
-        want = torch.stack([t["patches"] for t in targets]).to(pred.device)
-        want = torch.gather(want, 1, outputs["idx_BNm"][..., None].expand(-1, -1, want.shape[-1]))
-        mse = ((pred - want) ** 2).mean()
+        mse = reconstruction_loss(outputs["pred_BNmP"], torch.stack([t["patches"] for t in targets]),
+                                  outputs["idx_BNm"])
         return {"loss": mse, "mim": mse}
 
     def postprocess(self, outputs, targets):

@@ -29,15 +29,23 @@ def pretrained_state(source: str | Path) -> tuple[dict[str, torch.Tensor], Path]
     return load_file(str(path)), path
 
 
-def init_from_pretrained(model: nn.Module, source: str | Path, init_routers_from: str | None = None) -> dict:
+KEEP = {"all": ("",), "encoder": ("backbone.",)}  # which pre-trained tensors a fine-tuning keeps
+
+
+def init_from_pretrained(model: nn.Module, source: str | Path, init_routers_from: str | None = None,
+                         keep: str = "all") -> dict:
     """Copy the pre-trained tensors of ``source`` into ``model`` and return a report
     ``{"source", "loaded", "new", "ignored", "routers_from"}`` (lists of tensor names).
 
     A tensor present in both with different shapes is refused, naming it and both shapes.
     ``init_routers_from`` names a task of the source (e.g. ``pretrain``) whose router gates and
-    task embedding initialise every task of ``model`` that the source lacks.
+    task embedding initialise every task of ``model`` that the source lacks. ``keep="encoder"``
+    copies the backbone only (MAE-style transfer: the decoders and queries start fresh).
     """
+    if keep not in KEEP:
+        raise ValueError(f"model.init_keep={keep!r}; expected one of {sorted(KEEP)}")
     src, path = pretrained_state(source)
+    src = {k: v for k, v in src.items() if k.startswith(KEEP[keep])}
     own = model.state_dict()
     for name, t in own.items():
         if name in src and tuple(src[name].shape) != tuple(t.shape):

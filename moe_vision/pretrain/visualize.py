@@ -26,14 +26,17 @@ def plot_reconstructions(model, task: str, dataset, path: Path, count: int = 6) 
     preds = spec.postprocess(model(masked.to(device), task, targets=targets), targets)
     fig, axes = plt.subplots(len(items), 3, figsize=(4.8, 1.7 * len(items)), squeeze=False)
     for row, (image, target, pred) in enumerate(zip(masked, targets, preds)):
+        mask = target["mask"]
+        if isinstance(pred, dict):  # two-view (hybrid) pre-training: show view 0
+            image, mask, pred = image[0], mask[0], pred["mim"][0]
         full = target["image"]
         grid = (full.shape[-2] // p, full.shape[-1] // p)
         patches = patchify(full, p)
         recon = patches.clone()
-        true = patches[target["mask"]]
+        true = patches[mask]
         if spec.options.get("norm_pix", True):
             pred = pred * true.std(-1, unbiased=False, keepdim=True) + true.mean(-1, keepdim=True)
-        recon[target["mask"]] = pred.to(recon.dtype)
+        recon[mask] = pred.to(recon.dtype)
         for ax, img, title in zip(axes[row], (full, image, unpatchify(recon, p, grid)),
                                   ("input", "masked input", "reconstruction")):
             ax.imshow(_to_rgb(img))

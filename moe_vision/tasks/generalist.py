@@ -71,6 +71,8 @@ class GeneralistModel(nn.Module):
         auxiliary losses; the head is the same linear layer, so nothing task-specific is added).
         ``targets`` (training) let a task add training-only queries (detection's denoising)."""
         spec = self.spec(task)
+        if images.ndim == 5:  # [B, V, 3, H, W]: several views per image (contrastive pre-training)
+            images = images.flatten(0, 1)
         stem_maps: list[torch.Tensor] = []
         maps, routing = self.backbone.forward_multiscale(images, task, return_routing=True, stem_maps=stem_maps)
         size = tuple(images.shape[-2:])
