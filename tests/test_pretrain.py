@@ -16,7 +16,8 @@ import torch
 from moe_vision.pretrain import (UnlabelledImages, images_under, mask_image, normalised_patches, patchify,
                                  random_patch_mask, unpatchify)
 from moe_vision.pretrain.masking import num_masked
-from moe_vision.pretrain.transfer import init_from_pretrained, set_trainable
+from moe_vision.engine.optim import set_trainable
+from moe_vision.pretrain.transfer import init_from_pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["data.synthetic=null", "data.img_size=32", "model=moe_vit_nano", "model.img_size=32",

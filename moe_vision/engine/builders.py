@@ -69,8 +69,8 @@ def pretraining_dataset(task: str, task_cfg: Mapping[str, Any], data_cfg: Mappin
         paths = [path for d in sources.values() for path in d.image_paths()]
     if task_cfg.get("type") != "hybrid":
         return UnlabelledImages(paths, transform, p, ratio, norm)
-    from ..pretrain.hybrid import TwoViewImages
-    weights = {"mim": 1.0, "multilabel": 1.0, **(task_cfg.get("loss_weights") or {})}
+    from ..pretrain.hybrid import HybridPretrainingTask, TwoViewImages
+    weights = {**HybridPretrainingTask.loss_defaults, **(task_cfg.get("loss_weights") or {})}
     for d in sources.values():
         d.transform = None  # whole images and labels; the two views are augmented afterwards
     tf = dict(task_cfg.get("transforms") or {})

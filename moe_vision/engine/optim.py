@@ -11,6 +11,28 @@ _NO_DECAY_NAMES = ("pos_embed", "cls_token", "task_embed", "query_embed", "query
                    ".router.", "log_vars")
 
 
+TRAINABLE = ("head", "router+head", "experts+head", "all")
+
+
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    """``{"trainable": n, "total": n}`` parameters."""
+    return {"trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "total": sum(p.numel() for p in model.parameters())}
+
+
+def set_trainable(model: nn.Module, which: str, setting: str = "train.trainable") -> dict[str, int]:
+    """``head``: the task heads only, the topmost linear layers (GLID's recipe); ``router+head``;
+    ``experts+head``; ``all``. The rest is frozen. ``setting`` names the option in errors."""
+    if which not in TRAINABLE:
+        raise ValueError(f"{setting}={which!r}; expected one of {list(TRAINABLE)}")
+    for name, p in model.named_parameters():
+        on = which == "all" or name.startswith("heads.")
+        on |= which == "router+head" and ".router." in name
+        on |= which == "experts+head" and (".experts." in name or ".added_experts." in name)
+        p.requires_grad_(on)
+    return parameter_counts(model)
+
+
 def param_groups(model: nn.Module, weight_decay: float, extra: list[nn.Parameter] | None = None,
                  lr: float | None = None, head_lr_mult: float = 1.0) -> list[dict]:
     """Groups by weight decay (on / off) and, with ``head_lr_mult != 1``, by learning rate (the

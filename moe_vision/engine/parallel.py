@@ -53,6 +53,11 @@ def check_parallel_config(dist_cfg: Mapping[str, Any], world_size: int, num_expe
     return strategy, ep
 
 
+def shards_model(ctx: DistContext, dist_cfg: Mapping[str, Any]) -> bool:
+    """True when the layout leaves no rank with the whole model (FSDP or expert parallelism)."""
+    return ctx.enabled and (dist_cfg.get("strategy", "ddp") == "fsdp" or int(dist_cfg.get("expert_parallel", 1)) > 1)
+
+
 @dataclass
 class Parallelism:
     """The layout of one run's step module over the ranks (a world of one: no-ops everywhere)."""
@@ -65,7 +70,7 @@ class Parallelism:
 
     @property
     def sharded(self) -> bool:
-        """True when no single rank holds the whole model (FSDP or expert parallel)."""
+        """True when no single rank holds the whole model (see :func:`shards_model`)."""
         return self.strategy == "fsdp" or self.ep > 1
 
     # ---------------------------------------------------------------- gradients
@@ -127,11 +132,16 @@ class Parallelism:
             # keep (it broadcasts them from rank 0), so every rank saves those.
             for b in module.buffers():
                 dist.broadcast(b, 0)
-        state = module.state_dict()
-        if self.ep > 1:
-            for name, p in self.expert_params.items():
-                state[name] = self.as_expert_dtensor(state[name])
-        return state
+        return {name: self.as_stored(name, t) for name, t in module.state_dict().items()}
+
+    def as_stored(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """A per-parameter tensor (the parameter or its optimizer state) as checkpoints store it:
+        an expert slice as a DTensor, anything else unchanged."""
+        return self.as_expert_dtensor(t) if name in self.expert_params else t
+
+    def as_local(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """Undo :meth:`as_stored`."""
+        return t.to_local() if name in self.expert_params else t
 
     def as_expert_dtensor(self, local: torch.Tensor) -> torch.Tensor:
         """A tensor holding this rank's expert slice ``[L, ...]`` as a DTensor ``[E, ...]``

@@ -20,15 +20,15 @@ from ..data import InfiniteBatches, TaskSampler, collate
 from ..data.synthetic import SyntheticConfig, generate, is_complete
 from ..models import save_model
 from ..moe import ExpertUsage
-from ..pretrain.transfer import init_from_pretrained, set_trainable
+from ..pretrain.transfer import init_from_pretrained
 from . import report
 from .builders import build_dataset, build_generalist, check_num_classes, resolve_device, run_dir_of
 from .checkpoint import (latest_checkpoint, load_checkpoint, optimizer_hyperparameters, optimizer_template,
                          optimizer_tensors, restore_optimizer, save_checkpoint)
 from .distributed import DistContext, init_distributed
 from .evaluate import chance_metrics, evaluate, fixed_subset
-from .optim import LossWeighting, build_optimizer, cosine_with_warmup
-from .parallel import parallelize
+from .optim import LossWeighting, build_optimizer, cosine_with_warmup, set_trainable
+from .parallel import parallelize, shards_model
 from .step import MultiTaskStep
 
 
@@ -136,10 +136,9 @@ class Trainer:
                                        self.tcfg.get("loss_weighting", "fixed")).to(self.device)
         self.step_module = MultiTaskStep(self.model, self.weighting, self.amp_dtype)
         dist_cfg = cfg.get("dist") or {}
-        sharded = self.dist.enabled and (dist_cfg.get("strategy", "ddp") == "fsdp"
-                                         or int(dist_cfg.get("expert_parallel", 1)) > 1)
         # With FSDP or expert parallelism no rank holds the whole model: rank 0 keeps an unsharded
         # copy, refreshed from the gathered state, to evaluate and to write plain model files.
+        sharded = shards_model(self.dist, dist_cfg)
         self.eval_model = copy.deepcopy(self.model) if sharded and self.dist.is_main else self.model
         self.runner, self.par = parallelize(self.step_module, self.dist, dist_cfg, self.device)
         self.optimizer = build_optimizer(self.model, float(self.tcfg["lr"]), float(self.tcfg["weight_decay"]),
@@ -157,12 +156,6 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(), "sampler": self.sampler.state_dict(),
                 "iters": {t: it.state_dict() for t, it in self.iters.items()}}
 
-    def _as_sharded(self, name: str, t: torch.Tensor) -> torch.Tensor:
-        return self.par.as_expert_dtensor(t) if name in self.par.expert_params else t
-
-    def _as_local(self, name: str, t: torch.Tensor) -> torch.Tensor:
-        return t.to_local() if name in self.par.expert_params else t
-
     def resume(self) -> bool:
         """Continue from the latest checkpoint, whatever world size and layout wrote it."""
         path = latest_checkpoint(self.run_dir)
@@ -171,7 +164,7 @@ class Trainer:
         model_state = self.par.sharded_state(self.step_module)  # views of the parameters: loaded in place
         optim_state = optimizer_template(path, model_state)
         state = load_checkpoint(path, {**model_state, **optim_state}, self.dist)
-        restore_optimizer(self.optimizer, self.param_names, optim_state, state["optimizer_hparams"], self._as_local)
+        restore_optimizer(self.optimizer, self.param_names, optim_state, state["optimizer_hparams"], self.par.as_local)
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
         for t, s in state["iters"].items():
@@ -184,7 +177,7 @@ class Trainer:
     def save(self) -> Path:
         """A checkpoint of the current step (every rank calls this)."""
         tensors = {**self.par.sharded_state(self.step_module),
-                   **optimizer_tensors(self.optimizer, self.param_names, self._as_sharded)}
+                   **optimizer_tensors(self.optimizer, self.param_names, self.par.as_stored)}
         return save_checkpoint(self.run_dir, self.step, tensors, self.state(), self.dist,
                                keep=int(self.tcfg.get("keep_checkpoints", 2)))
 

@@ -188,7 +188,6 @@ class HybridPretrainingTask(Task):
             raise ValueError(f"tasks.{name}.num_classes must be the number of label columns for the multi-label term")
         self.primary_metric = "mse" if "mim" in self.terms else "ml_acc" if "multilabel" in self.terms \
             else "retrieval_top1"
-        self.lower_is_better = self.primary_metric == "mse"
 
     def build_head(self, dim: int) -> nn.Module:
         p = int(self.options["patch_size"])

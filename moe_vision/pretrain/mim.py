@@ -73,7 +73,6 @@ class MaskedImageModelingTask(Task):
     """Task type ``mim``. Options: ``patch_size`` (the backbone's), ``mask_ratio``, ``norm_pix``."""
 
     type_name, primary_metric = "mim", "mse"
-    lower_is_better = True
     queries_from_targets = True  # the masked positions are the questions, also at evaluation
 
     def build_head(self, dim: int) -> nn.Module:

@@ -74,13 +74,3 @@ def init_from_pretrained(model: nn.Module, source: str | Path, init_routers_from
             "routers_from": sorted(routers_from), "new": sorted(n for n in own if n not in copied),
             "ignored": sorted(k for k in src if k not in own)}
 
-
-def set_trainable(model: nn.Module, trainable: str) -> dict[str, int]:
-    """``all``: every parameter trains; ``head``: only the task heads (GLID's recipe: the topmost
-    linear layers), the rest frozen. Returns parameter counts."""
-    if trainable not in ("all", "head"):
-        raise ValueError(f"train.trainable={trainable!r}; expected 'all' or 'head'")
-    for name, p in model.named_parameters():
-        p.requires_grad_(trainable == "all" or name.startswith("heads."))
-    return {"trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "total": sum(p.numel() for p in model.parameters())}

@@ -14,7 +14,7 @@ from ..engine.evaluate import evaluate
 from ..engine.trainer import Trainer
 from ..engine.builders import head_config, load_generalist
 from .continual import add_task, bit_identical, outputs_on_probe
-from .extract import parameter_counts
+from ..engine.optim import parameter_counts
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 FORMATS = {"cls": "imagefolder", "det": "coco", "seg": "ade20k", "depth": "nyu_depth"}

@@ -74,12 +74,6 @@ def extract_task(model: GeneralistModel, task: str, kept: dict[str, list[int]]) 
     return small.train(model.training)
 
 
-def parameter_counts(model: torch.nn.Module) -> dict[str, int]:
-    """``{"trainable": n, "total": n}`` parameters."""
-    return {"trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "total": sum(p.numel() for p in model.parameters())}
-
-
 def flops_per_image(model: GeneralistModel, task: str, image_size: int) -> int:
     """Multiply-accumulates x 2 of one forward pass, counted by torch's FLOP counter on one image
     (routing picks top_k experts per token whatever E is, so sparse layers count only active experts)."""

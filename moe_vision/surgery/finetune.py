@@ -6,24 +6,17 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from ..engine.optim import TRAINABLE, set_trainable as _set_trainable
 from ..engine.trainer import Trainer
 from .bundle import load_bundle
-from .extract import parameter_counts
 from .continual_run import CONFIGS, data_entry
 
-TRAINABLE = ("head", "router+head", "experts+head", "all")
+__all__ = ["TRAINABLE", "finetune_bundle", "set_trainable"]
 
 
 def set_trainable(model, which: str) -> dict[str, int]:
-    """``head``: the task's linear head only (GLID's recipe); ``router+head``; ``experts+head``; ``all``."""
-    if which not in TRAINABLE:
-        raise ValueError(f"--trainable {which!r}; expected one of {list(TRAINABLE)}")
-    for name, p in model.named_parameters():
-        on = which == "all" or name.startswith("heads.")
-        on |= which == "router+head" and ".router." in name
-        on |= which == "experts+head" and (".experts." in name or ".added_experts." in name)
-        p.requires_grad_(on)
-    return parameter_counts(model)
+    """:func:`moe_vision.engine.optim.set_trainable` with errors naming the tool's ``--trainable``."""
+    return _set_trainable(model, which, "--trainable")
 
 
 def finetune_bundle(bundle: str | Path, data_dir: str | Path, out: str | Path, trainable: str = "head",

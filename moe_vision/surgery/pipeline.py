@@ -14,7 +14,8 @@ from ..engine.evaluate import evaluate, iterate_batches
 from ..moe import ExpertUsage
 from ..tasks import GeneralistModel
 from .bundle import sha256_of, write_bundle
-from .extract import extract_task, flops_per_image, parameter_counts
+from ..engine.optim import parameter_counts
+from .extract import extract_task, flops_per_image
 from .select import select_layer
 
 

@@ -52,7 +52,6 @@ class Task:
     uses_deep_supervision = False  # read every decoder layer while training (DETR's auxiliary losses)
     training_only: tuple[str, ...] = ()  # head parameters used only while training (dropped from bundles)
     queries_from_targets = False  # the task builds its queries from the targets, also when evaluating (MIM)
-    lower_is_better = False  # of the primary metric
 
     def __init__(self, name: str, num_classes: int = 0, loss_weights: dict | None = None, **options: Any) -> None:
         self.name, self.num_classes = name, int(num_classes)
