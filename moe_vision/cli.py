@@ -8,7 +8,11 @@ from typing import Iterator
 
 # Errors that mean "the input was wrong" (a path, a field, a value); anything else is a bug
 # and keeps its traceback.
-USER_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, NotADirectoryError)
+class MissingExtra(ImportError):
+    """An optional dependency is not installed; the message names the extra to install."""
+
+
+USER_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, NotADirectoryError, MissingExtra)
 
 
 @contextlib.contextmanager

@@ -41,10 +41,10 @@ def _losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in map(json.loads, (run / "train_log.jsonl").read_text().splitlines())}
 
 
-def _tiny_mim_model():
+def _tiny_mim_model(encoder: str = "visible"):
     from moe_vision.engine.builders import build_generalist
     cfg = {"model": {"name": "moe_vit_nano_patch8", "img_size": 32, "moe": {"num_experts": 4}},
-           "tasks": {"pretrain": {"type": "mim", "patch_size": 8, "mask_ratio": 0.75}},
+           "tasks": {"pretrain": {"type": "mim", "patch_size": 8, "mask_ratio": 0.75, "encoder": encoder}},
            "decoder": {"dim": 32, "num_queries": 4, "num_layers": 1, "num_heads": 2}}
     return build_generalist(cfg)
 
@@ -77,9 +77,10 @@ def test_patchify_order_and_normalised_targets_by_hand():
     assert torch.allclose(normalised_patches(patches)[4], want, atol=1e-5)
 
 
-def test_the_model_never_sees_masked_pixels_and_the_loss_sees_only_masked_patches():
+@pytest.mark.parametrize("encoder", ["visible", "full"])
+def test_the_model_never_sees_masked_pixels_and_the_loss_sees_only_masked_patches(encoder):
     torch.manual_seed(0)
-    model = _tiny_mim_model().eval()
+    model = _tiny_mim_model(encoder).eval()
     spec = model.spec("pretrain")
     a = torch.rand(2, 3, 32, 32)
     masks = [random_patch_mask(16, 0.75) for _ in range(2)]
@@ -106,6 +107,31 @@ def test_the_model_never_sees_masked_pixels_and_the_loss_sees_only_masked_patche
     assert torch.equal(spec.loss(out_a, moved)["loss"], loss)
     moved[0]["patches"][masks[0]] += 5.0
     assert spec.loss(out_a, moved)["loss"] > loss
+
+
+def test_visible_only_encoding_runs_the_blocks_on_the_visible_patches_alone():
+    torch.manual_seed(0)
+    model = _tiny_mim_model("visible").eval()
+    images = torch.rand(2, 3, 32, 32)
+    masks = [random_patch_mask(16, 0.75) for _ in range(2)]
+    targets = [{"mask": m, "patches": normalised_patches(patchify(x, 8))} for m, x in zip(masks, images)]
+    seen = []
+    model.backbone.blocks[0].register_forward_hook(lambda mod, args, out: seen.append(args[0].clone()))
+    maps = []
+    model.pixel_decoder.register_forward_hook(lambda mod, args, out: maps.append(args[0]))
+    model(torch.stack([mask_image(x, m, 8) for x, m in zip(images, masks)]), "pretrain", targets=targets)
+    assert seen[0].shape == (2, 1 + 4, model.backbone.embed_dim)  # [CLS] + the 4 visible of 16 patches
+    # The blocks' tokens are the visible patches' embeddings (in grid order), nothing else.
+    tokens, _ = model.backbone._embed(torch.stack([mask_image(x, m, 8) for x, m in zip(images, masks)]))
+    tokens = tokens + model.backbone.task_embed["pretrain"]
+    for i, m in enumerate(masks):
+        assert torch.allclose(seen[0][i, 1:], tokens[i, 1:][~m])
+    # The maps handed to the pixel decoder hold zeros at masked positions (the stride-8 level).
+    level = maps[0][1].flatten(2).transpose(1, 2)  # [B, 16, D]
+    for i, m in enumerate(masks):
+        assert bool((level[i][m] == 0).all()) and bool((level[i][~m] != 0).any(-1).all())
+    with pytest.raises(ValueError, match="tasks.pretrain.encoder='sparse'"):
+        _tiny_mim_model("sparse")
 
 
 def test_unlabelled_images_skip_corrupt_files_and_refuse_empty_folders(tmp_path):

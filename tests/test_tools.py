@@ -119,7 +119,7 @@ def test_surgery_cli_extract_predict_add_task_finetune(synthetic_root, tmp_path)
     assert bad.returncode == 2 and "unknown task 'pose'" in bad.stderr and "'det'" in bad.stderr
     img = next((synthetic_root / "det" / "val").glob("*.png"))
     r = _run("tools/predict.py", "--bundle", str(bundle), "--parent", str(run), str(img), "--out", str(tmp_path / "pr"),
-             "--score-threshold", "0")
+             "--score-threshold", "0", "--pictures")
     assert r.returncode == 0, r.stderr[-2000:]
     pred = json.loads((tmp_path / "pr" / f"{img.stem}.det.json").read_text())
     assert "detections" in pred and (tmp_path / "pr" / f"{img.stem}.det.png").is_file()

@@ -68,7 +68,8 @@ class MoEBlock(nn.Module):
         h = self.norm2(x)
         if isinstance(self.mlp, MoEMLP):
             h, r = self.mlp(h, task)
-            routing.append(r)
+            if r is not None:  # None: the static-shaped export path keeps no routing statistics
+                routing.append(r)
         else:
             h = self.mlp(h)
         return x + self.drop_path2(self.ls2(h)), routing
@@ -241,10 +242,14 @@ class MoEViT(nn.Module):
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x.flatten(1, 2)], dim=1) + pos
         return x, grid
 
-    def _run(self, x: torch.Tensor, task: str, keep: set[int] = frozenset(), stem_maps: list | None = None):
+    def _run(self, x: torch.Tensor, task: str, keep: set[int] = frozenset(), stem_maps: list | None = None,
+             visible_BNv: torch.Tensor | None = None):
         check_task(task, self.tasks)
         x, grid = self._embed(x, stem_maps)
         x = x + self.task_embed[task]
+        if visible_BNv is not None:  # MAE-style: the blocks see the prefix and the visible patches only
+            patches = torch.gather(x[:, 1:], 1, visible_BNv[..., None].expand(-1, -1, x.shape[-1]))
+            x = torch.cat([x[:, :1], patches], 1)
         routing: list[RoutingOutput] = []
         kept = []
         for i, blk in enumerate(self.blocks):
@@ -276,12 +281,16 @@ class MoEViT(nn.Module):
         return sorted({len(self.blocks) - 1 - step * i for i in range(n) if len(self.blocks) - 1 - step * i >= 0})
 
     def forward_intermediates(self, x: torch.Tensor, task: str, indices: int | Sequence[int] | None = None,
-                              norm: bool = False, return_routing: bool = False, stem_maps: list | None = None):
+                              norm: bool = False, return_routing: bool = False, stem_maps: list | None = None,
+                              visible_BNv: torch.Tensor | None = None):
         """Final tokens and feature maps ``[B, D, gh, gw]`` after the given blocks (timm-style).
 
         ``indices`` is a list of block indices or an int n (the last n blocks); default: 4
         evenly spaced blocks. Returns ``(tokens, maps)`` or ``(tokens, maps, routing)``. A list
-        passed as ``stem_maps`` receives the conv stem's stage maps.
+        passed as ``stem_maps`` receives the conv stem's stage maps. With ``visible_BNv`` (indices
+        of the patches to keep, the same number per image) the blocks see only those patches
+        (masked image modelling, MAE-style); the maps hold zeros at every other position and the
+        tokens are the prefix and the kept patches.
         """
         depth = len(self.blocks)
         if indices is None:
@@ -290,19 +299,24 @@ class MoEViT(nn.Module):
             idx = list(range(depth - indices, depth))
         else:
             idx = sorted(int(i) % depth for i in indices)
-        tokens, kept, (gh, gw), routing = self._run(x, task, set(idx), stem_maps)
+        tokens, kept, (gh, gw), routing = self._run(x, task, set(idx), stem_maps, visible_BNv)
         maps = []
         for h in kept:
-            h = self.norm(h) if norm else h
-            maps.append(h[:, self.num_prefix_tokens:].reshape(h.shape[0], gh, gw, -1).permute(0, 3, 1, 2))
+            h = (self.norm(h) if norm else h)[:, self.num_prefix_tokens:]
+            if visible_BNv is not None:
+                h = h.new_zeros(h.shape[0], gh * gw, h.shape[-1]).scatter(
+                    1, visible_BNv[..., None].expand(-1, -1, h.shape[-1]), h)
+            maps.append(h.reshape(h.shape[0], gh, gw, -1).permute(0, 3, 1, 2))
         return (tokens, maps, routing) if return_routing else (tokens, maps)
 
     def forward_multiscale(self, x: torch.Tensor, task: str, scales: Sequence[float] = (2.0, 1.0, 0.5, 0.25),
-                           return_routing: bool = False, stem_maps: list | None = None):
+                           return_routing: bool = False, stem_maps: list | None = None,
+                           visible_BNv: torch.Tensor | None = None):
         """Multi-scale feature maps for dense heads, ViTDet-style but parameter-free: one map per
         scale, resized by that scale (strides ``patch_size / scale``), taken from evenly spaced
         blocks (``multiscale="spread"``) or all from the last block (``"last"``). A list passed as
-        ``stem_maps`` receives the conv stem's stage maps (strides 2, 4, ...)."""
+        ``stem_maps`` receives the conv stem's stage maps (strides 2, 4, ...); ``visible_BNv``: see
+        :meth:`forward_intermediates`."""
         depth = len(self.blocks)
         if self.multiscale == "last":
             per_scale = [depth - 1] * len(scales)
@@ -311,7 +325,7 @@ class MoEViT(nn.Module):
             per_scale = [max(0, depth - 1 - step * i) for i in reversed(range(len(scales)))]
         unique = sorted(set(per_scale))
         tokens, maps, routing = self.forward_intermediates(x, task, unique, norm=True, return_routing=True,
-                                                           stem_maps=stem_maps)
+                                                           stem_maps=stem_maps, visible_BNv=visible_BNv)
         maps = [maps[unique.index(i)] for i in per_scale]
         out = []
         for m, s in zip(maps, scales):

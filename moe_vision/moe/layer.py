@@ -97,6 +97,9 @@ class MoEMLP(nn.Module):
         # Experts added later (add_task) live in separate tensors so the old ones can be frozen.
         self.added_experts = nn.ModuleList(GroupedExperts(n, dim, hidden, activation) for n in added_experts)
         self.ep_group = None  # set by shard_experts(): this rank then holds only its slice of experts
+        # Static-shaped path for export: every expert on every token, combined with the top-k weights
+        # (zero for the experts a token did not choose); the same function as the sparse path.
+        self.dense_experts = False
 
     def shard_experts(self, group) -> None:
         """Keep only this rank's experts (expert e on ep-rank e // (E / ep_size)); the forward then
@@ -124,11 +127,31 @@ class MoEMLP(nn.Module):
         rows = torch.split(x_AD, [int(c.sum()) for c in counts_G])
         return torch.cat([g(x, c) for g, x, c in zip(groups, rows, counts_G)], dim=0)
 
-    def forward(self, x: torch.Tensor, task: str) -> tuple[torch.Tensor, RoutingOutput]:
+    def all_experts_dense(self, x_TD: torch.Tensor, idx_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+        """Every expert on every token ``[T, D]``, each token's outputs weighted by its top-k
+        weights (zero for unchosen experts): no data-dependent shapes, so it exports to static
+        graphs; E/K times the sparse path's expert FLOPs."""
+        groups = [self.experts, *self.added_experts]
+        w1_EDH = torch.cat([g.w1 for g in groups]).to(x_TD.dtype)
+        w2_EHD = torch.cat([g.w2 for g in groups]).to(x_TD.dtype)
+        pre_ETH = torch.einsum("td,edh->eth", x_TD, w1_EDH)
+        if self.experts.b1 is not None:
+            pre_ETH = pre_ETH + torch.cat([g.b1 for g in groups]).to(x_TD.dtype)[:, None]
+        y_ETD = torch.einsum("eth,ehd->etd", self.experts.act(pre_ETH), w2_EHD)
+        if self.experts.b2 is not None:
+            y_ETD = y_ETD + torch.cat([g.b2 for g in groups]).to(x_TD.dtype)[:, None]
+        gate_TE = torch.zeros(x_TD.shape[0], w1_EDH.shape[0], dtype=x_TD.dtype, device=x_TD.device)
+        gate_TE = gate_TE.scatter(1, idx_TK, weights_TK.to(x_TD.dtype))
+        return torch.einsum("te,etd->td", gate_TE, y_ETD)
+
+    def forward(self, x: torch.Tensor, task: str) -> tuple[torch.Tensor, RoutingOutput | None]:
         shape = x.shape
         x_TD = x.reshape(-1, shape[-1])
         T = x_TD.shape[0]
         r = self.router(x_TD, task)
+        if self.dense_experts:  # export: no routing statistics (they need data-dependent shapes)
+            y_TD = self.all_experts_dense(x_TD, r.idx_TK, r.weights_TK) * self.expert_scale
+            return y_TD.reshape(shape), None
         plan = self.dispatcher.plan(r.idx_TK, r.weights_TK)
         x_AD = self.dispatcher.permute(x_TD, plan)
         ex = None

@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 from ..data.readers import ADE20KDataset, CocoDetectionDataset, ImageFolderDataset
 from ..tasks.base import Evaluator, Task, register_task
 from .masking import mask_image, normalised_patches, patchify, random_patch_mask
-from .mim import ask_masked_patches, masked_indices, reconstruction_loss
+from .mim import ask_masked_patches, check_encoder_input, masked_indices, reconstruction_loss, visible_indices
 
 VIEWS = 2
 
@@ -171,8 +171,8 @@ class HybridEvaluator(Evaluator):
 @register_task
 class HybridPretrainingTask(Task):
     """Task type ``hybrid``. Options: ``patch_size``, ``mask_ratio``, ``temperature``,
-    ``proj_dim``; ``num_classes`` = label columns; ``loss_weights``: ``mim``, ``multilabel``,
-    ``contrastive`` (0 switches a term off)."""
+    ``proj_dim``, ``encoder`` (as ``mim``'s); ``num_classes`` = label columns; ``loss_weights``:
+    ``mim``, ``multilabel``, ``contrastive`` (0 switches a term off)."""
 
     type_name = "hybrid"
     loss_defaults = {"mim": 1.0, "multilabel": 1.0, "contrastive": 0.5}
@@ -180,6 +180,7 @@ class HybridPretrainingTask(Task):
 
     def __init__(self, name: str, num_classes: int = 0, loss_weights: dict | None = None, **options) -> None:
         super().__init__(name, num_classes, loss_weights, **options)
+        check_encoder_input(name, self.options.setdefault("encoder", "visible"))
         self.terms = {k for k in self.loss_defaults if self.w(k) > 0}
         if not self.terms:
             raise ValueError(f"tasks.{name}.loss_weights switch off every term; keep at least one of "
@@ -194,6 +195,11 @@ class HybridPretrainingTask(Task):
         proj = int(self.options.get("proj_dim", 128))
         return nn.ModuleDict({"mim": nn.Linear(dim, p * p * 3), "ml": nn.Linear(dim, max(1, self.num_classes)),
                               "proj": nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, proj))})
+
+    def visible_patches(self, targets, device):
+        if self.options["encoder"] != "visible" or targets is None or "mim" not in self.terms:
+            return None
+        return visible_indices(torch.stack([t["mask"] for t in targets]).flatten(0, 1), device)
 
     def check_decoder(self, num_queries: int) -> None:
         if num_queries < 2:

@@ -49,6 +49,20 @@ def masked_indices(masks_BN: torch.Tensor, device) -> torch.Tensor:
     return masks.nonzero()[:, 1].reshape(masks.shape[0], int(counts[0]))
 
 
+ENCODER_INPUTS = ("visible", "full")
+
+
+def check_encoder_input(task: str, value: str) -> str:
+    if value not in ENCODER_INPUTS:
+        raise ValueError(f"tasks.{task}.encoder={value!r}; expected one of {', '.join(ENCODER_INPUTS)}")
+    return value
+
+
+def visible_indices(masks_BN: torch.Tensor, device) -> torch.Tensor:
+    """``[B, Nv]`` indices of each image's visible patches (the complement of :func:`masked_indices`)."""
+    return masked_indices(~masks_BN.bool(), device)
+
+
 def ask_masked_patches(decoder, feats, image_size, p: int, idx_BNm: torch.Tensor) -> torch.Tensor:
     """The decoder's answers ``[B, 1 + Nm, D]`` to the [CLS] query and one mask query per masked
     patch (content: the shared mask query; position: the sine embedding of the patch centre)."""
@@ -70,10 +84,21 @@ def reconstruction_loss(pred_BNmP: torch.Tensor, patches_BNP: torch.Tensor, idx_
 
 @register_task
 class MaskedImageModelingTask(Task):
-    """Task type ``mim``. Options: ``patch_size`` (the backbone's), ``mask_ratio``, ``norm_pix``."""
+    """Task type ``mim``. Options: ``patch_size`` (the backbone's), ``mask_ratio``, ``norm_pix``,
+    ``encoder`` (``visible``: the backbone's blocks see the visible patches only, MAE-style;
+    ``full``: every patch, the masked ones zeroed, SimMIM-style)."""
 
     type_name, primary_metric = "mim", "mse"
     queries_from_targets = True  # the masked positions are the questions, also at evaluation
+
+    def __init__(self, name: str, num_classes: int = 0, loss_weights: dict | None = None, **options) -> None:
+        super().__init__(name, num_classes, loss_weights, **options)
+        check_encoder_input(name, self.options.setdefault("encoder", "visible"))
+
+    def visible_patches(self, targets, device):
+        if self.options["encoder"] != "visible" or targets is None:
+            return None
+        return visible_indices(torch.stack([t["mask"] for t in targets]), device)
 
     def build_head(self, dim: int) -> nn.Module:
         return nn.Linear(dim, int(self.options["patch_size"]) ** 2 * 3)

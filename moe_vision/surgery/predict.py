@@ -55,3 +55,134 @@ def predict_image(model: GeneralistModel, task: str, path: str | Path, class_nam
     else:
         raise ValueError(f"no picture defined for task type {spec.type_name!r}")
     return {"task": task, "image": str(path), **result}, canvas
+
+
+# ---------------------------------------------------------------- folders and batches
+RESULT_FILES = {"det": "{task}_results.json", "cls": "{task}_predictions.json", "seg": "annotations",
+                "depth": "depth"}
+
+
+def image_files(inputs: list[str | Path]) -> list[Path]:
+    """Image files from files and folders (folders searched recursively, sorted)."""
+    from ..data.readers import IMAGE_SUFFIXES
+    paths: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found = sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise ValueError(f"folder {item} holds no images (searched recursively for {', '.join(IMAGE_SUFFIXES)})")
+            paths += found
+        elif item.is_file():
+            paths.append(item)
+        else:
+            raise FileNotFoundError(f"input {item} does not exist")
+    return paths
+
+
+def coco_image_ids(ann_file: str | Path) -> tuple[dict[str, int], list[int]]:
+    """``file_name -> image id`` and the category ids in label order (as the COCO reader maps them)."""
+    import json
+    data = json.loads(Path(ann_file).read_text())
+    ids = {Path(im["file_name"]).name: int(im["id"]) for im in data.get("images", [])}
+    return ids, [c["id"] for c in sorted(data.get("categories", []), key=lambda c: c["id"])]
+
+
+def _write_png(array: np.ndarray, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    Image.fromarray(array).save(tmp, format="PNG")
+    tmp.replace(path)
+
+
+@torch.no_grad()
+def predict_folder(model: GeneralistModel, task: str, paths: list[Path], out: str | Path, batch_size: int = 32,
+                   coco_ann: str | Path | None = None, label_offset: int = 0, force: bool = False,
+                   progress: bool = True) -> dict:
+    """Batched prediction over image files into standard result files under ``out``:
+
+    * det: ``<task>_results.json``, COCO results (``image_id`` from ``coco_ann`` when given, else
+      the file name; ``category_id`` the annotation file's id, else the label index; boxes XYWH in
+      the image's own pixels);
+    * seg: ``annotations/<name>.png``, 8-bit label maps (label + ``label_offset``; 1 for ADE20K's
+      reduce-zero-label convention), ADE20K layout;
+    * depth: ``depth/<name>.png``, 16-bit PNG in millimetres (NYU layout);
+    * cls: ``<task>_predictions.json``, the top-5 classes per file.
+
+    A file that cannot be decoded is skipped with a warning naming it (counted in ``skipped``).
+    Existing results are refused unless ``force``; JSON is written to a temporary file and renamed.
+    """
+    import json
+    import warnings
+    from tqdm import tqdm
+    spec = model.spec(task)
+    kind = spec.type_name
+    if kind not in RESULT_FILES:
+        raise ValueError(f"task {task!r} of type {kind!r}: folder prediction supports {', '.join(RESULT_FILES)}")
+    out = Path(out)
+    target = out / RESULT_FILES[kind].format(task=task)
+    if target.exists() and not force:
+        raise FileExistsError(f"{target} already exists; pass --force to replace it")
+    ids, cat_ids = coco_image_ids(coco_ann) if coco_ann else (None, None)
+    if ids is not None:
+        unknown = [p.name for p in paths if p.name not in ids]
+        if unknown:
+            raise ValueError(f"{coco_ann} has no image entry for {len(unknown)} input file(s), e.g. {unknown[0]}")
+    if kind in ("seg", "depth"):
+        target.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    size = int(model.backbone.config["img_size"])
+    transform = build_transforms("cls", False, size)
+    names = spec.options.get("class_names")
+    model.eval()
+    results, skipped = [], []
+    bar = tqdm(total=len(paths), desc=f"predict {task}", disable=not progress, unit="img")
+    for start in range(0, len(paths), batch_size):
+        batch, sizes, kept = [], [], []
+        for p in paths[start:start + batch_size]:
+            try:
+                image = read_image(p)
+            except ValueError as e:
+                warnings.warn(f"skipping {e}", stacklevel=2)
+                skipped.append(str(p))
+                continue
+            batch.append(transform(image))
+            sizes.append(tuple(image.shape[-2:]))
+            kept.append(p)
+        bar.update(len(paths[start:start + batch_size]))
+        if not batch:
+            continue
+        outputs = model(torch.stack(batch), task)
+        if kind == "det":
+            preds = spec.postprocess(outputs, [{"orig_size": torch.tensor(s)} for s in sizes])
+            for p, pred in zip(kept, preds):
+                for box, score, label in zip(pred["boxes"].tolist(), pred["scores"].tolist(), pred["labels"].tolist()):
+                    x0, y0, x1, y1 = box
+                    results.append({"image_id": ids[p.name] if ids else p.name,
+                                    "category_id": cat_ids[label] if cat_ids else int(label),
+                                    "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
+                                    "score": round(float(score), 5)})
+        elif kind == "cls":
+            probs = outputs["logits"].float().softmax(-1)
+            top = probs.topk(min(5, probs.shape[-1]), dim=-1)
+            for p, v, i in zip(kept, top.values.tolist(), top.indices.tolist()):
+                results.append({"file": str(p), "top5": [{"label": int(c), "name": names[c] if names else str(c),
+                                                          "score": round(s, 5)} for s, c in zip(v, i)]})
+        else:
+            for k, (p, s) in enumerate(zip(kept, sizes)):
+                one = {key: v[k:k + 1] for key, v in outputs.items() if isinstance(v, torch.Tensor)}
+                if kind == "seg":
+                    labels = spec.semantic_probs(one, s).argmax(1)[0] + int(label_offset)
+                    if int(labels.max()) > 255:
+                        raise ValueError(f"label {int(labels.max())} does not fit an 8-bit PNG (--label-offset?)")
+                    _write_png(labels.numpy().astype(np.uint8), target / f"{p.stem}.png")
+                else:
+                    depth_m = torch.nn.functional.interpolate(one["log_depth"][:, None].float().exp(), size=s,
+                                                              mode="bilinear", align_corners=False)[0, 0]
+                    mm = (depth_m * 1000).round().clamp(1, 65535).numpy().astype(np.uint16)
+                    _write_png(mm, target / f"{p.stem}.png")
+    bar.close()
+    if kind in ("det", "cls"):
+        tmp = target.with_name(f".{target.name}.tmp")
+        tmp.write_text(json.dumps(results))
+        tmp.replace(target)
+    return {"task": task, "type": kind, "images": len(paths) - len(skipped), "skipped": skipped,
+            "written": str(target), "detections": len(results) if kind == "det" else None}

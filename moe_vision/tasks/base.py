@@ -77,6 +77,11 @@ class Task:
     def check_decoder(self, num_queries: int) -> None:
         """Raise a clear error if the shared decoder cannot serve this task."""
 
+    def visible_patches(self, targets: list[dict] | None, device) -> torch.Tensor | None:
+        """Indices ``[B, Nv]`` of the patches the backbone's blocks see (masked image modelling
+        with visible-only encoding); None: every patch (the default)."""
+        return None
+
     def decoder_queries(self, decoder, batch_size: int):
         """The :class:`~moe_vision.decoder.Queries` this task asks the decoder (None: the shared
         learned queries as they are)."""

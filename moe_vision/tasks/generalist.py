@@ -74,7 +74,9 @@ class GeneralistModel(nn.Module):
         if images.ndim == 5:  # [B, V, 3, H, W]: several views per image (contrastive pre-training)
             images = images.flatten(0, 1)
         stem_maps: list[torch.Tensor] = []
-        maps, routing = self.backbone.forward_multiscale(images, task, return_routing=True, stem_maps=stem_maps)
+        visible = spec.visible_patches(targets, images.device)
+        maps, routing = self.backbone.forward_multiscale(images, task, return_routing=True, stem_maps=stem_maps,
+                                                         visible_BNv=visible)
         size = tuple(images.shape[-2:])
         feats = self.pixel_decoder(maps, stem_maps, size)
         deep = self.training and bool(self.decoder_config.get("deep_supervision"))
