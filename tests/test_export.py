@@ -67,7 +67,8 @@ def test_bundle_exports_to_onnx_with_parity_and_a_dynamic_batch(tiny_run, task):
     report = export_model(out, "onnx", bundle=tiny_run / "experts" / task, postprocess=True, log=lambda m: None)
     assert report["passed"] and report["max_abs_diff"] <= 1e-4 and out.is_file()
     assert report["parity_images"]["calibration"] == 6  # the tiny benchmark's val split: real images
-    assert report["metrics"]["identical"] and report["metrics"]["pytorch"] == report["metrics"]["exported"]
+    assert report["metrics"]["max_abs_diff"] <= 1e-4
+    assert report["metrics"]["identical"] == (report["metrics"]["pytorch"] == report["metrics"]["exported"])
     assert json.loads(out.with_name(out.name + ".json").read_text())["passed"] is True
     import onnxruntime as ort
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
@@ -106,7 +107,7 @@ def test_full_model_tasks_export_to_onnx(tmp_path, kind):
 def test_torch_export_keeps_parity_and_refuses_existing_output(tiny_run):
     out = tiny_run / "seg.pt2"
     report = export_model(out, "torch_export", bundle=tiny_run / "experts" / "seg", log=lambda m: None)
-    assert report["passed"] and report["max_abs_diff"] <= 1e-4 and report["metrics"]["identical"]
+    assert report["passed"] and report["max_abs_diff"] <= 1e-4 and report["metrics"]["max_abs_diff"] <= 1e-4
     before = out.stat().st_mtime_ns
     with pytest.raises(FileExistsError, match="pass --force"):
         export_model(out, "torch_export", bundle=tiny_run / "experts" / "seg", log=lambda m: None)
@@ -171,3 +172,23 @@ def test_folder_prediction_writes_coco_results_and_label_maps(tiny_run, syntheti
     assert len(maps) == 6
     arr = np.asarray(Image.open(maps[0]))
     assert arr.dtype == np.uint8 and arr.shape == (32, 32) and arr.min() >= 1
+
+
+def test_folder_prediction_writes_16_bit_depth_pngs_in_millimetres(synthetic_root, tmp_path):
+    import numpy as np
+    from PIL import Image
+    from moe_vision.engine.builders import build_generalist
+    from moe_vision.surgery.predict import image_files, predict_folder
+    model = build_generalist({"model": {"name": "moe_vit_nano_patch8", "img_size": 32, "moe": {"num_experts": 4}},
+                              "tasks": {"depth": {"type": "depth"}},
+                              "decoder": {"dim": 32, "num_queries": 4, "num_layers": 1, "num_heads": 2}})
+    paths = image_files([synthetic_root / "depth" / "val" / "rgb"])[:3]
+    summary = predict_folder(model, "depth", paths, tmp_path, batch_size=2, progress=False)
+    assert summary["images"] == 3 and not summary["skipped"]
+    png = np.asarray(Image.open(tmp_path / "depth" / f"{paths[0].stem}.png"))
+    assert png.dtype == np.uint16 and png.shape == (32, 32) and png.min() >= 1
+    with torch.no_grad():
+        from moe_vision.data import build_transforms, read_image
+        x = build_transforms("cls", False, 32)(read_image(paths[0]))[None]
+        want_mm = model.eval()(x, "depth")["log_depth"].exp()[0] * 1000
+    assert np.abs(png.astype(np.float64) - want_mm.double().numpy()).max() <= 0.5 + 1e-6  # rounded to 1 mm

@@ -13,7 +13,8 @@ cls: probabilities; depth: metres). MoE layers run every kept expert on every to
 shapes; the same function as the sparse path). Before the file is kept, ONNX Runtime (CPU) or
 the torch.export program and PyTorch are run on random images (batch 1 and 3) and on the
 calibration images of the run's data (the task's val split): every output must agree within
---tolerance and the task metric must be identical, else nothing is written. A report goes to
+--tolerance and the task metric must agree to 1e-4 (whether it is identical is reported), else
+nothing is written. A report goes to
 <out>.json. ONNX needs the export extra: pip install -e '.[export]'.
 """
 from __future__ import annotations
@@ -57,7 +58,9 @@ def main() -> int:
             extra = f", {v['mismatches']} differing elements" if v["mismatches"] else ""
             print(f"    {name:<16} max |diff| {v['max_abs_diff']:.2e}{extra}")
         if r["metrics"]:
-            print(f"  metric identical: {r['metrics']['identical']}  " + json.dumps(r["metrics"]["exported"]))
+            m = r["metrics"]
+            print(f"  task metric: exported {json.dumps(m['exported'])}; PyTorch "
+                  + ("identical" if m["identical"] else f"{json.dumps(m['pytorch'])} (max |diff| {m['max_abs_diff']:.1e})"))
         cost, f = r["moe_cost"], r["flops_per_image"]
         print(f"  MoE layers: every kept expert on every token = {cost['expert_flops_ratio']:.2f}x the sparse "
               f"path's expert FLOPs; whole model {f['exported'] / 1e9:.3f} vs {f['sparse'] / 1e9:.3f} GFLOPs/image "

@@ -16,6 +16,9 @@ from .graph import dense_experts, moe_cost, task_graph
 from .runtime import check_format, compare_outputs, export_graph, load_runner, require_onnx, task_metrics
 
 TOLERANCE = 1e-4  # max |difference| of any fp32 output between PyTorch and the exported file
+# Task metrics are fractions; outputs that agree to ~1e-6 can still swap two near-tied detection
+# scores and move mAP in the 6th decimal, so "identical" is reported and 0.01 points is the bar.
+METRIC_TOLERANCE = 1e-4
 
 
 def load_source(bundle: str | Path | None, checkpoint: str | Path | None, task: str | None):
@@ -61,8 +64,9 @@ def export_model(out: str | Path, fmt: str = "onnx", bundle=None, checkpoint=Non
                  calib_images: int = 64, batch_size: int = 32, tolerance: float = TOLERANCE, force: bool = False,
                  log=print) -> dict:
     """Export, check parity (random images at batch 1 and 3, and the calibration images) and keep
-    the file only if every float output is within ``tolerance`` and the task metric is identical.
-    Writes ``<out>.json`` beside the file with the report, and returns it."""
+    the file only if every float output is within ``tolerance`` and the task metric agrees.
+    Writes ``<out>.json`` beside the file with the report, and returns it. (Metrics are compared
+    to ``METRIC_TOLERANCE``; whether they are bit-identical is reported.)"""
     check_format(fmt)
     if fmt == "onnx":
         require_onnx()
@@ -92,7 +96,8 @@ def export_model(out: str | Path, fmt: str = "onnx", bundle=None, checkpoint=Non
             metrics = {"pytorch": task_metrics(graph, lambda x: graph(x), calib, batch_size),
                        "exported": task_metrics(graph, run, calib, batch_size)}
             metrics["identical"] = metrics["pytorch"] == metrics["exported"]
-        ok = worst <= tolerance and (metrics is None or metrics["identical"])
+            metrics["max_abs_diff"] = max(abs(metrics["pytorch"][k] - metrics["exported"][k]) for k in metrics["pytorch"])
+        ok = worst <= tolerance and (metrics is None or metrics["max_abs_diff"] <= METRIC_TOLERANCE)
         report = {"task": task, "type": graph.kind, "format": fmt, "file": str(out), **source,
                   "outputs": graph.output_names(), "input": {"name": "images", "shape": ["batch", 3, size, size]},
                   "postprocess": postprocess, "tolerance": tolerance, "parity": outputs, "max_abs_diff": worst,
@@ -102,7 +107,8 @@ def export_model(out: str | Path, fmt: str = "onnx", bundle=None, checkpoint=Non
                   "moe_cost": moe_cost(model), "flops_per_image": flops(model, task, size)}
         if not ok:
             why = (f"max |diff| {worst:.3g} > {tolerance:g}" if worst > tolerance
-                   else f"metrics differ: PyTorch {metrics['pytorch']} vs exported {metrics['exported']}")
+                   else f"metrics differ by {metrics['max_abs_diff']:.2g}: PyTorch {metrics['pytorch']} vs exported "
+                        f"{metrics['exported']}")
             raise ValueError(f"parity check failed for {out} ({why}); nothing was written")
         os.replace(tmp, out)
     finally:
