@@ -43,8 +43,8 @@ def load_source(bundle: str | Path | None, checkpoint: str | Path | None, task: 
 
 
 def calibration_set(model, task: str, run_cfg: dict | None, data_root: str | None, split: str, n: int):
-    """The first-drawn ``n`` images of the task's ``split`` from the run's data config (None when
-    the run's data config is unknown or its folders are missing)."""
+    """A fixed random subset of ``n`` images of the task's ``split`` from the run's data config
+    (None when the run's data config is unknown or its folders are missing)."""
     if run_cfg is None or n <= 0:
         return None
     from ..surgery.pipeline import relocate_data
