@@ -26,6 +26,17 @@ from torchvision import tv_tensors
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
+def images_under(folder: str | Path) -> list[Path]:
+    """Every image file below ``folder`` (recursively), sorted; a clear error if there is none."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder {folder} does not exist")
+    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not paths:
+        raise ValueError(f"image folder {folder} holds no images (searched recursively for {', '.join(IMAGE_SUFFIXES)})")
+    return paths
+
+
 def read_image(path: Path) -> tv_tensors.Image:
     """RGB uint8 ``[3, H, W]``; a missing or corrupt file raises one clear error."""
     if not path.is_file():

@@ -51,7 +51,8 @@ def pretraining_dataset(task: str, task_cfg: Mapping[str, Any], data_cfg: Mappin
     config's tasks named in ``from``. Masked image modelling ignores their labels; the hybrid
     objective reads them for its multi-label term (``class_names.<task>`` names the classes of
     a source whose reader does not know them, e.g. segmentation label maps)."""
-    from ..pretrain import UnlabelledImages, images_under
+    from ..data.readers import images_under
+    from ..pretrain import UnlabelledImages
     p, ratio, norm = int(task_cfg["patch_size"]), float(task_cfg.get("mask_ratio", 0.75)), bool(task_cfg.get("norm_pix", True))
     if entry["format"] == "images":
         root = Path(entry["root"])

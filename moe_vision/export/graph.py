@@ -15,28 +15,27 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
-import torch.nn.functional as F
 
 from ..moe import MoEMLP
 from ..tasks import GeneralistModel
-from ..tasks.det import _xyxy
+from ..tasks.det import top_detections
 
-# Output names per task type: raw outputs first (the first is the head's raw logits), then
-# the postprocessed ones (with ``postprocess=True``).
-RAW_OUTPUTS = {"cls": ("logits",), "det": ("logits", "boxes_cxcywh"), "seg": ("mask_logits",),
-               "depth": ("log_depth",)}
+# Output names per task type: raw outputs first (the first is the head's raw logits), each
+# mapped to the head's output key it carries; then the postprocessed ones (``postprocess=True``).
+RAW_OUTPUTS = {"cls": {"logits": "logits"}, "det": {"logits": "logits", "boxes_cxcywh": "boxes"},
+               "seg": {"mask_logits": "masks"}, "depth": {"log_depth": "log_depth"}}
 POST_OUTPUTS = {"cls": ("probs",), "det": ("det_boxes_xyxy", "det_scores", "det_labels"), "seg": ("label_map",),
                 "depth": ("depth_m",)}
 MAX_DETECTIONS = 100
 
 
 @contextmanager
-def dense_experts(model: nn.Module, on: bool = True):
-    """Switch every MoE MLP of ``model`` to (or from) the static-shaped all-experts path."""
+def dense_experts(model: nn.Module):
+    """Run every MoE MLP of ``model`` on the static-shaped all-experts path inside the block."""
     layers = [m for m in model.modules() if isinstance(m, MoEMLP)]
     before = [m.dense_experts for m in layers]
     for m in layers:
-        m.dense_experts = on
+        m.dense_experts = True
     try:
         yield model
     finally:
@@ -85,25 +84,20 @@ class TaskGraph(nn.Module):
 
     def forward(self, images_B3HW: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out = self.model(images_B3HW, self.task)
+        raw = tuple(out[key] for key in RAW_OUTPUTS[self.kind].values())
+        if not self.postprocess:
+            return raw
         H, W = images_B3HW.shape[-2:]
         if self.kind == "cls":
-            raw = (out["logits"],)
             post = (out["logits"].softmax(-1),)
         elif self.kind == "det":
-            raw = (out["logits"], out["boxes"])
-            prob_BQC = out["logits"].sigmoid()
-            B, Q, C = prob_BQC.shape
-            scores_BK, flat_BK = prob_BQC.flatten(1).topk(min(MAX_DETECTIONS, Q * C), dim=1)
-            boxes_BQ4 = _xyxy(out["boxes"]).clamp(0, 1) * torch.tensor([W, H, W, H], dtype=out["boxes"].dtype)
-            post = (boxes_BQ4.gather(1, (flat_BK // C)[..., None].expand(-1, -1, 4)), scores_BK, flat_BK % C)
+            scores_BK, labels_BK, boxes_BK4 = top_detections(out["logits"], out["boxes"], MAX_DETECTIONS)
+            post = (boxes_BK4 * torch.tensor([W, H, W, H], dtype=boxes_BK4.dtype), scores_BK, labels_BK)
         elif self.kind == "seg":
-            raw = (out["masks"],)
-            up = F.interpolate(out["masks"], size=(H, W), mode="bilinear", align_corners=False)
-            post = (up.argmax(1),)
+            post = (self.spec.semantic_probs(out, (H, W)).argmax(1),)
         else:
-            raw = (out["log_depth"],)
             post = (out["log_depth"].exp(),)
-        return raw + post if self.postprocess else raw
+        return raw + post
 
 
 def task_graph(model: GeneralistModel, task: str, postprocess: bool = False) -> TaskGraph:

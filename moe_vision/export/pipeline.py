@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import time
 from pathlib import Path
 
@@ -12,6 +11,8 @@ import torch
 
 from ..engine.builders import build_dataset, load_generalist
 from ..engine.evaluate import fixed_subset, iterate_batches
+from ..engine.report import write_json
+from ..surgery.pipeline import median_call_ms, relocate_data
 from .graph import dense_experts, moe_cost, task_graph
 from .runtime import check_format, compare_outputs, export_graph, load_runner, require_onnx, task_metrics
 
@@ -47,7 +48,6 @@ def calibration_set(model, task: str, run_cfg: dict | None, data_root: str | Non
     (None when the run's data config is unknown or its folders are missing)."""
     if run_cfg is None or n <= 0:
         return None
-    from ..surgery.pipeline import relocate_data
     data_cfg = relocate_data(run_cfg["data"], data_root) if data_root else run_cfg["data"]
     task_cfg = {**model.spec(task).config(), **(run_cfg.get("tasks") or {}).get(task, {})}
     try:
@@ -113,9 +113,7 @@ def export_model(out: str | Path, fmt: str = "onnx", bundle=None, checkpoint=Non
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-    side = out.with_name(out.name + ".json")
-    side.with_name(side.name + ".tmp").write_text(json.dumps(report, indent=2))
-    os.replace(side.with_name(side.name + ".tmp"), side)
+    write_json(out.with_name(out.name + ".json"), report)
     return report
 
 
@@ -126,20 +124,6 @@ def flops(model, task: str, size: int) -> dict:
     with dense_experts(model):
         dense = flops_per_image(model, task, size)
     return {"sparse": sparse, "exported": dense}
-
-
-@torch.no_grad()
-def latency_ms(fn, batch: int, size: int, repeats: int = 10) -> float:
-    """Median milliseconds per call of ``fn`` on a ``[batch, 3, size, size]`` input, after warm-up."""
-    x = torch.randn(batch, 3, size, size)
-    for _ in range(2):
-        fn(x)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn(x)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def latency_table(exported: str | Path, fmt: str, bundle_model, task: str, full_model=None,
@@ -155,7 +139,8 @@ def latency_table(exported: str | Path, fmt: str, bundle_model, task: str, full_
     candidates.append((f"{'ONNX Runtime' if fmt == 'onnx' else 'torch.export'}, bundle", run))
     rows = []
     for b in batches:
+        x = torch.randn(b, 3, size, size)
         for name, fn in candidates:
-            ms = latency_ms(fn, b, size, repeats)
+            ms = median_call_ms(fn, x, repeats)
             rows.append({"model": name, "batch": b, "ms": ms, "ms_per_image": ms / b})
     return rows

@@ -105,8 +105,7 @@ def compare_outputs(graph: TaskGraph, run: Callable, batches: Sequence[torch.Ten
 
 def outputs_dict(graph: TaskGraph, raw: Sequence[torch.Tensor]) -> dict:
     """The task head's output dict rebuilt from a graph's raw outputs (what ``postprocess`` reads)."""
-    keys = {"cls": ("logits",), "det": ("logits", "boxes"), "seg": ("masks",), "depth": ("log_depth",)}[graph.kind]
-    return dict(zip(keys, raw))
+    return dict(zip(RAW_OUTPUTS[graph.kind].values(), raw))
 
 
 @torch.no_grad()

@@ -1,7 +1,8 @@
 """Pre-training objectives on the generalist's own backbone and query decoder: GLID-style masked
 image modelling with decoder queries (task type ``mim``) and the hybrid multi-label + MIM +
 contrastive objective (task type ``hybrid``)."""
-from .data import UnlabelledImages, images_under
+from ..data.readers import images_under
+from .data import UnlabelledImages
 from .hybrid import HybridPretrainingTask, LabelSpace, TwoViewImages, info_nce, masked_bce
 from .masking import mask_image, normalised_patches, patchify, random_patch_mask, unpatchify
 from .mim import MaskedImageModelingTask

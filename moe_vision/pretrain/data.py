@@ -14,20 +14,8 @@ from typing import Callable, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from ..data.readers import IMAGE_SUFFIXES, read_image
+from ..data.readers import read_image
 from .masking import mask_image, normalised_patches, patchify, random_patch_mask
-
-
-def images_under(folder: str | Path) -> list[Path]:
-    """Every image file below ``folder`` (recursively), sorted; a clear error if there is none."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"pre-training image folder {folder} does not exist")
-    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if not paths:
-        raise ValueError(f"pre-training image folder {folder} holds no images "
-                         f"(searched recursively for {', '.join(IMAGE_SUFFIXES)})")
-    return paths
 
 
 class UnlabelledImages(Dataset):

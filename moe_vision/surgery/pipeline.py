@@ -54,18 +54,22 @@ def outputs_identical(full: GeneralistModel, small: GeneralistModel, task: str, 
 
 
 @torch.no_grad()
-def latency_ms(model: GeneralistModel, task: str, image_size: int, repeats: int = 20) -> float:
-    """Median milliseconds of one single-image forward pass (after warm-up)."""
-    model.eval()
-    x = torch.randn(1, 3, image_size, image_size)
-    for _ in range(3):
-        model(x, task)
+def median_call_ms(fn, x: torch.Tensor, repeats: int = 20, warmup: int = 3) -> float:
+    """Median milliseconds of ``fn(x)`` over ``repeats`` calls, after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn(x)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        model(x, task)
+        fn(x)
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+def latency_ms(model: GeneralistModel, task: str, image_size: int, repeats: int = 20) -> float:
+    """Median milliseconds of one single-image forward pass (after warm-up)."""
+    model.eval()
+    return median_call_ms(lambda x: model(x, task), torch.randn(1, 3, image_size, image_size), repeats)
 
 
 def extract_bundle(checkpoint: str | Path, task: str, out: str | Path, rule: str = "selected",

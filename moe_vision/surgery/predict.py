@@ -64,14 +64,11 @@ RESULT_FILES = {"det": "{task}_results.json", "cls": "{task}_predictions.json", 
 
 def image_files(inputs: list[str | Path]) -> list[Path]:
     """Image files from files and folders (folders searched recursively, sorted)."""
-    from ..data.readers import IMAGE_SUFFIXES
+    from ..data.readers import images_under
     paths: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            found = sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                raise ValueError(f"folder {item} holds no images (searched recursively for {', '.join(IMAGE_SUFFIXES)})")
-            paths += found
+            paths += images_under(item)
         elif item.is_file():
             paths.append(item)
         else:

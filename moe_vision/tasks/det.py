@@ -78,6 +78,16 @@ def _xyxy(b: torch.Tensor) -> torch.Tensor:
     return box_convert(b, "cxcywh", "xyxy")
 
 
+def top_detections(logits_BQC: torch.Tensor, boxes_BQ4: torch.Tensor, k: int):
+    """The ``k`` best (query, class) pairs of each image by sigmoid score: ``scores [B, K]``,
+    ``labels [B, K]`` and their query's box ``[B, K, 4]`` as normalised XYXY inside the image."""
+    prob_BQC = logits_BQC.float().sigmoid()
+    C = prob_BQC.shape[-1]
+    scores_BK, flat_BK = prob_BQC.flatten(1).topk(min(k, prob_BQC[0].numel()), dim=1)
+    boxes_BQ4 = _xyxy(boxes_BQ4.float()).clamp(0, 1)
+    return scores_BK, flat_BK % C, boxes_BQ4.gather(1, (flat_BK // C)[..., None].expand(-1, -1, 4))
+
+
 def varifocal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 0.75, gamma: float = 2.0) -> torch.Tensor:
     """Summed varifocal loss (VarifocalNet): positives (target q > 0) weighted by q, negatives by
     ``alpha * p^gamma``; targets are IoU-aware scores in [0, 1]."""
@@ -436,17 +446,14 @@ class DetectionTask(Task):
         one-to-one decoder still makes); ``dense_nms``: the dense token predictions + NMS."""
         mode = self.opt("inference", "queries")
         src = outputs["dense"] if mode == "dense_nms" else outputs
-        prob = src["logits"].float().sigmoid()  # [B, Q, C]
-        boxes = _xyxy(src["boxes"].float()).clamp(0, 1)  # inside the image
-        C = prob.shape[-1]
         nms = mode != "queries"
+        scores_BK, labels_BK, boxes_BK4 = top_detections(src["logits"], src["boxes"],
+                                                         max_detections * (4 if nms else 1))
         preds = []
         for b, t in enumerate(targets):
             h, w = [int(v) for v in t["orig_size"]]
-            k = min(max_detections * (4 if nms else 1), prob[b].numel())
-            scores, flat = prob[b].flatten().topk(k)
-            q, c = flat // C, flat % C
-            xyxy = boxes[b, q] * boxes.new_tensor([w, h, w, h])
+            scores, c = scores_BK[b], labels_BK[b]
+            xyxy = boxes_BK4[b] * boxes_BK4.new_tensor([w, h, w, h])
             if nms:
                 keep = batched_nms(xyxy, scores, c, float(self.opt("nms_iou", 0.6)))[:max_detections]
                 xyxy, scores, c = xyxy[keep], scores[keep], c[keep]
