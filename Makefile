@@ -12,7 +12,7 @@ STAMP_NOW := $(shell date +%Y%m%d-%H%M%S)
 # instead of taking a local CPU-only torch wheel that no torchvision wheel is built against.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	PIP_FIND_LINKS= $(PY) -m pip install --quiet -e '.[dev,export]'
+	PIP_FIND_LINKS= $(PY) -m pip install --quiet -e '.[dev,export,language]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -5,6 +5,10 @@
     python tools/train.py experiment=synthetic train.steps=2000 model=moe_vit_tiny
     python tools/train.py experiment=synthetic resume=true                  # continue a killed run
     python tools/train.py experiment=synthetic_single_task single_task=det  # dense single-task baseline
+    python tools/train.py experiment=synthetic model.init_from=runs/pretrain_glid \
+        train.stage=adapt adapters.enabled=true lv.enabled=true           # adapt: pre-trained tensors frozen
+    python tools/train.py experiment=synthetic model.init_from=runs/adapted adapters.enabled=true \
+        lv.enabled=true                                                    # then fine-tune everything
     torchrun --nproc_per_node 2 tools/train.py experiment=synthetic          # data parallel (DDP) on 2 ranks
     torchrun --nproc_per_node 2 tools/train.py experiment=synthetic dist.strategy=fsdp dist.expert_parallel=2
 """

@@ -103,7 +103,7 @@ def build_generalist(cfg: Mapping[str, Any]) -> GeneralistModel:
         if "patch_size" in t and int(t["patch_size"]) != backbone.patch_size:
             raise ValueError(f"tasks.{name}.patch_size={t['patch_size']} but the backbone's patch size is "
                              f"{backbone.patch_size}; set tasks.{name}.patch_size={backbone.patch_size}")
-    return GeneralistModel(backbone, tasks, cfg.get("decoder"))
+    return GeneralistModel(backbone, tasks, cfg.get("decoder"), cfg.get("adapters"), cfg.get("lv"))
 
 
 def resolve_device(name: str) -> torch.device:

@@ -34,7 +34,7 @@ class MultiTaskStep(nn.Module):
                 with record_function(f"forward/{task}"):
                     out, r = self.model(images.to(device), task, return_routing=True, targets=targets)
                 with record_function(f"loss/{task}"), over_ranks():
-                    losses = self.model.spec(task).total_loss(out, targets)
+                    losses = self.model.task_loss(task, out, targets)
             routing += r
             total = total + self.weighting(task, losses["loss"])
             logs[task] = {k: float(v.detach()) for k, v in losses.items()}

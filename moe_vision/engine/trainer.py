@@ -28,6 +28,7 @@ from .checkpoint import (latest_checkpoint, load_checkpoint, optimizer_hyperpara
 from .distributed import DistContext, init_distributed
 from .evaluate import chance_metrics, evaluate, fixed_subset
 from .optim import LossWeighting, build_optimizer, cosine_with_warmup, set_trainable
+from .stage import check_adapter_tensors, check_stage, freeze_pretrained, frozen_unchanged
 from .parallel import parallelize, shards_model
 from .step import MultiTaskStep
 
@@ -100,6 +101,14 @@ class Trainer:
             self.init_report = init_from_pretrained(self.model, cfg["model"]["init_from"],
                                                     cfg["model"].get("init_routers_from"),
                                                     cfg["model"].get("init_keep") or "all")
+        self.stage = self.tcfg.get("stage") or "finetune"
+        # (a model handed in by a surgery tool comes with its own frozen parameters)
+        check_stage(self.stage, self.init_report if model is None else {}, self.tcfg.get("trainable", "all"))
+        self.stage_info, self.text_report = None, None
+        if self.init_report is not None:
+            check_adapter_tensors(self.init_report)
+            if self.stage == "adapt":
+                self.stage_info = freeze_pretrained(self.model, self.init_report)
         if model is None and self.tcfg.get("trainable", "all") != "all":
             set_trainable(self.model, self.tcfg["trainable"])
         self.model = self.model.to(self.device)
@@ -120,6 +129,9 @@ class Trainer:
             if names and "class_names" not in self.model.spec(t).options:
                 # Stored in the checkpoint's config, so bundles and predict.py can name classes.
                 self.model.spec(t).options["class_names"] = list(names)
+        if self.model.lv is not None:  # class-text embeddings for LV-Adapters that do not have them yet
+            from ..adapters import fill_text_embeddings
+            self.text_report = fill_text_embeddings(self.model, self.model.language_config, self.run_dir, tqdm.write)
         # Periodic validation runs on a fixed random subset (the val splits may be sorted by class).
         n_periodic = int(cfg["eval"].get("periodic_images") or 0)
         self.periodic_sets = {t: fixed_subset(d, n_periodic, int(cfg["seed"])) for t, d in self.val_sets.items()}
@@ -232,8 +244,14 @@ class Trainer:
             raise FileExistsError(f"{self.run_dir} already holds a training run; pass resume=true to continue it "
                                   "or choose another output_dir")
         main = self.dist.is_main  # only rank 0 writes logs, reports, pictures and checkpoints
+        if main and self.stage_info is not None:
+            tqdm.write(f"adapt stage: {self.stage_info['trainable']:,} of {self.stage_info['total']:,} parameters "
+                       f"trainable ({100 * self.stage_info['trainable'] / self.stage_info['total']:.1f}%), "
+                       f"{len(self.stage_info['snapshot'])} pre-trained tensors frozen")
         if main:
             report.write_json(self.run_dir / "config.json", self.cfg)
+            if self.text_report:
+                report.write_json(self.run_dir / "lv_text.json", self.text_report)
             if self.init_report is not None:
                 r = self.init_report
                 report.write_json(self.run_dir / "init_from.json", r)
@@ -280,10 +298,25 @@ class Trainer:
         self.sync_eval_model()
         if main:
             save_model(self.eval_model, self.run_dir / "model.safetensors")
+            if self.stage_info is not None:
+                results["stage"] = self.check_frozen()
             results.update(self.final_evaluation())
             writer.close()
         # No barrier here: the others need not wait (and time out) while rank 0 evaluates the full split.
         return results
+
+    def check_frozen(self) -> dict:
+        """After an adapt stage: every frozen tensor bit-identical to its pre-trained value
+        (written to ``stage.json``; a difference is a bug and fails the run)."""
+        info = self.stage_info
+        check = {"stage": self.stage, "trainable_parameters": info["trainable"], "total_parameters": info["total"],
+                 "trainable_fraction": info["trainable"] / info["total"],
+                 **frozen_unchanged(self.eval_model, info["snapshot"])}
+        report.write_json(self.run_dir / "stage.json", check)
+        if not check["identical"]:
+            raise RuntimeError(f"adapt stage changed {len(check['changed'])} frozen tensor(s), e.g. {check['changed'][:3]}")
+        tqdm.write(f"adapt stage: all {check['frozen_tensors']} frozen tensors bit-identical to the pre-trained ones")
+        return check
 
     def _log_step(self, rec: dict, log_file, writer, ema: dict) -> None:
         log_file.write(json.dumps(rec) + "\n")

@@ -243,7 +243,7 @@ class MoEViT(nn.Module):
         return x, grid
 
     def _run(self, x: torch.Tensor, task: str, keep: set[int] = frozenset(), stem_maps: list | None = None,
-             visible_BNv: torch.Tensor | None = None):
+             visible_BNv: torch.Tensor | None = None, after_block=None):
         check_task(task, self.tasks)
         x, grid = self._embed(x, stem_maps)
         x = x + self.task_embed[task]
@@ -257,6 +257,8 @@ class MoEViT(nn.Module):
                 x, r = checkpoint(blk, x, task, use_reentrant=False)
             else:
                 x, r = blk(x, task)
+            if after_block is not None:  # e.g. adapters: (block index, tokens, patch grid or None) -> tokens
+                x = after_block(i, x, None if visible_BNv is not None else grid)
             routing.extend(r)
             if i in keep:
                 kept.append(x)
@@ -282,7 +284,7 @@ class MoEViT(nn.Module):
 
     def forward_intermediates(self, x: torch.Tensor, task: str, indices: int | Sequence[int] | None = None,
                               norm: bool = False, return_routing: bool = False, stem_maps: list | None = None,
-                              visible_BNv: torch.Tensor | None = None):
+                              visible_BNv: torch.Tensor | None = None, after_block=None):
         """Final tokens and feature maps ``[B, D, gh, gw]`` after the given blocks (timm-style).
 
         ``indices`` is a list of block indices or an int n (the last n blocks); default: 4
@@ -290,7 +292,8 @@ class MoEViT(nn.Module):
         passed as ``stem_maps`` receives the conv stem's stage maps. With ``visible_BNv`` (indices
         of the patches to keep, the same number per image) the blocks see only those patches
         (masked image modelling, MAE-style); the maps hold zeros at every other position and the
-        tokens are the prefix and the kept patches.
+        tokens are the prefix and the kept patches. ``after_block(i, tokens, grid)`` (e.g. adapters)
+        replaces the tokens after block i; ``grid`` is None when only visible patches are encoded.
         """
         depth = len(self.blocks)
         if indices is None:
@@ -299,7 +302,7 @@ class MoEViT(nn.Module):
             idx = list(range(depth - indices, depth))
         else:
             idx = sorted(int(i) % depth for i in indices)
-        tokens, kept, (gh, gw), routing = self._run(x, task, set(idx), stem_maps, visible_BNv)
+        tokens, kept, (gh, gw), routing = self._run(x, task, set(idx), stem_maps, visible_BNv, after_block)
         maps = []
         for h in kept:
             h = (self.norm(h) if norm else h)[:, self.num_prefix_tokens:]
@@ -311,12 +314,12 @@ class MoEViT(nn.Module):
 
     def forward_multiscale(self, x: torch.Tensor, task: str, scales: Sequence[float] = (2.0, 1.0, 0.5, 0.25),
                            return_routing: bool = False, stem_maps: list | None = None,
-                           visible_BNv: torch.Tensor | None = None):
+                           visible_BNv: torch.Tensor | None = None, after_block=None):
         """Multi-scale feature maps for dense heads, ViTDet-style but parameter-free: one map per
         scale, resized by that scale (strides ``patch_size / scale``), taken from evenly spaced
         blocks (``multiscale="spread"``) or all from the last block (``"last"``). A list passed as
-        ``stem_maps`` receives the conv stem's stage maps (strides 2, 4, ...); ``visible_BNv``: see
-        :meth:`forward_intermediates`."""
+        ``stem_maps`` receives the conv stem's stage maps (strides 2, 4, ...); ``visible_BNv`` and
+        ``after_block``: see :meth:`forward_intermediates`."""
         depth = len(self.blocks)
         if self.multiscale == "last":
             per_scale = [depth - 1] * len(scales)
@@ -325,7 +328,8 @@ class MoEViT(nn.Module):
             per_scale = [max(0, depth - 1 - step * i) for i in reversed(range(len(scales)))]
         unique = sorted(set(per_scale))
         tokens, maps, routing = self.forward_intermediates(x, task, unique, norm=True, return_routing=True,
-                                                           stem_maps=stem_maps, visible_BNv=visible_BNv)
+                                                           stem_maps=stem_maps, visible_BNv=visible_BNv,
+                                                           after_block=after_block)
         maps = [maps[unique.index(i)] for i in per_scale]
         out = []
         for m, s in zip(maps, scales):

@@ -56,7 +56,8 @@ def init_from_pretrained(model: nn.Module, source: str | Path, init_routers_from
     if init_routers_from:
         sources = {m.group("pre") + "." + init_routers_from + m.group("post")
                    for k in src if (m := _TASK_TENSOR.match(k)) and m.group("task") == init_routers_from}
-        if not sources:
+        needed = [n for n in own if n not in copied and _TASK_TENSOR.match(n)]
+        if not sources and needed:  # (a source that already has every task's routers needs none)
             raise ValueError(f"model.init_routers_from={init_routers_from!r}: {path} has no router or task embedding "
                              f"for that task")
         for name in own:

@@ -2,9 +2,9 @@
 
 Legend: E experts in the full layer, E' kept experts, D dim.
 
-Kept: every shared parameter (embeddings, attention, norms, the GLID decoder and queries), the
-kept experts of each MoE layer (stacked weights sliced along E), this task's router rows for
-those experts, its task embedding and its head. Dropped: other experts, other tasks' routers,
+Kept: every shared parameter (embeddings, attention, norms, the GLID decoder and queries, shared
+adapters), the kept experts of each MoE layer (stacked weights sliced along E), this task's
+router rows for those experts, its task embedding, adapters, LV-Adapter and head. Dropped: other experts, other tasks' routers,
 task embeddings and heads, and the head's training-only parameters (detection's denoising label
 embedding).
 """
@@ -22,6 +22,7 @@ _EXPERT_PARAM = re.compile(r"\.(experts\.(w1|w2|b1|b2)|q_experts\.(weight|bias)|
 _ADDED_GROUP = re.compile(r"^(.*)\.added_experts\.(\d+)\.(w1|w2|b1|b2)$")
 _ROUTER = re.compile(r"\.router\.(gates|noise)\.([^.]+)\.weight$")
 _ROUTER_EMBED = re.compile(r"\.router\.task_embed\.([^.]+)$")
+_TASK_ADAPTER = re.compile(r"^(?:adapters\.(?:blocks|levels)\.\d+|lv\.texts)\.([^.]+)\.")  # per-task adapters, texts
 
 
 def moe_layer_of(key: str) -> str | None:
@@ -64,6 +65,9 @@ def extract_task(model: GeneralistModel, task: str, kept: dict[str, list[int]]) 
         if key.startswith("backbone.task_embed.") and key != f"backbone.task_embed.{task}":
             continue
         if key.startswith("heads.") and not key.startswith(f"heads.{task}."):
+            continue
+        adapter = _TASK_ADAPTER.match(key)
+        if adapter and adapter.group(1) not in (task, "shared"):
             continue
         if any(key.startswith(f"heads.{task}.{name}.") for name in model.spec(task).training_only):
             continue

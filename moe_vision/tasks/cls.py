@@ -32,7 +32,8 @@ class ClassificationTask(Task):
         return nn.Linear(dim, self.num_classes)
 
     def head_forward(self, head, queries_BQD, pixel_BDhw, image_size):
-        return {"logits": head(queries_BQD[:, 0])}
+        # The answer itself too: the LV-Adapter scores it against the class texts.
+        return {"logits": head(queries_BQD[:, 0]), "embedding": queries_BQD[:, 0]}
 
     def loss(self, outputs, targets):
         labels = torch.stack([t["label"] for t in targets]).to(outputs["logits"].device)

@@ -3,6 +3,9 @@ set of learnable queries) -> the task's topmost linear head.
 
 Shared by all tasks: the backbone (except each task's router and task embedding), the pixel
 decoder, the query decoder and its queries. Task-specific: the linear layer(s) in ``heads[task]``.
+Optional (off by default): multi-scale adapters after every block and on every pixel-decoder
+level (per task or shared), and a language-prior LV-Adapter per classed task
+(:mod:`moe_vision.adapters`).
 """
 from __future__ import annotations
 
@@ -11,6 +14,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from ..adapters import LanguagePrior, ModelAdapters, language_config, language_losses
+from ..adapters.language import LV_TASK_TYPES
 from ..decoder import PixelDecoder, QueryDecoder
 from ..models import MoEViT
 from ..models.checkpoint import register_format
@@ -27,12 +32,15 @@ class GeneralistModel(nn.Module):
         backbone: a :class:`MoEViT` or its config dict; it must know every task name.
         tasks: task name -> task config (``type``, ``num_classes``, loss weights, options).
         decoder: query/pixel decoder sizes (see ``DEFAULT_DECODER``).
+        adapters: multi-scale adapter options (:data:`moe_vision.adapters.DEFAULT_ADAPTERS`).
+        language: LV-Adapter options (:data:`moe_vision.adapters.DEFAULT_LANGUAGE`).
     """
 
     checkpoint_format = "moe_vision.generalist/1"
 
     def __init__(self, backbone: MoEViT | Mapping[str, Any], tasks: Mapping[str, Mapping[str, Any]],
-                 decoder: Mapping[str, Any] | None = None) -> None:
+                 decoder: Mapping[str, Any] | None = None, adapters: Mapping[str, Any] | None = None,
+                 language: Mapping[str, Any] | None = None) -> None:
         super().__init__()
         self.backbone = backbone if isinstance(backbone, MoEViT) else MoEViT(**backbone)
         missing = [t for t in tasks if t not in self.backbone.tasks]
@@ -49,11 +57,26 @@ class GeneralistModel(nn.Module):
                                     dec["mlp_ratio"], box_prior=float(dec["box_prior"]))
         self.heads = nn.ModuleDict({name: spec.build_head(dec["dim"]) for name, spec in self.specs.items()})
         self.decoder_config = dec
+        self.adapter_config = dict(adapters or {})
+        self.adapters = ModelAdapters(self.adapter_config, list(self.specs), self.backbone.embed_dim,
+                                      len(self.backbone.blocks), len(self.pixel_decoder.lateral)) \
+            if self.adapter_config.get("enabled") else None
+        self.language_config = language_config(language)
+        lv = self.language_config
+        lv_tasks = [t for t, s in self.specs.items() if s.type_name in LV_TASK_TYPES] if lv["tasks"] is None \
+            else [t for t in lv["tasks"] if t in self.specs]  # (a bundle keeps only its own task)
+        for t in lv_tasks:
+            if self.specs[t].type_name not in LV_TASK_TYPES:
+                raise ValueError(f"lv.tasks names {t!r} (type {self.specs[t].type_name}); the LV-Adapter serves "
+                                 f"task types {list(LV_TASK_TYPES)}")
+        self.lv = LanguagePrior({t: self.specs[t].num_classes for t in lv_tasks}, dec["dim"],
+                                num_heads=int(lv["num_heads"]), temperature=float(lv["temperature"]),
+                                prompt_learning=bool(lv["prompt_learning"])) if lv["enabled"] and lv_tasks else None
 
     @property
     def config(self) -> dict:
         return {"backbone": self.backbone.config, "tasks": {n: s.config() for n, s in self.specs.items()},
-                "decoder": self.decoder_config}
+                "decoder": self.decoder_config, "adapters": self.adapter_config, "language": self.language_config}
 
     @property
     def tasks(self) -> list[str]:
@@ -75,14 +98,47 @@ class GeneralistModel(nn.Module):
             images = images.flatten(0, 1)
         stem_maps: list[torch.Tensor] = []
         visible = spec.visible_patches(targets, images.device)
-        maps, routing = self.backbone.forward_multiscale(images, task, return_routing=True, stem_maps=stem_maps,
-                                                         visible_BNv=visible)
+        maps, routing = self.backbone.forward_multiscale(
+            images, task, return_routing=True, stem_maps=stem_maps, visible_BNv=visible,
+            after_block=self.adapters.after_block(task) if self.adapters is not None else None)
+        if self.adapters is not None:
+            maps = self.adapters.on_levels(maps, task)
         size = tuple(images.shape[-2:])
         feats = self.pixel_decoder(maps, stem_maps, size)
+        lv = self.lv if self.lv is not None and task in self.lv.texts else None
+        if lv is not None:
+            text_CD = lv.text(task)
+            pixel = feats.pixel_BDhw
+            feats.memory_BMD = feats.memory_BMD + lv.injection(feats.memory_BMD, text_CD)
+            feats.pixel_BDhw = pixel + lv.injection(pixel.flatten(2).transpose(1, 2), text_CD).transpose(1, 2).reshape(
+                pixel.shape)
         deep = self.training and bool(self.decoder_config.get("deep_supervision"))
         give_targets = self.training or spec.queries_from_targets
         out = spec.forward(self.heads[task], self.decoder, feats, size, deep, targets if give_targets else None)
+        if lv is not None:
+            out["lv"] = self._align(lv, spec, out, feats, text_CD)
         return (out, routing) if return_routing else out
+
+    def _align(self, lv: LanguagePrior, spec: Task, out: dict, feats, text_CD: torch.Tensor) -> dict:
+        """Visual-text similarity logits; with ``lv.text_logits`` they also replace cls's logits."""
+        if spec.type_name == "cls":
+            sim_BC = lv.similarity(out["embedding"], text_CD)
+            if self.language_config["text_logits"]:
+                out["logits"] = sim_BC
+            return {"query_text_BC": sim_BC}
+        pix = feats.pixel_BDhw.permute(0, 2, 3, 1)
+        return {"pixel_text_BChw": lv.similarity(pix, text_CD).permute(0, 3, 1, 2)}
+
+    def task_loss(self, task: str, out: dict, targets: list[dict]) -> dict[str, torch.Tensor]:
+        """The task's loss terms (``"loss"`` their weighted sum), LV alignment terms included."""
+        spec = self.spec(task)
+        losses = spec.total_loss(out, targets)
+        if "lv" in out:
+            lv = self.language_config
+            extra = language_losses(spec.type_name, out["lv"], targets, float(lv["align_weight"]),
+                                    float(lv["tag_weight"]))
+            losses = {**losses, **extra, "loss": losses["loss"] + sum(extra.values())}
+        return losses
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, task: str, targets: list[dict]) -> list:
