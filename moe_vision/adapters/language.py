@@ -132,8 +132,9 @@ class LanguagePrior(nn.Module):
     projection the alignment compares with the texts."""
 
     def __init__(self, num_classes: Mapping[str, int], dim: int, text_dim: int = TEXT_DIM, num_heads: int = 4,
-                 temperature: float = 0.07, prompt_learning: bool = True) -> None:
+                 temperature: float = 0.07, prompt_learning: bool = True, text_logits: bool = False) -> None:
         super().__init__()
+        self.text_logits = text_logits
         self.texts = nn.ModuleDict({t: ClassTexts(c, text_dim, prompt_learning) for t, c in num_classes.items()})
         self.proj = nn.Linear(text_dim, dim)
         self.norm = nn.LayerNorm(dim)
@@ -168,6 +169,29 @@ class LanguagePrior(nn.Module):
         """Cosine similarity / temperature, ``[..., C]``."""
         v = F.normalize(self.visual_proj(x_ND), dim=-1)
         return v @ F.normalize(text_CD, dim=-1).t().to(v.dtype) / self.temperature
+
+    def inject(self, feats, task: str) -> torch.Tensor:
+        """Add the gated injection of ``task``'s texts to the pixel decoder's memory and per-pixel
+        features (``feats``: :class:`~moe_vision.decoder.DecoderInputs`, updated); returns the
+        projected texts ``[C, D]``."""
+        text_CD = self.text(task)
+        pixel = feats.pixel_BDhw
+        feats.memory_BMD = feats.memory_BMD + self.injection(feats.memory_BMD, text_CD)
+        # Added in the pixel map's own layout, so a closed gate leaves the outputs bit-identical.
+        feats.pixel_BDhw = pixel + self.injection(pixel.flatten(2).transpose(1, 2), text_CD).transpose(1, 2).reshape(
+            pixel.shape)
+        return text_CD
+
+    def align(self, task_type: str, out: Mapping[str, torch.Tensor], feats, text_CD: torch.Tensor) -> dict:
+        """Visual-text similarity logits: cls ``query_text_BC`` (its query's answer; with
+        ``text_logits`` they also become the task's logits), det/seg ``pixel_text_BChw``."""
+        if task_type == "cls":
+            sim_BC = self.similarity(out["embedding"], text_CD)
+            if self.text_logits:
+                out["logits"] = sim_BC
+            return {"query_text_BC": sim_BC}
+        pix = feats.pixel_BDhw.permute(0, 2, 3, 1)
+        return {"pixel_text_BChw": self.similarity(pix, text_CD).permute(0, 3, 1, 2)}
 
 
 def presence(targets: list[dict], task_type: str, num_classes: int, device) -> torch.Tensor:

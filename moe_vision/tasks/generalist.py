@@ -71,7 +71,8 @@ class GeneralistModel(nn.Module):
                                  f"task types {list(LV_TASK_TYPES)}")
         self.lv = LanguagePrior({t: self.specs[t].num_classes for t in lv_tasks}, dec["dim"],
                                 num_heads=int(lv["num_heads"]), temperature=float(lv["temperature"]),
-                                prompt_learning=bool(lv["prompt_learning"])) if lv["enabled"] and lv_tasks else None
+                                prompt_learning=bool(lv["prompt_learning"]), text_logits=bool(lv["text_logits"])) \
+            if lv["enabled"] and lv_tasks else None
 
     @property
     def config(self) -> dict:
@@ -106,28 +107,13 @@ class GeneralistModel(nn.Module):
         size = tuple(images.shape[-2:])
         feats = self.pixel_decoder(maps, stem_maps, size)
         lv = self.lv if self.lv is not None and task in self.lv.texts else None
-        if lv is not None:
-            text_CD = lv.text(task)
-            pixel = feats.pixel_BDhw
-            feats.memory_BMD = feats.memory_BMD + lv.injection(feats.memory_BMD, text_CD)
-            feats.pixel_BDhw = pixel + lv.injection(pixel.flatten(2).transpose(1, 2), text_CD).transpose(1, 2).reshape(
-                pixel.shape)
+        text_CD = lv.inject(feats, task) if lv is not None else None
         deep = self.training and bool(self.decoder_config.get("deep_supervision"))
         give_targets = self.training or spec.queries_from_targets
         out = spec.forward(self.heads[task], self.decoder, feats, size, deep, targets if give_targets else None)
         if lv is not None:
-            out["lv"] = self._align(lv, spec, out, feats, text_CD)
+            out["lv"] = lv.align(spec.type_name, out, feats, text_CD)
         return (out, routing) if return_routing else out
-
-    def _align(self, lv: LanguagePrior, spec: Task, out: dict, feats, text_CD: torch.Tensor) -> dict:
-        """Visual-text similarity logits; with ``lv.text_logits`` they also replace cls's logits."""
-        if spec.type_name == "cls":
-            sim_BC = lv.similarity(out["embedding"], text_CD)
-            if self.language_config["text_logits"]:
-                out["logits"] = sim_BC
-            return {"query_text_BC": sim_BC}
-        pix = feats.pixel_BDhw.permute(0, 2, 3, 1)
-        return {"pixel_text_BChw": lv.similarity(pix, text_CD).permute(0, 3, 1, 2)}
 
     def task_loss(self, task: str, out: dict, targets: list[dict]) -> dict[str, torch.Tensor]:
         """The task's loss terms (``"loss"`` their weighted sum), LV alignment terms included."""
