@@ -24,6 +24,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from ..cli import MissingExtra
+from ..tasks.base import classes_present
 
 TEXT_DIM = 384
 LV_TASK_TYPES = ("cls", "det", "seg")
@@ -198,12 +199,7 @@ def presence(targets: list[dict], task_type: str, num_classes: int, device) -> t
     """``[B, C]`` 1 where the class occurs in the image (box labels or label-map values)."""
     out = torch.zeros(len(targets), num_classes, device=device)
     for i, t in enumerate(targets):
-        if task_type == "det":
-            labels = torch.as_tensor(t["labels"]).long()
-        else:
-            labels = torch.as_tensor(t["mask"]).long().unique()
-            labels = labels[labels != IGNORE]
-        out[i, labels.to(device)] = 1.0
+        out[i, classes_present(task_type, t, num_classes).to(device)] = 1.0
     return out
 
 

@@ -14,10 +14,12 @@ from .optim import parameter_counts
 STAGES = ("finetune", "adapt")
 
 
-def check_stage(stage: str, init_report: Mapping | None, trainable: str) -> None:
+def check_stage(stage: str, pretrained: bool, trainable: str) -> None:
+    """``pretrained``: the model starts from trained weights (``model.init_from``, or a model
+    handed in by a surgery tool)."""
     if stage not in STAGES:
         raise ValueError(f"train.stage={stage!r}; expected one of {list(STAGES)}")
-    if stage == "adapt" and init_report is None:
+    if stage == "adapt" and not pretrained:
         raise ValueError("train.stage=adapt freezes the pre-trained tensors: set model.init_from to the "
                          "pre-trained run (e.g. model.init_from=runs/pretrain_glid)")
     if stage == "adapt" and trainable != "all":
@@ -35,13 +37,14 @@ def check_adapter_tensors(init_report: Mapping) -> None:
 
 
 def freeze_pretrained(model: nn.Module, init_report: Mapping) -> dict:
-    """Freeze every parameter loaded from the pre-trained source; return the parameter counts
-    and a snapshot of every loaded tensor (parameters and buffers) for :func:`frozen_unchanged`."""
+    """Freeze every parameter loaded from the pre-trained source; return the parameter counts,
+    the trainable fraction and a snapshot of every loaded tensor (parameters and buffers) for :func:`frozen_unchanged`."""
     loaded = set(init_report["loaded"]) | set(init_report["routers_from"])
     for name, p in model.named_parameters():
         p.requires_grad_(name not in loaded)
     snapshot = {n: t.detach().clone() for n, t in model.state_dict().items() if n in loaded}
-    return {**parameter_counts(model), "snapshot": snapshot}
+    counts = parameter_counts(model)
+    return {**counts, "trainable_fraction": counts["trainable"] / counts["total"], "snapshot": snapshot}
 
 
 def frozen_unchanged(model: nn.Module, snapshot: Mapping[str, torch.Tensor]) -> dict:

@@ -103,7 +103,7 @@ class Trainer:
                                                     cfg["model"].get("init_keep") or "all")
         self.stage = self.tcfg.get("stage") or "finetune"
         # (a model handed in by a surgery tool comes with its own frozen parameters)
-        check_stage(self.stage, self.init_report if model is None else {}, self.tcfg.get("trainable", "all"))
+        check_stage(self.stage, model is not None or self.init_report is not None, self.tcfg.get("trainable", "all"))
         self.stage_info, self.text_report = None, None
         if self.init_report is not None:
             check_adapter_tensors(self.init_report)
@@ -246,7 +246,7 @@ class Trainer:
         main = self.dist.is_main  # only rank 0 writes logs, reports, pictures and checkpoints
         if main and self.stage_info is not None:
             tqdm.write(f"adapt stage: {self.stage_info['trainable']:,} of {self.stage_info['total']:,} parameters "
-                       f"trainable ({100 * self.stage_info['trainable'] / self.stage_info['total']:.1f}%), "
+                       f"trainable ({100 * self.stage_info['trainable_fraction']:.1f}%), "
                        f"{len(self.stage_info['snapshot'])} pre-trained tensors frozen")
         if main:
             report.write_json(self.run_dir / "config.json", self.cfg)
@@ -310,7 +310,7 @@ class Trainer:
         (written to ``stage.json``; a difference is a bug and fails the run)."""
         info = self.stage_info
         check = {"stage": self.stage, "trainable_parameters": info["trainable"], "total_parameters": info["total"],
-                 "trainable_fraction": info["trainable"] / info["total"],
+                 "trainable_fraction": info["trainable_fraction"],
                  **frozen_unchanged(self.eval_model, info["snapshot"])}
         report.write_json(self.run_dir / "stage.json", check)
         if not check["identical"]:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from ..data.readers import ADE20KDataset, CocoDetectionDataset, ImageFolderDataset
-from ..tasks.base import Evaluator, Task, register_task
+from ..tasks.base import Evaluator, Task, classes_present, register_task
 from .masking import mask_image, normalised_patches, patchify, random_patch_mask
 from .mim import ask_masked_patches, check_encoder_input, masked_indices, reconstruction_loss, visible_indices
 
@@ -64,18 +64,18 @@ class LabelSpace:
         present, known = torch.zeros(len(self)), torch.zeros(len(self), dtype=torch.bool)
         if not cols:
             return present, known
+        idx = torch.tensor(cols)
         if isinstance(dataset, ImageFolderDataset):
-            c = cols[int(target["label"])]
+            # One label per image: only its own column is known (the others may be in the picture).
+            c = idx[classes_present("cls", target, len(cols))]
             present[c], known[c] = 1.0, True
             return present, known
         if isinstance(dataset, CocoDetectionDataset):
-            labels = torch.as_tensor(target["labels"]).long().unique()
+            labels = classes_present("det", target, len(cols))
         elif isinstance(dataset, ADE20KDataset):
-            labels = torch.as_tensor(target["mask"]).long().unique()
-            labels = labels[(labels >= 0) & (labels < len(cols))]
+            labels = classes_present("seg", target, len(cols))
         else:
             return present, known
-        idx = torch.tensor(cols)
         known[idx] = True
         present[idx[labels]] = 1.0
         return present, known

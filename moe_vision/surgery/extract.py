@@ -21,8 +21,23 @@ from ..tasks import GeneralistModel
 _EXPERT_PARAM = re.compile(r"\.(experts\.(w1|w2|b1|b2)|q_experts\.(weight|bias)|o_experts\.(weight|bias))$")
 _ADDED_GROUP = re.compile(r"^(.*)\.added_experts\.(\d+)\.(w1|w2|b1|b2)$")
 _ROUTER = re.compile(r"\.router\.(gates|noise)\.([^.]+)\.weight$")
-_ROUTER_EMBED = re.compile(r"\.router\.task_embed\.([^.]+)$")
-_TASK_ADAPTER = re.compile(r"^(?:adapters\.(?:blocks|levels)\.\d+|lv\.texts)\.([^.]+)\.")  # per-task adapters, texts
+# Keys that belong to one task (the captured name), each with the other names a bundle also keeps.
+_PER_TASK_KEYS = (
+    (_ROUTER, ("shared",)),
+    (re.compile(r"\.router\.task_embed\.([^.]+)$"), ()),
+    (re.compile(r"^backbone\.task_embed\.([^.]+)$"), ()),
+    (re.compile(r"^heads\.([^.]+)\."), ()),
+    (re.compile(r"^(?:adapters\.(?:blocks|levels)\.\d+|lv\.texts)\.([^.]+)\."), ("shared",)),  # adapters, texts
+)
+
+
+def belongs_elsewhere(key: str, task: str) -> bool:
+    """True for a key owned by another task (its router, embeddings, head, adapters, texts)."""
+    for pattern, also_kept in _PER_TASK_KEYS:
+        m = pattern.search(key)
+        if m and m.group(m.lastindex) not in (task, *also_kept):
+            return True
+    return False
 
 
 def moe_layer_of(key: str) -> str | None:
@@ -56,22 +71,11 @@ def extract_task(model: GeneralistModel, task: str, kept: dict[str, list[int]]) 
             value = torch.cat([value] + [full_state[f"{base.group(1)}.added_experts.{j}.{base.group(2)}"]
                                          for j in range(n_groups)])
         layer = moe_layer_of(key)
-        router = _ROUTER.search(key)
-        if router and router.group(2) not in (task, "shared"):
-            continue
-        embed = _ROUTER_EMBED.search(key)
-        if embed and embed.group(1) != task:
-            continue
-        if key.startswith("backbone.task_embed.") and key != f"backbone.task_embed.{task}":
-            continue
-        if key.startswith("heads.") and not key.startswith(f"heads.{task}."):
-            continue
-        adapter = _TASK_ADAPTER.match(key)
-        if adapter and adapter.group(1) not in (task, "shared"):
+        if belongs_elsewhere(key, task):
             continue
         if any(key.startswith(f"heads.{task}.{name}.") for name in model.spec(task).training_only):
             continue
-        if layer is not None and (router or _EXPERT_PARAM.search(key)):
+        if layer is not None and (_ROUTER.search(key) or _EXPERT_PARAM.search(key)):
             value = value[torch.tensor(kept[layer], dtype=torch.long)]
         state[key] = value.clone()
     small.load_state_dict(state)
