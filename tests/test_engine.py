@@ -132,6 +132,32 @@ def test_param_groups_schedule_and_uncertainty_weighting():
         LossWeighting({"a": 1.0}, "magic")
 
 
+def test_layer_wise_learning_rate_decay():
+    import timm
+    model = torch.nn.Module()
+    model.backbone = timm.create_model("moe_vit_nano_patch8", tasks=["a"], depth=2)
+    model.decoder = torch.nn.Linear(4, 4)
+    model.heads = torch.nn.ModuleDict({"a": torch.nn.Linear(4, 2)})
+    plain = param_groups(model, 0.05, lr=1.0, head_lr_mult=5.0)
+    groups = param_groups(model, 0.05, lr=1.0, head_lr_mult=5.0, layer_decay=0.5)
+    names = {id(p): n for n, p in model.named_parameters()}
+    lr_of = {names[id(p)]: g.get("lr", 1.0) for g in groups for p in g["params"]}
+    assert len(lr_of) == len(names)  # every parameter once
+    # 2 blocks: stem and embeddings at 0.5^3, block 0 at 0.5^2, block 1 at 0.5, the rest at 1, heads x5.
+    assert lr_of["backbone.pos_embed"] == lr_of["backbone.task_embed.a"] == 0.125
+    stem = [v for n, v in lr_of.items() if n.startswith("backbone.patch_embed.")]
+    assert stem and all(v == 0.125 for v in stem)
+    assert lr_of["backbone.blocks.0.attn.qkv.weight"] == 0.25
+    assert lr_of["backbone.blocks.1.mlp.router.gates.a.weight"] == 0.5
+    assert lr_of["backbone.norm.weight"] == lr_of["decoder.weight"] == 1.0
+    assert lr_of["heads.a.weight"] == lr_of["heads.a.bias"] == 5.0
+    # Off (1.0): the same groups as without the option.
+    same = param_groups(model, 0.05, lr=1.0, head_lr_mult=5.0, layer_decay=1.0)
+    assert [(len(g["params"]), g.get("lr")) for g in same] == [(len(g["params"]), g.get("lr")) for g in plain]
+    with pytest.raises(ValueError, match=r"train.layer_decay=1.5; expected a value in \(0, 1\]"):
+        param_groups(model, 0.05, layer_decay=1.5)
+
+
 def test_low_label_budget_and_head_learning_rate(synthetic_root, tmp_path):
     trainer = Trainer(make_cfg(synthetic_root, tmp_path / "ll", "data.max_train_images=5", "train.head_lr_mult=5"))
     assert {t: len(d) for t, d in trainer.train_sets.items()} == {"cls": 5, "det": 5, "seg": 5}

@@ -3,6 +3,7 @@ router gates; linear warm-up then cosine decay."""
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 from torch import nn
@@ -33,33 +34,59 @@ def set_trainable(model: nn.Module, which: str, setting: str = "train.trainable"
     return parameter_counts(model)
 
 
+def layer_id(name: str, num_blocks: int) -> int:
+    """Depth of a parameter for layer-wise learning-rate decay (BEiT / MAE fine-tuning): the
+    backbone's input side (stem, position, [CLS] and task embeddings) is 0, block i is i + 1,
+    everything above the blocks (final norm, decoders, adapters, heads) is ``num_blocks + 1``."""
+    m = re.match(r"backbone\.blocks\.(\d+)\.", name)
+    if m:
+        return int(m.group(1)) + 1
+    if name.startswith(("backbone.patch_embed.", "backbone.pos_embed", "backbone.cls_token", "backbone.task_embed.")):
+        return 0
+    return num_blocks + 1
+
+
 def param_groups(model: nn.Module, weight_decay: float, extra: list[nn.Parameter] | None = None,
-                 lr: float | None = None, head_lr_mult: float = 1.0) -> list[dict]:
-    """Groups by weight decay (on / off) and, with ``head_lr_mult != 1``, by learning rate (the
-    task heads, ``heads.*``, at ``lr * head_lr_mult``); only trainable parameters are included
-    and empty groups are left out."""
-    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {(d, h): [] for d in (True, False) for h in (False, True)}
+                 lr: float | None = None, head_lr_mult: float = 1.0, layer_decay: float = 1.0) -> list[dict]:
+    """Groups by weight decay (on / off) and by learning rate: with ``head_lr_mult != 1`` the task
+    heads (``heads.*``) run at ``lr * head_lr_mult``; with ``layer_decay < 1`` a parameter at depth
+    d (see ``layer_id``) runs at ``lr * layer_decay ** (num_blocks + 1 - d)``. Only trainable
+    parameters are included and empty groups are left out."""
+    if not 0.0 < layer_decay <= 1.0:
+        raise ValueError(f"train.layer_decay={layer_decay}; expected a value in (0, 1]")
+    names = [n for n, _ in model.named_parameters()]
+    num_blocks = 1 + max((int(m.group(1)) for n in names if (m := re.match(r"backbone\.blocks\.(\d+)\.", n))),
+                         default=-1)
     split_heads = head_lr_mult != 1.0
+    # Keyed by (decay, head, depth); the depth is the top one unless layer decay is on, so without
+    # it the groups (and their order, which checkpoints record) are the plain decay/no-decay pair.
+    groups: dict[tuple[bool, bool, int], list[nn.Parameter]] = {
+        (d, h, num_blocks + 1): [] for d in (True, False) for h in (False, True)}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         # Stacked expert biases (b1, b2, GroupedLinear bias) are 2-D but still biases.
         no_decay = p.ndim <= 1 or name.endswith(("bias", ".b1", ".b2")) or any(k in name for k in _NO_DECAY_NAMES)
-        groups[(not no_decay, split_heads and name.startswith("heads."))].append(p)
-    groups[(False, False)] += [p for p in (extra or []) if p.requires_grad]
+        depth = layer_id(name, num_blocks) if layer_decay < 1.0 else num_blocks + 1
+        groups.setdefault((not no_decay, split_heads and name.startswith("heads."), depth), []).append(p)
+    groups[(False, False, num_blocks + 1)] += [p for p in (extra or []) if p.requires_grad]
     out = []
-    for (decay, head), params in groups.items():
-        if params or (not head and not split_heads):  # the plain two groups always exist
+    for (decay, head, depth), params in groups.items():
+        plain = not head and not split_heads and depth == num_blocks + 1
+        if params or plain:  # the plain two groups always exist
             group = {"params": params, "weight_decay": weight_decay if decay else 0.0}
-            if head and lr is not None:
-                group["lr"] = lr * head_lr_mult
+            scale = (head_lr_mult if head else 1.0) * layer_decay ** (num_blocks + 1 - depth)
+            if lr is not None and scale != 1.0:
+                group["lr"] = lr * scale
             out.append(group)
     return out
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.999),
-                    extra: list[nn.Parameter] | None = None, head_lr_mult: float = 1.0) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, weight_decay, extra, lr, head_lr_mult), lr=lr, betas=tuple(betas))
+                    extra: list[nn.Parameter] | None = None, head_lr_mult: float = 1.0,
+                    layer_decay: float = 1.0) -> torch.optim.AdamW:
+    return torch.optim.AdamW(param_groups(model, weight_decay, extra, lr, head_lr_mult, layer_decay),
+                             lr=lr, betas=tuple(betas))
 
 
 def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,

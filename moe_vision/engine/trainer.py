@@ -155,7 +155,8 @@ class Trainer:
         self.runner, self.par = parallelize(self.step_module, self.dist, dist_cfg, self.device)
         self.optimizer = build_optimizer(self.model, float(self.tcfg["lr"]), float(self.tcfg["weight_decay"]),
                                          self.tcfg.get("betas", (0.9, 0.999)), list(self.weighting.parameters()),
-                                         float(self.tcfg.get("head_lr_mult", 1.0)))
+                                         float(self.tcfg.get("head_lr_mult", 1.0)),
+                                         float(self.tcfg.get("layer_decay", 1.0)))
         self.scheduler = cosine_with_warmup(self.optimizer, int(self.tcfg["warmup_steps"]), int(self.tcfg["steps"]),
                                             float(self.tcfg.get("min_lr_ratio", 0.0)))
         self.param_names = {id(p): n for n, p in self.step_module.named_parameters()}
