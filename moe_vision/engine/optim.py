@@ -34,11 +34,14 @@ def set_trainable(model: nn.Module, which: str, setting: str = "train.trainable"
     return parameter_counts(model)
 
 
+_BLOCK = re.compile(r"backbone\.blocks\.(\d+)\.")
+
+
 def layer_id(name: str, num_blocks: int) -> int:
     """Depth of a parameter for layer-wise learning-rate decay (BEiT / MAE fine-tuning): the
     backbone's input side (stem, position, [CLS] and task embeddings) is 0, block i is i + 1,
     everything above the blocks (final norm, decoders, adapters, heads) is ``num_blocks + 1``."""
-    m = re.match(r"backbone\.blocks\.(\d+)\.", name)
+    m = _BLOCK.match(name)
     if m:
         return int(m.group(1)) + 1
     if name.startswith(("backbone.patch_embed.", "backbone.pos_embed", "backbone.cls_token", "backbone.task_embed.")):
@@ -54,8 +57,7 @@ def param_groups(model: nn.Module, weight_decay: float, extra: list[nn.Parameter
     parameters are included and empty groups are left out."""
     if not 0.0 < layer_decay <= 1.0:
         raise ValueError(f"train.layer_decay={layer_decay}; expected a value in (0, 1]")
-    names = [n for n, _ in model.named_parameters()]
-    num_blocks = 1 + max((int(m.group(1)) for n in names if (m := re.match(r"backbone\.blocks\.(\d+)\.", n))),
+    num_blocks = 1 + max((int(m.group(1)) for n, _ in model.named_parameters() if (m := _BLOCK.match(n))),
                          default=-1)
     split_heads = head_lr_mult != 1.0
     # Keyed by (decay, head, depth); the depth is the top one unless layer decay is on, so without
