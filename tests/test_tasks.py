@@ -191,3 +191,38 @@ def test_deep_supervision_adds_earlier_layer_losses_only_in_training():
     assert float(losses["loss"]) == pytest.approx(float(plain["loss"] + losses["aux_layers"] + losses["dense"]),
                                                   rel=1e-5)
     assert not m.eval()(x, "det")["aux_outputs"]
+
+
+def test_dense_tasks_posed_as_position_queries():
+    """seg/depth ``mode=queries``: one mask query per grid cell (MIM's question), a linear layer per
+    cell laid out like MIM's patch targets, deep supervision, only the mask query trained."""
+    import timm
+    from moe_vision.decoder.position_queries import CellHead, MASK_QUERY
+    from moe_vision.pretrain import patchify
+    tasks = {"seg": {"num_classes": 3, "mode": "queries", "query_stride": 8},
+             "depth": {"mode": "queries", "query_stride": 4}}
+    bb = timm.create_model("moe_vit_nano_patch8", tasks=list(tasks), img_size=32, moe={"num_experts": 4})
+    m = GeneralistModel(bb, tasks, {"dim": 32, "num_queries": 4, "num_layers": 2, "num_heads": 2}).train()
+    x, targets = torch.randn(2, 3, 32, 32), _targets()
+    out = m(x, "seg")
+    assert out["masks"].shape == (2, 3, 32, 32) and len(out["aux_outputs"]) == 1
+    m.zero_grad()
+    m.spec("seg").total_loss(out, targets["seg"])["loss"].backward()
+    grad = m.decoder.query_embed.grad
+    assert grad[MASK_QUERY].abs().sum() > 0 and grad[[0, 2, 3]].abs().sum() == 0  # only the mask query asks
+    assert m.eval()(x, "depth")["log_depth"].shape == (2, 32, 32)
+    assert m.spec("seg").postprocess(m(x, "seg"), targets["seg"])[0].shape == (32, 32)
+    # The cell head lays a cell's values out as patchify orders a patch: (row, column, channel).
+    head = CellHead(dim=2 * 2 * 3, stride=2, channels=3)
+    with torch.no_grad():
+        head.linear.weight.copy_(torch.eye(12)), head.linear.bias.zero_()
+    image = torch.randn(3, 4, 6)
+    assert torch.equal(head(patchify(image, 2)[None], (2, 3))[0], image)
+    with pytest.raises(ValueError, match=r"tasks.depth.query_stride=5: the image size 32x32 must be a multiple"):
+        GeneralistModel(bb, {"depth": {"mode": "queries", "query_stride": 5}},
+                        {"dim": 32, "num_queries": 4, "num_layers": 1, "num_heads": 2})(x, "depth")
+    with pytest.raises(ValueError, match=r"seg mode='pixels'; expected one of classwise, maskformer, queries"):
+        build_task("seg", {"num_classes": 3, "mode": "pixels"}).build_head(8)
+    with pytest.raises(ValueError, match=r"decoder.num_queries=1 must be >= 2"):
+        build_task("depth", {"mode": "queries"}).check_decoder(1)
+

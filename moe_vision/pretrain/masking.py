@@ -58,10 +58,3 @@ def mask_image(image_CHW: torch.Tensor, mask_N: torch.Tensor, p: int) -> torch.T
     keep = (~mask_N).reshape(H // p, W // p).to(image_CHW.dtype)
     return image_CHW * keep.repeat_interleave(p, 0).repeat_interleave(p, 1)
 
-
-def patch_centres(grid: tuple[int, int]) -> torch.Tensor:
-    """Normalised ``(x, y)`` centre of every patch ``[N, 2]``, row-major (the token order)."""
-    gh, gw = grid
-    ys = (torch.arange(gh, dtype=torch.float32) + 0.5) / gh
-    xs = (torch.arange(gw, dtype=torch.float32) + 0.5) / gw
-    return torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1).reshape(gh * gw, 2)

@@ -15,12 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..decoder import Queries
-from ..decoder.pixel_decoder import sine_embed_points
+from ..decoder.position_queries import ask_positions, grid_centres
 from ..tasks.base import Evaluator, Task, register_task
-from .masking import patch_centres
-
-CLS_QUERY, MASK_QUERY = 0, 1
 
 
 class ReconstructionEvaluator(Evaluator):
@@ -66,13 +62,8 @@ def visible_indices(masks_BN: torch.Tensor, device) -> torch.Tensor:
 def ask_masked_patches(decoder, feats, image_size, p: int, idx_BNm: torch.Tensor) -> torch.Tensor:
     """The decoder's answers ``[B, 1 + Nm, D]`` to the [CLS] query and one mask query per masked
     patch (content: the shared mask query; position: the sine embedding of the patch centre)."""
-    B, device = feats.memory_BMD.shape[0], feats.memory_BMD.device
-    centres_BNm2 = patch_centres((image_size[0] // p, image_size[1] // p)).to(device)[idx_BNm]
-    content = torch.cat([decoder.query_embed[CLS_QUERY].expand(B, 1, -1),
-                         decoder.query_embed[MASK_QUERY].expand(B, idx_BNm.shape[1], -1)], 1)
-    pos = torch.cat([decoder.query_pos[CLS_QUERY].expand(B, 1, -1),
-                     sine_embed_points(centres_BNm2, decoder.dim).to(content.dtype)], 1)
-    return decoder(feats.memory_BMD, feats.memory_pos_BMD, queries=Queries(content, pos), centres_M2=feats.centres_M2)
+    centres_BNm2 = grid_centres((image_size[0] // p, image_size[1] // p)).to(idx_BNm.device)[idx_BNm]
+    return ask_positions(decoder, feats, centres_BNm2, with_cls=True)
 
 
 def reconstruction_loss(pred_BNmP: torch.Tensor, patches_BNP: torch.Tensor, idx_BNm: torch.Tensor) -> torch.Tensor:

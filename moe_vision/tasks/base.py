@@ -88,6 +88,11 @@ class Task:
     def build_head(self, dim: int) -> nn.Module:
         raise NotImplementedError
 
+    @property
+    def query_stride(self) -> int:
+        """Cell size in pixels of a dense task posed as position queries (``mode=queries``)."""
+        return int(self.options.get("query_stride", 8))
+
     def check_decoder(self, num_queries: int) -> None:
         """Raise a clear error if the shared decoder cannot serve this task."""
 

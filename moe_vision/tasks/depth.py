@@ -1,12 +1,18 @@
-"""Monocular depth: a per-pixel linear layer on the pixel features predicts log-depth; trained
-with the scale-invariant log loss; RMSE, AbsRel and delta<1.25 over all valid pixels."""
+"""Monocular depth: log-depth from a linear layer, either per pixel on the pixel decoder's features
+(``mode=pixels``, the default) or, GLID's query-to-answer (``mode=queries``), on the query
+decoder's answer to one mask query per grid cell (the question masked image modelling
+pre-trains), each answer giving its cell's pixels. Trained with the scale-invariant log loss;
+RMSE, AbsRel and delta<1.25 over all valid pixels."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 import torch.nn.functional as F
 
+from ..decoder.position_queries import CellHead, ask_grid
 from .base import Evaluator, Task, register_task
+
+DEPTH_MODES = ("pixels", "queries")
 
 
 class DepthEvaluator(Evaluator):
@@ -31,13 +37,33 @@ class DepthEvaluator(Evaluator):
 
 @register_task
 class DepthTask(Task):
+    """Options: ``mode`` (``pixels`` | ``queries``), ``query_stride`` (queries: the cell size in
+    pixels), ``silog_lambda``."""
+
     type_name, primary_metric = "depth", "delta1"
 
+    @property
+    def mode(self) -> str:
+        return self.options.get("mode", "pixels")
+
     def build_head(self, dim: int) -> nn.Module:
+        if self.mode not in DEPTH_MODES:
+            raise ValueError(f"depth mode={self.mode!r}; expected one of {', '.join(DEPTH_MODES)}")
+        if self.mode == "queries":
+            return CellHead(dim, self.query_stride, 1)
         return nn.Linear(dim, 1)
 
+    def check_decoder(self, num_queries: int) -> None:
+        if self.mode == "queries" and num_queries < 2:
+            raise ValueError(f"depth mode=queries asks the decoder's mask query (learned query 1): "
+                             f"decoder.num_queries={num_queries} must be >= 2")
+
     def forward(self, head, decoder, feats, image_size, deep_supervision=False, targets=None):
-        # Depth reads the pixel features only: no need to run the query decoder.
+        if self.mode == "queries":
+            answers, grid = ask_grid(decoder, feats, image_size, self.query_stride,
+                                     f"tasks.{self.name}.query_stride")
+            return {"log_depth": head(answers, grid)[:, 0]}
+        # Per pixel: the pixel features only, no need to run the query decoder.
         return self.head_forward(head, None, feats.pixel_BDhw, image_size)
 
     def head_forward(self, head, queries_BQD, pixel_BDhw, image_size):

@@ -2,8 +2,10 @@
 query answer dotted with the per-pixel features gives a mask. Two ways to read classes from the
 queries: class-wise (the default; query c is class c's, per-pixel cross-entropy + dice, no
 matching) or MaskFormer's mask classification (per-query class logits + no-object, Hungarian
-matching, binary cross-entropy + dice on masks). mIoU over the whole dataset from a confusion
-matrix.
+matching, binary cross-entropy + dice on masks). A third, GLID's query-to-answer: one mask query per
+cell of a grid (``mode=queries``), the question masked image modelling pre-trains, and a linear
+layer turns each answer into the class logits of the cell's pixels. mIoU over the whole dataset
+from a confusion matrix.
 
 Legend: B batch, Q queries, C classes, N classes present in one image, H x W target size.
 """
@@ -14,10 +16,12 @@ from torch import nn
 import torch.nn.functional as F
 
 from ..decoder import Queries
+from ..decoder.position_queries import CellHead, ask_grid
 from .base import Evaluator, Task, loss_normaliser, register_task
 from .matching import hungarian_match, matched_cross_entropy
 
 IGNORE = 255
+SEG_MODES = ("classwise", "maskformer", "queries")
 
 
 class SegHead(nn.Module):
@@ -81,7 +85,10 @@ class SegmentationTask(Task):
     class c, its mask embedding dotted with the pixel features gives class c's per-pixel logit;
     per-pixel cross-entropy + dice, no matching, as Segmenter / MaskFormer's fixed matching; needs
     ``decoder.num_queries >= num_classes``) or ``maskformer`` (every query predicts a class and a
-    mask; Hungarian matching; BCE + dice on masks, cross-entropy on classes)."""
+    mask; Hungarian matching; BCE + dice on masks, cross-entropy on classes) or ``queries`` (GLID:
+    one mask query per ``query_stride`` x ``query_stride`` cell, placed at the cell's centre, the
+    question masked image modelling asks; a linear layer maps each answer to the class logits of
+    the cell's pixels; the class-wise loss)."""
 
     type_name, primary_metric = "seg", "mIoU"
     loss_defaults = {"class": 1.0, "bce": 5.0, "dice": 5.0, "no_object": 0.1, "ce": 1.0}
@@ -92,14 +99,31 @@ class SegmentationTask(Task):
         return self.options.get("mode", "classwise")
 
     def build_head(self, dim: int) -> nn.Module:
-        if self.mode not in ("classwise", "maskformer"):
-            raise ValueError(f"seg mode={self.mode!r}; expected 'classwise' or 'maskformer'")
+        if self.mode not in SEG_MODES:
+            raise ValueError(f"seg mode={self.mode!r}; expected one of {', '.join(SEG_MODES)}")
+        if self.mode == "queries":
+            return CellHead(dim, self.query_stride, self.num_classes)
         return SegHead(dim, self.num_classes) if self.mode == "maskformer" else ClasswiseSegHead(dim)
 
     def check_decoder(self, num_queries: int) -> None:
         if self.mode == "classwise" and num_queries < self.num_classes:
             raise ValueError(f"seg mode=classwise needs one query per class: decoder.num_queries={num_queries} < "
                              f"num_classes={self.num_classes}; raise decoder.num_queries or use mode=maskformer")
+        if self.mode == "queries" and num_queries < 2:
+            raise ValueError(f"seg mode=queries asks the decoder's mask query (learned query 1): "
+                             f"decoder.num_queries={num_queries} must be >= 2")
+
+    def forward(self, head, decoder, feats, image_size, deep_supervision=False, targets=None):
+        if self.mode != "queries":
+            return super().forward(head, decoder, feats, image_size, deep_supervision, targets)
+        every = deep_supervision and self.uses_deep_supervision
+        answers, grid = ask_grid(decoder, feats, image_size, self.query_stride,
+                                 f"tasks.{self.name}.query_stride", return_all=every)
+        layers = answers if every else [answers]
+        out = {"masks": head(layers[-1], grid)}
+        if every:
+            out["aux_outputs"] = [{"masks": head(a, grid)} for a in layers[:-1]]
+        return out
 
     def decoder_queries(self, decoder, batch_size: int) -> Queries | None:
         if self.mode != "classwise":
@@ -115,7 +139,7 @@ class SegmentationTask(Task):
         return {"logits": head.class_linear(queries_BQD), "masks": masks}
 
     def loss(self, outputs, targets):
-        if self.mode == "classwise":
+        if self.mode != "maskformer":  # classwise and queries: one logit map per class
             return self.classwise_loss(outputs, targets)
         return self.maskformer_loss(outputs, targets)
 
@@ -178,7 +202,7 @@ class SegmentationTask(Task):
         """Per-class scores ``[B, C, H, W]``: class-wise softmax, or (maskformer) the sum over
         queries of P(class) x mask probability."""
         masks = F.interpolate(outputs["masks"].float(), size=size, mode="bilinear", align_corners=False)
-        if self.mode == "classwise":
+        if self.mode != "maskformer":
             return masks.softmax(1)
         prob = outputs["logits"].float().softmax(-1)[..., :-1]
         return torch.einsum("bqc,bqhw->bchw", prob, masks.sigmoid())

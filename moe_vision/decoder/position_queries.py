@@ -1,0 +1,77 @@
+"""Questions asked at image positions: GLID's "what is here?" queries to the shared decoder.
+
+A position query's content is the decoder's shared mask query (learned query 1) and its position
+the sine embedding of a point, the code the memory tokens' positions use. Masked image modelling
+asks one per masked patch ("which pixels are here?"); the dense tasks in ``mode=queries`` ask one
+per cell of a regular grid ("which class / which depth is here?"), so what pre-training trains is
+exactly what those tasks read, and only the topmost linear layer differs.
+
+Legend: B batch, N positions asked, D decoder dim, gh x gw grid, s grid stride (pixels),
+K values per cell.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .pixel_decoder import DecoderInputs, sine_embed_points
+from .query_decoder import Queries
+
+CLS_QUERY, MASK_QUERY = 0, 1
+
+
+def grid_centres(grid: tuple[int, int]) -> torch.Tensor:
+    """Normalised ``(x, y)`` centre of every cell of a ``gh x gw`` grid ``[N, 2]``, row-major (the
+    backbone's token order when the grid is its patch grid)."""
+    gh, gw = grid
+    ys = (torch.arange(gh, dtype=torch.float32) + 0.5) / gh
+    xs = (torch.arange(gw, dtype=torch.float32) + 0.5) / gw
+    return torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1).reshape(gh * gw, 2)
+
+
+def ask_positions(decoder, feats: DecoderInputs, centres_BN2: torch.Tensor, with_cls: bool = False,
+                  return_all: bool = False):
+    """The decoder's answers ``[B, N, D]`` to one mask query at each point (``[B, 1 + N, D]`` with
+    the [CLS] query, learned query 0, asked first); with ``return_all`` every layer's answers."""
+    B, N = centres_BN2.shape[:2]
+    content = decoder.query_embed[MASK_QUERY].expand(B, N, -1)
+    pos = sine_embed_points(centres_BN2, decoder.dim).to(content.dtype)
+    if with_cls:
+        content = torch.cat([decoder.query_embed[CLS_QUERY].expand(B, 1, -1), content], 1)
+        pos = torch.cat([decoder.query_pos[CLS_QUERY].expand(B, 1, -1), pos], 1)
+    return decoder(feats.memory_BMD, feats.memory_pos_BMD, return_all=return_all, queries=Queries(content, pos),
+                   centres_M2=feats.centres_M2)
+
+
+def query_grid(image_size: tuple[int, int], stride: int, where: str) -> tuple[int, int]:
+    """The ``(gh, gw)`` grid of cells of ``stride`` pixels covering the image; ``where`` names the
+    option in the error when the image is not a whole number of cells."""
+    H, W = image_size
+    if stride < 1 or H % stride or W % stride:
+        raise ValueError(f"{where}={stride}: the image size {H}x{W} must be a multiple of it")
+    return H // stride, W // stride
+
+
+class CellHead(nn.Module):
+    """The topmost linear layer of a dense task posed as queries: each grid cell's answer ->
+    ``K`` values for each of its ``s x s`` pixels, assembled into a map ``[B, K, gh s, gw s]``."""
+
+    def __init__(self, dim: int, stride: int, channels: int) -> None:
+        super().__init__()
+        self.stride, self.channels = int(stride), int(channels)
+        self.linear = nn.Linear(dim, self.stride ** 2 * self.channels)
+
+    def forward(self, answers_BND: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        (gh, gw), s, K = grid, self.stride, self.channels
+        cells = self.linear(answers_BND).reshape(-1, gh, gw, s, s, K)
+        return cells.permute(0, 5, 1, 3, 2, 4).reshape(-1, K, gh * s, gw * s)
+
+
+def ask_grid(decoder, feats: DecoderInputs, image_size: tuple[int, int], stride: int, where: str,
+             return_all: bool = False):
+    """One mask query per cell of the ``stride`` grid over the image; returns ``(answers, grid)``
+    (answers as :func:`ask_positions`)."""
+    grid = query_grid(image_size, stride, where)
+    B = feats.memory_BMD.shape[0]
+    centres = grid_centres(grid).to(feats.memory_BMD.device).expand(B, -1, -1)
+    return ask_positions(decoder, feats, centres, return_all=return_all), grid
