@@ -43,6 +43,13 @@ def ask_positions(decoder, feats: DecoderInputs, centres_BN2: torch.Tensor, with
                    centres_M2=feats.centres_M2)
 
 
+def check_mask_query(task_type: str, num_queries: int) -> None:
+    """Refuse a decoder without the mask query (learned query 1) that position queries ask."""
+    if num_queries < 2:
+        raise ValueError(f"{task_type} mode=queries asks the decoder's mask query (learned query 1): "
+                         f"decoder.num_queries={num_queries} must be >= 2")
+
+
 def query_grid(image_size: tuple[int, int], stride: int, where: str) -> tuple[int, int]:
     """The ``(gh, gw)`` grid of cells of ``stride`` pixels covering the image; ``where`` names the
     option in the error when the image is not a whole number of cells."""

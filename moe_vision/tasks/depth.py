@@ -9,7 +9,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from ..decoder.position_queries import CellHead, ask_grid
+from ..decoder.position_queries import CellHead, ask_grid, check_mask_query
 from .base import Evaluator, Task, register_task
 
 DEPTH_MODES = ("pixels", "queries")
@@ -54,9 +54,8 @@ class DepthTask(Task):
         return nn.Linear(dim, 1)
 
     def check_decoder(self, num_queries: int) -> None:
-        if self.mode == "queries" and num_queries < 2:
-            raise ValueError(f"depth mode=queries asks the decoder's mask query (learned query 1): "
-                             f"decoder.num_queries={num_queries} must be >= 2")
+        if self.mode == "queries":
+            check_mask_query("depth", num_queries)
 
     def forward(self, head, decoder, feats, image_size, deep_supervision=False, targets=None):
         if self.mode == "queries":

@@ -16,7 +16,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from ..decoder import Queries
-from ..decoder.position_queries import CellHead, ask_grid
+from ..decoder.position_queries import CellHead, ask_grid, check_mask_query
 from .base import Evaluator, Task, loss_normaliser, register_task
 from .matching import hungarian_match, matched_cross_entropy
 
@@ -109,9 +109,8 @@ class SegmentationTask(Task):
         if self.mode == "classwise" and num_queries < self.num_classes:
             raise ValueError(f"seg mode=classwise needs one query per class: decoder.num_queries={num_queries} < "
                              f"num_classes={self.num_classes}; raise decoder.num_queries or use mode=maskformer")
-        if self.mode == "queries" and num_queries < 2:
-            raise ValueError(f"seg mode=queries asks the decoder's mask query (learned query 1): "
-                             f"decoder.num_queries={num_queries} must be >= 2")
+        if self.mode == "queries":
+            check_mask_query("seg", num_queries)
 
     def forward(self, head, decoder, feats, image_size, deep_supervision=False, targets=None):
         if self.mode != "queries":
