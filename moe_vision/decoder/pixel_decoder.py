@@ -14,12 +14,18 @@ from torch import nn
 import torch.nn.functional as F
 
 
+def grid_centres(grid: tuple[int, int], device=None) -> torch.Tensor:
+    """Normalised ``(x, y)`` centre of every cell of a ``gh x gw`` grid ``[N, 2]``, row-major (the
+    token order of a feature map, and of the backbone's patches when the grid is its patch grid)."""
+    gh, gw = grid
+    ys = (torch.arange(gh, device=device, dtype=torch.float32) + 0.5) / gh
+    xs = (torch.arange(gw, device=device, dtype=torch.float32) + 0.5) / gw
+    return torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1).reshape(gh * gw, 2)
+
+
 def sine_position_embedding(h: int, w: int, dim: int, device=None, dtype=None) -> torch.Tensor:
     """Fixed 2-D sine/cosine position embedding ``[h*w, dim]`` (half the channels per axis)."""
-    ys = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) / h
-    xs = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) / w
-    centres = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1).reshape(h * w, 2)
-    return sine_embed_points(centres, dim).to(dtype or torch.float32)
+    return sine_embed_points(grid_centres((h, w), device), dim).to(dtype or torch.float32)
 
 
 def sine_embed_points(points_N2: torch.Tensor, dim: int) -> torch.Tensor:
@@ -88,9 +94,7 @@ class PixelDecoder(nn.Module):
             h, w = m.shape[-2:]
             memory.append(proj(m).flatten(2).transpose(1, 2) + self.level_embed[i])
             pos.append(sine_position_embedding(h, w, self.dim, m.device, m.dtype).expand(m.shape[0], -1, -1))
-            ys = (torch.arange(h, device=m.device, dtype=torch.float32) + 0.5) / h
-            xs = (torch.arange(w, device=m.device, dtype=torch.float32) + 0.5) / w
-            centres.append(torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1).reshape(h * w, 2))
+            centres.append(grid_centres((h, w), m.device))
             strides.append(torch.full((h * w,), img_h / h, device=m.device))
             shapes.append((h, w))
         return DecoderInputs(pixel_BDhw, torch.cat(memory, 1), torch.cat(pos, 1), torch.cat(centres),

@@ -14,19 +14,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .pixel_decoder import DecoderInputs, sine_embed_points
+from .pixel_decoder import DecoderInputs, grid_centres, sine_embed_points
 from .query_decoder import Queries
 
 CLS_QUERY, MASK_QUERY = 0, 1
-
-
-def grid_centres(grid: tuple[int, int]) -> torch.Tensor:
-    """Normalised ``(x, y)`` centre of every cell of a ``gh x gw`` grid ``[N, 2]``, row-major (the
-    backbone's token order when the grid is its patch grid)."""
-    gh, gw = grid
-    ys = (torch.arange(gh, dtype=torch.float32) + 0.5) / gh
-    xs = (torch.arange(gw, dtype=torch.float32) + 0.5) / gw
-    return torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1).reshape(gh * gw, 2)
 
 
 def ask_positions(decoder, feats: DecoderInputs, centres_BN2: torch.Tensor, with_cls: bool = False,
@@ -74,11 +65,8 @@ class CellHead(nn.Module):
         return cells.permute(0, 5, 1, 3, 2, 4).reshape(-1, K, gh * s, gw * s)
 
 
-def ask_grid(decoder, feats: DecoderInputs, image_size: tuple[int, int], stride: int, where: str,
-             return_all: bool = False):
-    """One mask query per cell of the ``stride`` grid over the image; returns ``(answers, grid)``
-    (answers as :func:`ask_positions`)."""
-    grid = query_grid(image_size, stride, where)
+def ask_grid(decoder, feats: DecoderInputs, grid: tuple[int, int], return_all: bool = False):
+    """The answers to one mask query per cell of ``grid`` over the image (as :func:`ask_positions`)."""
     B = feats.memory_BMD.shape[0]
-    centres = grid_centres(grid).to(feats.memory_BMD.device).expand(B, -1, -1)
-    return ask_positions(decoder, feats, centres, return_all=return_all), grid
+    return ask_positions(decoder, feats, grid_centres(grid, feats.memory_BMD.device).expand(B, -1, -1),
+                         return_all=return_all)

@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..decoder.position_queries import ask_positions, grid_centres
+from ..decoder.pixel_decoder import grid_centres
+from ..decoder.position_queries import ask_positions
 from ..tasks.base import Evaluator, Task, register_task
 
 
@@ -62,7 +63,7 @@ def visible_indices(masks_BN: torch.Tensor, device) -> torch.Tensor:
 def ask_masked_patches(decoder, feats, image_size, p: int, idx_BNm: torch.Tensor) -> torch.Tensor:
     """The decoder's answers ``[B, 1 + Nm, D]`` to the [CLS] query and one mask query per masked
     patch (content: the shared mask query; position: the sine embedding of the patch centre)."""
-    centres_BNm2 = grid_centres((image_size[0] // p, image_size[1] // p)).to(idx_BNm.device)[idx_BNm]
+    centres_BNm2 = grid_centres((image_size[0] // p, image_size[1] // p), idx_BNm.device)[idx_BNm]
     return ask_positions(decoder, feats, centres_BNm2, with_cls=True)
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..decoder.position_queries import ask_grid, query_grid
 from ..moe.reduce import mean_count_over_ranks
 
 TASK_TYPES: dict[str, type["Task"]] = {}
@@ -93,6 +94,10 @@ class Task:
         """Cell size in pixels of a dense task posed as position queries (``mode=queries``)."""
         return int(self.options.get("query_stride", 8))
 
+    def query_cells(self, image_size: tuple[int, int]) -> tuple[int, int]:
+        """The ``(gh, gw)`` grid of ``query_stride`` cells over the image (``mode=queries``)."""
+        return query_grid(image_size, self.query_stride, f"tasks.{self.name}.query_stride")
+
     def check_decoder(self, num_queries: int) -> None:
         """Raise a clear error if the shared decoder cannot serve this task."""
 
@@ -106,16 +111,22 @@ class Task:
         learned queries as they are)."""
         return None
 
+    def ask_decoder(self, decoder, feats, image_size: tuple[int, int], return_all: bool):
+        """The decoder's answers to this task's queries (every layer's with ``return_all``):
+        :meth:`decoder_queries`, or in ``mode=queries`` one mask query per grid cell."""
+        if self.options.get("mode") == "queries":
+            return ask_grid(decoder, feats, self.query_cells(image_size), return_all=return_all)
+        return decoder(feats.memory_BMD, feats.memory_pos_BMD, return_all=return_all,
+                       queries=self.decoder_queries(decoder, feats.memory_BMD.shape[0]), centres_M2=feats.centres_M2)
+
     def forward(self, head: nn.Module, decoder, feats, image_size: tuple[int, int], deep_supervision: bool = False,
                 targets: list[dict] | None = None) -> dict[str, Any]:
         """The head's outputs on the shared decoder's answers (``feats``: the pixel decoder's
         :class:`~moe_vision.decoder.DecoderInputs`). With ``deep_supervision`` (training), also
         ``aux_outputs``: the same head on every earlier decoder layer. ``targets`` are given while
         training for tasks that build training-only queries from them."""
-        queries = self.decoder_queries(decoder, feats.memory_BMD.shape[0])
         every = deep_supervision and self.uses_deep_supervision
-        answers = decoder(feats.memory_BMD, feats.memory_pos_BMD, return_all=every, queries=queries,
-                          centres_M2=feats.centres_M2)
+        answers = self.ask_decoder(decoder, feats, image_size, every)
         layers = answers if every else [answers]
         out = self.head_forward(head, layers[-1], feats.pixel_BDhw, image_size)
         if every:

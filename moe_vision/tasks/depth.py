@@ -9,7 +9,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from ..decoder.position_queries import CellHead, ask_grid, check_mask_query
+from ..decoder.position_queries import CellHead, check_mask_query
 from .base import Evaluator, Task, register_task
 
 DEPTH_MODES = ("pixels", "queries")
@@ -59,13 +59,13 @@ class DepthTask(Task):
 
     def forward(self, head, decoder, feats, image_size, deep_supervision=False, targets=None):
         if self.mode == "queries":
-            answers, grid = ask_grid(decoder, feats, image_size, self.query_stride,
-                                     f"tasks.{self.name}.query_stride")
-            return {"log_depth": head(answers, grid)[:, 0]}
+            return super().forward(head, decoder, feats, image_size, deep_supervision, targets)
         # Per pixel: the pixel features only, no need to run the query decoder.
         return self.head_forward(head, None, feats.pixel_BDhw, image_size)
 
     def head_forward(self, head, queries_BQD, pixel_BDhw, image_size):
+        if self.mode == "queries":
+            return {"log_depth": head(queries_BQD, self.query_cells(image_size))[:, 0]}
         log_depth = head(pixel_BDhw.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         log_depth = F.interpolate(log_depth, size=image_size, mode="bilinear", align_corners=False)
         return {"log_depth": log_depth[:, 0]}

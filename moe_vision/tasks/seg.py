@@ -16,7 +16,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from ..decoder import Queries
-from ..decoder.position_queries import CellHead, ask_grid, check_mask_query
+from ..decoder.position_queries import CellHead, check_mask_query
 from .base import Evaluator, Task, loss_normaliser, register_task
 from .matching import hungarian_match, matched_cross_entropy
 
@@ -112,18 +112,6 @@ class SegmentationTask(Task):
         if self.mode == "queries":
             check_mask_query("seg", num_queries)
 
-    def forward(self, head, decoder, feats, image_size, deep_supervision=False, targets=None):
-        if self.mode != "queries":
-            return super().forward(head, decoder, feats, image_size, deep_supervision, targets)
-        every = deep_supervision and self.uses_deep_supervision
-        answers, grid = ask_grid(decoder, feats, image_size, self.query_stride,
-                                 f"tasks.{self.name}.query_stride", return_all=every)
-        layers = answers if every else [answers]
-        out = {"masks": head(layers[-1], grid)}
-        if every:
-            out["aux_outputs"] = [{"masks": head(a, grid)} for a in layers[:-1]]
-        return out
-
     def decoder_queries(self, decoder, batch_size: int) -> Queries | None:
         if self.mode != "classwise":
             return None
@@ -132,6 +120,8 @@ class SegmentationTask(Task):
                        decoder.query_pos[:C].unsqueeze(0).expand(batch_size, -1, -1))
 
     def head_forward(self, head, queries_BQD, pixel_BDhw, image_size):
+        if self.mode == "queries":
+            return {"masks": head(queries_BQD, self.query_cells(image_size))}
         masks = torch.einsum("bqd,bdhw->bqhw", head.mask_linear(queries_BQD), pixel_BDhw)
         if self.mode == "classwise":
             return {"masks": masks}
