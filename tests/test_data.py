@@ -29,6 +29,27 @@ def test_generator_is_deterministic_and_heterogeneous(synthetic_root, tmp_path):
     assert not cls_imgs & det_imgs
 
 
+def test_unlabelled_split_for_pretraining(synthetic_root, tmp_path):
+    """The unlabelled split is images only, deterministic, drawn apart from the benchmark's images,
+    and readable by the pre-training ``images`` format; a config with fewer tasks draws each
+    remaining task's images exactly as the full benchmark does (fixed stream ids)."""
+    from moe_vision.pretrain import images_under
+    kw = dict(seed=0, img_size=32, max_size=0.6, min_size=0.2)
+    unl = generate(tmp_path / "unl", SyntheticConfig(splits={"unlabelled": {"train": 10, "val": 3}}, **kw))
+    assert sorted(p.name for p in (unl / "unlabelled").iterdir()) == ["train", "val"]
+    train = images_under(unl / "unlabelled" / "train")
+    assert len(train) == 10 and len(images_under(unl / "unlabelled" / "val")) == 3
+    assert all(np.asarray(Image.open(p)).shape == (32, 32, 3) for p in train)
+    again = generate(tmp_path / "again", SyntheticConfig(splits={"unlabelled": {"train": 10, "val": 3}}, **kw))
+    assert [p.read_bytes() for p in train] == [p.read_bytes() for p in images_under(again / "unlabelled" / "train")]
+    benchmark = {p.read_bytes() for p in synthetic_root.rglob("*.png")}
+    assert not benchmark & {p.read_bytes() for p in train}
+    from tests.conftest import TINY_SPLITS
+    det_only = generate(tmp_path / "det", SyntheticConfig(splits={"det": TINY_SPLITS["det"]}, **kw))
+    assert ((det_only / "det/annotations/instances_train.json").read_text()
+            == (synthetic_root / "det/annotations/instances_train.json").read_text())
+
+
 def test_imagefolder_reader(synthetic_root):
     ds = ImageFolderDataset(synthetic_root / "cls", "train", build_transforms("cls", True, 32, 0.5, [0.5, 1.0]))
     assert len(ds) == 26

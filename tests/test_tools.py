@@ -72,6 +72,10 @@ def test_make_synthetic_train_evaluate_compare_cli(tmp_path):
     assert (data / "synthetic.json").is_file()
     again = _run("tools/make_synthetic.py", "--out", str(data), "--scale", "0.01")
     assert "already holds a complete benchmark" in again.stdout
+    unl = tmp_path / "unl"
+    r = _run("tools/make_synthetic.py", "--unlabelled", "20", "--scale", "0.1", "--img-size", "32", "--out", str(unl))
+    assert r.returncode == 0, r.stderr
+    assert len(list((unl / "unlabelled/train").glob("*.png"))) == 2 and not (unl / "cls").exists()
     common = [f"data.root={data}", "data.synthetic=null", "data.img_size=32", "model=moe_vit_nano", "model.img_size=32",
               "model.moe.num_experts=4", "decoder.dim=32", "decoder.num_queries=14", "decoder.num_layers=1",
               "decoder.num_heads=2", "tasks.cls.batch_size=4", "tasks.det.batch_size=4", "tasks.seg.batch_size=2",

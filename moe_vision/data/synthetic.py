@@ -13,6 +13,10 @@ datasets are exercised:
          0 = background ("other"), 1..C = object classes.
 - depth: NYU-style ``depth/{train,val}/rgb/*.png`` + ``depth/{train,val}/depth/*.png`` (uint16 mm,
          0 = invalid).
+- unlabelled (not in the default splits; ``tools/make_synthetic.py --unlabelled N``): images only,
+         ``unlabelled/{train,val}/*.png``, for pre-training. Each scene is drawn in the style of a
+         classification image or of a multi-object (det/seg/depth) image, in the proportion of the
+         default benchmark's training images.
 
 Everything is a deterministic function of the seed.
 """
@@ -31,6 +35,7 @@ from PIL import Image, ImageDraw
 SHAPES = ("circle", "square", "triangle")
 CLASS_NAMES = tuple(f"digit_{d}" for d in range(10)) + SHAPES
 MANIFEST = "synthetic.json"
+UNLABELLED_SINGLE_OBJECT_SHARE = 4000 / 9500  # the default training split's share of cls images
 
 
 def coco_category_id(c: int) -> int:
@@ -201,6 +206,20 @@ def _gen_seg(r: SceneRenderer, cfg: SyntheticConfig, split: str, n: int, root: P
         _save_png(label, root / "seg" / "annotations" / ade_split / f"{i:05d}.png")
 
 
+def _gen_unlabelled(r: SceneRenderer, cfg: SyntheticConfig, split: str, n: int, root: Path) -> None:
+    rng = r.rng
+    out = root / "unlabelled" / split
+    out.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        if rng.random() < UNLABELLED_SINGLE_OBJECT_SHARE:  # a classification-style scene
+            distractors = [(c, min(f, 0.26)) for c, f in _random_objects(rng, cfg, int(rng.integers(0, 3)))]
+            objs = distractors + [(int(rng.integers(len(CLASS_NAMES))), float(rng.uniform(0.55, 0.8)))]
+        else:
+            objs = _random_objects(rng, cfg, int(rng.integers(cfg.min_objects, cfg.max_objects + 1)))
+        img, _, _, _ = r.scene(objs, 0.0)
+        _save_png(img, out / f"{i:05d}.png")
+
+
 def _gen_depth(r: SceneRenderer, cfg: SyntheticConfig, split: str, n: int, root: Path) -> None:
     rng, s = r.rng, cfg.img_size
     yy = np.arange(s, dtype=np.float64)[:, None] / s
@@ -225,7 +244,11 @@ def _gen_depth(r: SceneRenderer, cfg: SyntheticConfig, split: str, n: int, root:
         Image.fromarray(depth_mm).save(path)  # 16-bit PNG (mode I;16)
 
 
-GENERATORS: dict[str, Callable] = {"cls": _gen_cls, "det": _gen_det, "seg": _gen_seg, "depth": _gen_depth}
+GENERATORS: dict[str, Callable] = {"cls": _gen_cls, "det": _gen_det, "seg": _gen_seg, "depth": _gen_depth,
+                                   "unlabelled": _gen_unlabelled}
+# The random stream of each task's sets; fixed ids (not positions), so a config with fewer tasks
+# draws each remaining task's images exactly as the full benchmark does.
+STREAM_IDS = {"cls": 0, "depth": 1, "det": 2, "seg": 3, "unlabelled": 4}
 
 
 def is_complete(root: str | Path) -> bool:
@@ -249,12 +272,12 @@ def generate(root: str | Path, cfg: SyntheticConfig | None = None, force: bool =
     tmp = root.with_name(root.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for ti, (task, splits) in enumerate(sorted(cfg.splits.items())):
+    for task, splits in sorted(cfg.splits.items()):
         for si, (split, n) in enumerate(sorted(splits.items())):
             if progress:
                 progress(f"{task}/{split}: {n} images")
             # One independent stream per (task, split): sets are disjoint and reproducible one by one.
-            rng = np.random.default_rng([cfg.seed, ti, si])
+            rng = np.random.default_rng([cfg.seed, STREAM_IDS[task], si])
             GENERATORS[task](SceneRenderer(cfg.img_size, rng), cfg, split, int(n), tmp)
     (tmp / MANIFEST).write_text(json.dumps({**asdict(cfg), "classes": list(CLASS_NAMES)}, indent=2))
     if root.exists():
