@@ -159,16 +159,27 @@ def _random_objects(rng: np.random.Generator, cfg: SyntheticConfig, n: int) -> l
     return [(int(rng.integers(len(CLASS_NAMES))), float(rng.uniform(cfg.min_size, cfg.max_size))) for _ in range(n)]
 
 
+def _single_object_scene(rng: np.random.Generator, cfg: SyntheticConfig,
+                         label: int | None = None) -> list[tuple[int, float]]:
+    """Smaller distractors first (behind), the labelled object (random if None) last and large, so
+    it stays whole."""
+    distractors = [(c, min(f, 0.26)) for c, f in _random_objects(rng, cfg, int(rng.integers(0, 3)))]
+    if label is None:
+        label = int(rng.integers(len(CLASS_NAMES)))
+    return distractors + [(label, float(rng.uniform(0.55, 0.8)))]
+
+
+def _multi_object_scene(rng: np.random.Generator, cfg: SyntheticConfig) -> list[tuple[int, float]]:
+    return _random_objects(rng, cfg, int(rng.integers(cfg.min_objects, cfg.max_objects + 1)))
+
+
 def _gen_cls(r: SceneRenderer, cfg: SyntheticConfig, split: str, n: int, root: Path) -> None:
     rng = r.rng
     for name in CLASS_NAMES:  # every class folder exists, so label indices never shift
         (root / "cls" / split / name).mkdir(parents=True, exist_ok=True)
     for i in range(n):
         label = i % len(CLASS_NAMES)  # balanced classes
-        distractors = _random_objects(rng, cfg, int(rng.integers(0, 3)))
-        distractors = [(c, min(f, 0.26)) for c, f in distractors]
-        # Distractors first (behind), the labelled object last and large, so it stays whole.
-        img, _, classes, _ = r.scene(distractors + [(label, float(rng.uniform(0.55, 0.8)))], 0.0)
+        img, _, classes, _ = r.scene(_single_object_scene(rng, cfg, label), 0.0)
         _save_png(img, root / "cls" / split / CLASS_NAMES[label] / f"{i:05d}.png")
 
 
@@ -176,8 +187,7 @@ def _gen_det(r: SceneRenderer, cfg: SyntheticConfig, split: str, n: int, root: P
     rng = r.rng
     images, anns = [], []
     for i in range(n):
-        objs = _random_objects(rng, cfg, int(rng.integers(cfg.min_objects, cfg.max_objects + 1)))
-        img, masks, classes, _ = r.scene(objs, cfg.min_visible)
+        img, masks, classes, _ = r.scene(_multi_object_scene(rng, cfg), cfg.min_visible)
         name = f"{i:05d}.png"
         _save_png(img, root / "det" / split / name)
         images.append({"id": 1000 + i, "file_name": name, "height": cfg.img_size, "width": cfg.img_size})
@@ -195,8 +205,7 @@ def _gen_seg(r: SceneRenderer, cfg: SyntheticConfig, split: str, n: int, root: P
     rng = r.rng
     ade_split = {"train": "training", "val": "validation"}[split]
     for i in range(n):
-        objs = _random_objects(rng, cfg, int(rng.integers(cfg.min_objects, cfg.max_objects + 1)))
-        img, masks, classes, _ = r.scene(objs, cfg.min_visible)
+        img, masks, classes, _ = r.scene(_multi_object_scene(rng, cfg), cfg.min_visible)
         label = np.zeros((cfg.img_size, cfg.img_size), dtype=np.uint8)
         for cls, m in zip(classes, masks):
             label[m] = cls + 1
@@ -211,11 +220,10 @@ def _gen_unlabelled(r: SceneRenderer, cfg: SyntheticConfig, split: str, n: int, 
     out = root / "unlabelled" / split
     out.mkdir(parents=True, exist_ok=True)
     for i in range(n):
-        if rng.random() < UNLABELLED_SINGLE_OBJECT_SHARE:  # a classification-style scene
-            distractors = [(c, min(f, 0.26)) for c, f in _random_objects(rng, cfg, int(rng.integers(0, 3)))]
-            objs = distractors + [(int(rng.integers(len(CLASS_NAMES))), float(rng.uniform(0.55, 0.8)))]
+        if rng.random() < UNLABELLED_SINGLE_OBJECT_SHARE:
+            objs = _single_object_scene(rng, cfg)
         else:
-            objs = _random_objects(rng, cfg, int(rng.integers(cfg.min_objects, cfg.max_objects + 1)))
+            objs = _multi_object_scene(rng, cfg)
         img, _, _, _ = r.scene(objs, 0.0)
         _save_png(img, out / f"{i:05d}.png")
 
