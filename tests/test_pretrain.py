@@ -134,7 +134,7 @@ def test_visible_only_encoding_runs_the_blocks_on_the_visible_patches_alone():
         _tiny_mim_model("sparse")
 
 
-def test_unlabelled_images_skip_corrupt_files_and_refuse_empty_folders(tmp_path):
+def test_unlabelled_images_skip_corrupt_files_refuse_empty_folders_and_fix_held_out_masks(tmp_path):
     from PIL import Image
     from moe_vision.data import build_transforms
     (tmp_path / "a" / "deep").mkdir(parents=True)
@@ -150,6 +150,13 @@ def test_unlabelled_images_skip_corrupt_files_and_refuse_empty_folders(tmp_path)
         items = [ds[i] for i in range(len(ds))]
     assert ds.skipped == 1 and any("broken.jpg" in str(w.message) for w in caught)
     assert all(x.shape == (3, 32, 32) and int(t["mask"].sum()) == 12 for x, t in items)
+    # Training masks are fresh draws; a held-out split asks the same questions at every evaluation.
+    train_masks = [[ds[i][1]["mask"] for i in range(len(ds))] for _ in range(2)]
+    assert any(not torch.equal(a, b) for a, b in zip(*train_masks))
+    held = UnlabelledImages(paths, build_transforms("mim", False, 32), 8, 0.75, held_out=True)
+    first = [held[i][1]["mask"] for i in range(len(held))]
+    torch.manual_seed(123)
+    assert all(torch.equal(a, held[i][1]["mask"]) for i, a in enumerate(first))
     (tmp_path / "empty" / "sub").mkdir(parents=True)
     with pytest.raises(ValueError, match="holds no images"):
         images_under(tmp_path / "empty")
@@ -270,6 +277,15 @@ def test_multilabel_targets_from_each_format(synthetic_root):
     assert {space.names[i] for i in present.nonzero()[:, 0].tolist()} == in_map and int(known.sum()) == 14
     present, known = space.target("depth", sources["depth"], sources["depth"][0][1])
     assert not bool(known.any())
+
+
+def test_hybrid_held_out_masks_are_fixed(synthetic_root):
+    from moe_vision.data import build_transforms
+    from moe_vision.pretrain import TwoViewImages
+    views = build_transforms("mim", True, 32, scale=(0.5, 1.0))
+    held = TwoViewImages(_sources(synthetic_root), views, 8, 0.75, {"seg": SEG_NAMES}, held_out=True)
+    a, b = held[3][1]["mask"], held[3][1]["mask"]
+    assert a.shape == (2, 16) and torch.equal(a, b) and not torch.equal(a[0], a[1])  # two views, two masks
 
 
 def test_contrastive_and_masked_multilabel_losses_by_hand():

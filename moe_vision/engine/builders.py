@@ -69,7 +69,7 @@ def pretraining_dataset(task: str, task_cfg: Mapping[str, Any], data_cfg: Mappin
             sources[name] = build_dataset(name, {}, data_cfg, split, False)
         paths = [path for d in sources.values() for path in d.image_paths()]
     if task_cfg.get("type") != "hybrid":
-        return UnlabelledImages(paths, transform, p, ratio, norm)
+        return UnlabelledImages(paths, transform, p, ratio, norm, held_out=split != "train")
     from ..pretrain.hybrid import HybridPretrainingTask, TwoViewImages
     weights = {**HybridPretrainingTask.loss_defaults, **(task_cfg.get("loss_weights") or {})}
     for d in sources.values():
@@ -78,7 +78,7 @@ def pretraining_dataset(task: str, task_cfg: Mapping[str, Any], data_cfg: Mappin
     views = build_transforms("mim", True, int(data_cfg["img_size"]), hflip=float(tf.get("hflip", 0.0)),
                              scale=tf.get("scale"))  # random views also for validation (retrieval)
     dataset = TwoViewImages(sources, views, p, ratio if float(weights["mim"]) > 0 else 0.0,
-                            entry.get("class_names"), norm)
+                            entry.get("class_names"), norm, held_out=split != "train")
     if float(weights["multilabel"]) > 0 and not len(dataset.labels):
         raise ValueError(f"data.tasks.{task}: none of the sources has labels for the multi-label term; "
                          f"set tasks.{task}.loss_weights.multilabel=0 or add labelled sources to 'from'")

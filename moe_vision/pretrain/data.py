@@ -3,7 +3,8 @@
 Sources: any folder of images (searched recursively; labels, if any, are ignored) or the training
 images of every task in a data config (their labels ignored). A file that cannot be decoded is
 skipped: it is replaced by the next readable image and named in one warning; the count of
-skipped files is kept in ``skipped``.
+skipped files is kept in ``skipped``. A held-out split (``held_out=True``) masks each image with
+the same patches at every evaluation.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..data.readers import read_image
-from .masking import mask_image, normalised_patches, patchify, random_patch_mask
+from .masking import held_out_generator, mask_image, normalised_patches, patchify, random_patch_mask
 
 
 class UnlabelledImages(Dataset):
@@ -24,11 +25,12 @@ class UnlabelledImages(Dataset):
     for pictures). With ``transform=None``: the decoded image and an empty target."""
 
     def __init__(self, paths: Sequence[Path], transform: Callable, patch_size: int, mask_ratio: float,
-                 norm_pix: bool = True) -> None:
+                 norm_pix: bool = True, held_out: bool = False) -> None:
         if not paths:
             raise ValueError("no images to pre-train on")
         self.paths, self.transform = list(paths), transform
         self.patch_size, self.mask_ratio, self.norm_pix = int(patch_size), float(mask_ratio), bool(norm_pix)
+        self.held_out = bool(held_out)
         self.bad: set[int] = set()
 
     @property
@@ -57,7 +59,7 @@ class UnlabelledImages(Dataset):
         image = torch.as_tensor(image)
         p = self.patch_size
         patches = patchify(image, p)
-        mask = random_patch_mask(patches.shape[0], self.mask_ratio)
+        mask = random_patch_mask(patches.shape[0], self.mask_ratio, held_out_generator(i if self.held_out else None))
         target = {"mask": mask, "patches": normalised_patches(patches) if self.norm_pix else patches,
                   "image": image}
         return mask_image(image, mask, p), target

@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 
 from ..data.readers import ADE20KDataset, CocoDetectionDataset, ImageFolderDataset
 from ..tasks.base import Evaluator, Task, classes_present, register_task
-from .masking import mask_image, normalised_patches, patchify, random_patch_mask
+from .masking import held_out_generator, mask_image, normalised_patches, patchify, random_patch_mask
 from .mim import ask_masked_patches, check_encoder_input, masked_indices, reconstruction_loss, visible_indices
 
 VIEWS = 2
@@ -85,15 +85,18 @@ class TwoViewImages(Dataset):
     """Images of several labelled (or unlabelled) sources, each returned as two augmented views
     ``[V, 3, S, S]`` with target keys ``ml`` / ``ml_known`` (``[C]``), ``mask`` (``[V, N]``),
     ``patches`` (``[V, N, P]``) and ``image`` (view 0 unmasked, for pictures). With
-    ``mask_ratio`` 0 nothing is masked."""
+    ``mask_ratio`` 0 nothing is masked. ``held_out`` fixes each item's masks (the views stay
+    random augmentations)."""
 
     def __init__(self, sources: Mapping[str, Dataset], view_transform, patch_size: int, mask_ratio: float,
-                 class_names: Mapping[str, Sequence[str]] | None = None, norm_pix: bool = True) -> None:
+                 class_names: Mapping[str, Sequence[str]] | None = None, norm_pix: bool = True,
+                 held_out: bool = False) -> None:
         self.sources = dict(sources)
         self.labels = LabelSpace(self.sources, class_names)
         self.classes = self.labels.names
         self.index = [(s, i) for s, d in self.sources.items() for i in range(len(d))]
         self.view_transform, self.p, self.mask_ratio, self.norm_pix = view_transform, patch_size, mask_ratio, norm_pix
+        self.held_out = bool(held_out)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -104,11 +107,12 @@ class TwoViewImages(Dataset):
         image, target = dataset[k]  # sources carry no transform: the full image and its labels
         present, known = self.labels.target(source, dataset, target)
         views, masks, patches = [], [], []
+        generator = held_out_generator(i if self.held_out else None)
         for _ in range(VIEWS):
             view, _ = self.view_transform(image, {})
             view = torch.as_tensor(view)
             pv = patchify(view, self.p)
-            mask = random_patch_mask(pv.shape[0], self.mask_ratio) if self.mask_ratio > 0 else \
+            mask = random_patch_mask(pv.shape[0], self.mask_ratio, generator) if self.mask_ratio > 0 else \
                 torch.zeros(pv.shape[0], dtype=torch.bool)
             views.append(mask_image(view, mask, self.p))
             masks.append(mask)

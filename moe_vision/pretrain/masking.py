@@ -21,6 +21,13 @@ def num_masked(num_patches: int, ratio: float) -> int:
     return min(num_patches - 1, max(1, round(ratio * num_patches)))
 
 
+def held_out_generator(index: int | None) -> torch.Generator | None:
+    """The mask generator of item ``index`` of a held-out split: seeded by the index, so every
+    evaluation scores the same masks (and two runs are compared on the same questions). ``None``
+    (training) draws from the global stream."""
+    return None if index is None else torch.Generator().manual_seed(int(index))
+
+
 def random_patch_mask(num_patches: int, ratio: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """A boolean ``[N]`` mask with exactly :func:`num_masked` patches set (True = hidden)."""
     order = torch.randperm(num_patches, generator=generator)
