@@ -35,7 +35,6 @@ from PIL import Image, ImageDraw
 SHAPES = ("circle", "square", "triangle")
 CLASS_NAMES = tuple(f"digit_{d}" for d in range(10)) + SHAPES
 MANIFEST = "synthetic.json"
-UNLABELLED_SINGLE_OBJECT_SHARE = 4000 / 9500  # the default training split's share of cls images
 
 
 def coco_category_id(c: int) -> int:
@@ -217,10 +216,12 @@ def _gen_seg(r: SceneRenderer, cfg: SyntheticConfig, split: str, n: int, root: P
 
 def _gen_unlabelled(r: SceneRenderer, cfg: SyntheticConfig, split: str, n: int, root: Path) -> None:
     rng = r.rng
+    default_train = {task: sizes["train"] for task, sizes in SyntheticConfig().splits.items()}
+    single_object_share = default_train["cls"] / sum(default_train.values())  # as in the benchmark
     out = root / "unlabelled" / split
     out.mkdir(parents=True, exist_ok=True)
     for i in range(n):
-        if rng.random() < UNLABELLED_SINGLE_OBJECT_SHARE:
+        if rng.random() < single_object_share:
             objs = _single_object_scene(rng, cfg)
         else:
             objs = _multi_object_scene(rng, cfg)
