@@ -204,3 +204,21 @@ def test_pixel_decoder_adds_the_stem_map_to_per_pixel_features_only():
     assert not torch.allclose(moved.pixel_BDhw, out.pixel_BDhw) and torch.equal(moved.memory_BMD, out.memory_BMD)
     no_skip = PixelDecoder(24, 32, stem_channels=(), finest_stride=4)
     assert no_skip.stem_lateral is None and no_skip(maps, stem, image_size=(64, 64)).pixel_BDhw.shape == (2, 32, 16, 16)
+
+
+def test_pixel_decoder_fpn_memory_is_the_fused_levels_and_trains_the_laterals():
+    from moe_vision.decoder import PixelDecoder
+    torch.manual_seed(0)
+    maps = [torch.randn(2, 24, 16 // 2 ** i, 16 // 2 ** i) for i in range(4)]
+    dec = PixelDecoder(24, 32, memory="fpn")
+    assert dec.memory_proj is None  # no parameters of its own: the memory is the fused maps
+    out = dec(maps, image_size=(64, 64))
+    lat = [proj(m) for proj, m in zip(dec.lateral, maps)]
+    coarse = lat[3] + dec.level_embed[3][:, None, None]  # the coarsest level is its lateral alone
+    torch.testing.assert_close(out.memory_BMD[:, -4:], coarse.flatten(2).transpose(1, 2))
+    fine = lat[2] + torch.nn.functional.interpolate(lat[3], size=(4, 4), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(out.memory_BMD[:, -20:-4], (fine + dec.level_embed[2][:, None, None]).flatten(2).transpose(1, 2))
+    out.memory_BMD.sum().backward()  # a loss on the memory alone (MIM's answers) reaches every lateral
+    assert all(p.weight.grad is not None and p.weight.grad.abs().sum() > 0 for p in dec.lateral)
+    with pytest.raises(ValueError, match="decoder.memory='pixels'"):
+        PixelDecoder(24, 32, memory="pixels")

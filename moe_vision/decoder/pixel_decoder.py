@@ -41,6 +41,9 @@ def sine_embed_points(points_N2: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([y.sin(), y.cos(), x.sin(), x.cos()], dim=-1)
 
 
+MEMORY_SOURCES = ("separate", "fpn")
+
+
 @dataclass
 class DecoderInputs:
     """What the pixel decoder hands to the query decoder and the task heads."""
@@ -56,18 +59,25 @@ class DecoderInputs:
 class PixelDecoder(nn.Module):
     """FPN-style top-down fusion of maps ordered fine to coarse.
 
-    ``forward(maps, stem_maps)`` returns :class:`DecoderInputs`. With ``stem_channels`` (the conv
+    ``forward(maps, stem_maps)`` returns :class:`DecoderInputs`. ``memory`` says where the query
+    decoder's memory comes from: ``separate`` (a 1x1 projection of each backbone map, apart from
+    the fused per-pixel path) or ``fpn`` (the fused levels themselves, as Mask2Former's transformer
+    decoder reads its pixel decoder: whatever trains the query decoder, masked image modelling
+    included, then also trains the laterals the per-pixel features are built from). With ``stem_channels`` (the conv
     stem's stage widths), the stem's map at the finest level's stride is added to it through a
     1x1 convolution: backbone maps at strides below the patch size are only resampled tokens,
     the stem's map carries real high-resolution detail.
     """
 
     def __init__(self, in_dim: int, dim: int = 128, num_levels: int = 4, stem_channels: Sequence[int] = (),
-                 finest_stride: int = 4) -> None:
+                 finest_stride: int = 4, memory: str = "separate") -> None:
         super().__init__()
-        self.dim = dim
+        if memory not in MEMORY_SOURCES:
+            raise ValueError(f"decoder.memory={memory!r}; expected one of {', '.join(MEMORY_SOURCES)}")
+        self.dim, self.memory = dim, memory
         self.lateral = nn.ModuleList(nn.Conv2d(in_dim, dim, 1) for _ in range(num_levels))
-        self.memory_proj = nn.ModuleList(nn.Conv2d(in_dim, dim, 1) for _ in range(num_levels))
+        self.memory_proj = nn.ModuleList(nn.Conv2d(in_dim, dim, 1) for _ in range(num_levels)) \
+            if memory == "separate" else None
         # Stem stage i has stride 2^(i+1); use the one at the finest level's stride, if any.
         stage = int(math.log2(finest_stride)) - 1
         self.stem_stage = stage if 0 <= stage < len(stem_channels) else None
@@ -84,15 +94,17 @@ class PixelDecoder(nn.Module):
         lat = [proj(m) for proj, m in zip(self.lateral, maps)]
         if self.stem_lateral is not None and len(stem_maps) > self.stem_stage:
             lat[0] = lat[0] + self.stem_lateral(stem_maps[self.stem_stage])
-        x = lat[-1]
+        fused = [lat[-1]]  # coarse to fine
         for m in reversed(lat[:-1]):
-            x = m + F.interpolate(x, size=m.shape[-2:], mode="bilinear", align_corners=False)
-        pixel_BDhw = self.output(x)
+            fused.append(m + F.interpolate(fused[-1], size=m.shape[-2:], mode="bilinear", align_corners=False))
+        fused.reverse()
+        pixel_BDhw = self.output(fused[0])
+        levels = fused if self.memory_proj is None else [proj(m) for proj, m in zip(self.memory_proj, maps)]
         memory, pos, centres, strides, shapes = [], [], [], [], []
         img_h = image_size[0] if image_size else maps[0].shape[-2] * 4
-        for i, (proj, m) in enumerate(zip(self.memory_proj, maps)):
+        for i, (level, m) in enumerate(zip(levels, maps)):
             h, w = m.shape[-2:]
-            memory.append(proj(m).flatten(2).transpose(1, 2) + self.level_embed[i])
+            memory.append(level.flatten(2).transpose(1, 2) + self.level_embed[i])
             pos.append(sine_position_embedding(h, w, self.dim, m.device, m.dtype).expand(m.shape[0], -1, -1))
             centres.append(grid_centres((h, w), m.device))
             strides.append(torch.full((h * w,), img_h / h, device=m.device))

@@ -22,7 +22,7 @@ from ..models.checkpoint import register_format
 from .base import Task, build_task
 
 DEFAULT_DECODER = {"dim": 128, "num_queries": 20, "num_layers": 3, "num_heads": 4, "mlp_ratio": 4.0,
-                   "deep_supervision": True, "stem_skip": False, "box_prior": 0.0}
+                   "deep_supervision": True, "stem_skip": False, "box_prior": 0.0, "memory": "separate"}
 
 
 class GeneralistModel(nn.Module):
@@ -52,7 +52,7 @@ class GeneralistModel(nn.Module):
             spec.check_decoder(dec["num_queries"])
         self.pixel_decoder = PixelDecoder(self.backbone.embed_dim, dec["dim"], num_levels=4,
                                           stem_channels=self.backbone.stem_channels if dec["stem_skip"] else (),
-                                          finest_stride=self.backbone.patch_size // 2)
+                                          finest_stride=self.backbone.patch_size // 2, memory=dec["memory"])
         self.decoder = QueryDecoder(dec["dim"], dec["num_queries"], dec["num_layers"], dec["num_heads"],
                                     dec["mlp_ratio"], box_prior=float(dec["box_prior"]))
         self.heads = nn.ModuleDict({name: spec.build_head(dec["dim"]) for name, spec in self.specs.items()})
