@@ -217,7 +217,8 @@ def test_pixel_decoder_fpn_memory_is_the_fused_levels_and_trains_the_laterals():
     coarse = lat[3] + dec.level_embed[3][:, None, None]  # the coarsest level is its lateral alone
     torch.testing.assert_close(out.memory_BMD[:, -4:], coarse.flatten(2).transpose(1, 2))
     fine = lat[2] + torch.nn.functional.interpolate(lat[3], size=(4, 4), mode="bilinear", align_corners=False)
-    torch.testing.assert_close(out.memory_BMD[:, -20:-4], (fine + dec.level_embed[2][:, None, None]).flatten(2).transpose(1, 2))
+    fine = fine + dec.level_embed[2][:, None, None]
+    torch.testing.assert_close(out.memory_BMD[:, -20:-4], fine.flatten(2).transpose(1, 2))
     out.memory_BMD.sum().backward()  # a loss on the memory alone (MIM's answers) reaches every lateral
     assert all(p.weight.grad is not None and p.weight.grad.abs().sum() > 0 for p in dec.lateral)
     with pytest.raises(ValueError, match="decoder.memory='pixels'"):

@@ -63,10 +63,11 @@ class PixelDecoder(nn.Module):
     decoder's memory comes from: ``separate`` (a 1x1 projection of each backbone map, apart from
     the fused per-pixel path) or ``fpn`` (the fused levels themselves, as Mask2Former's transformer
     decoder reads its pixel decoder: whatever trains the query decoder, masked image modelling
-    included, then also trains the laterals the per-pixel features are built from). With ``stem_channels`` (the conv
-    stem's stage widths), the stem's map at the finest level's stride is added to it through a
-    1x1 convolution: backbone maps at strides below the patch size are only resampled tokens,
-    the stem's map carries real high-resolution detail.
+    included, then also trains the laterals the per-pixel features are built from).
+
+    With ``stem_channels`` (the conv stem's stage widths), the stem's map at the finest level's
+    stride is added to it through a 1x1 convolution: backbone maps at strides below the patch
+    size are only resampled tokens, the stem's map carries real high-resolution detail.
     """
 
     def __init__(self, in_dim: int, dim: int = 128, num_levels: int = 4, stem_channels: Sequence[int] = (),
@@ -74,7 +75,7 @@ class PixelDecoder(nn.Module):
         super().__init__()
         if memory not in MEMORY_SOURCES:
             raise ValueError(f"decoder.memory={memory!r}; expected one of {', '.join(MEMORY_SOURCES)}")
-        self.dim, self.memory = dim, memory
+        self.dim = dim
         self.lateral = nn.ModuleList(nn.Conv2d(in_dim, dim, 1) for _ in range(num_levels))
         self.memory_proj = nn.ModuleList(nn.Conv2d(in_dim, dim, 1) for _ in range(num_levels)) \
             if memory == "separate" else None
