@@ -67,7 +67,8 @@ class PixelDecoder(nn.Module):
 
     With ``stem_channels`` (the conv stem's stage widths), the stem's map at the finest level's
     stride is added to it through a 1x1 convolution: backbone maps at strides below the patch
-    size are only resampled tokens, the stem's map carries real high-resolution detail.
+    size are only resampled tokens, the stem's map carries real high-resolution detail. (With
+    ``memory="fpn"`` the memory's finest level carries it too; ``separate`` memory is backbone-only.)
     """
 
     def __init__(self, in_dim: int, dim: int = 128, num_levels: int = 4, stem_channels: Sequence[int] = (),
