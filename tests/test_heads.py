@@ -223,3 +223,35 @@ def test_pixel_decoder_fpn_memory_is_the_fused_levels_and_trains_the_laterals():
     assert all(p.weight.grad is not None and p.weight.grad.abs().sum() > 0 for p in dec.lateral)
     with pytest.raises(ValueError, match="decoder.memory='pixels'"):
         PixelDecoder(24, 32, memory="pixels")
+
+
+def test_position_prior_biases_each_mask_query_towards_its_cell_and_leaves_cls_alone():
+    from moe_vision.decoder.pixel_decoder import DecoderInputs, sine_embed_points
+    from moe_vision.decoder.position_queries import ask_grid, ask_positions
+    torch.manual_seed(0)
+    centres = _grid_centres(4)
+    feats = DecoderInputs(torch.zeros(1, 32, 4, 4), torch.randn(1, 16, 32), torch.randn(1, 16, 32), centres,
+                          torch.full((16,), 16.0), [(4, 4)])
+    off = QueryDecoder(dim=32, num_queries=3, num_layers=2, num_heads=2)
+    on = QueryDecoder(dim=32, num_queries=3, num_layers=2, num_heads=2, position_prior=3.0)
+    on.load_state_dict(off.state_dict())  # the prior has no parameters: same weights, other attention
+    seen = []
+    on.layers[0].cross_attn.register_forward_hook(lambda m, args, out: seen.append(args[3]))
+    points = centres[[0, 5]].unsqueeze(0)
+    a_off = ask_positions(off, feats, points, with_cls=True, cell_wh=(0.25, 0.25))
+    a_on = ask_positions(on, feats, points, with_cls=True, cell_wh=(0.25, 0.25))
+    bias = seen[0][0, 0]  # [1 + N, M]
+    assert bias.shape == (3, 16) and torch.equal(bias[0], torch.zeros(16))  # the [CLS] query is not biased
+    want = -3.0 * ((centres - centres[5]) / 0.25).pow(2).sum(-1)  # adjacent cell: -3
+    torch.testing.assert_close(bias[2], want)
+    assert not torch.allclose(a_on[:, 1:], a_off[:, 1:])
+    # no prior (the default): the answers are those of a decoder called without any bias
+    content = torch.cat([off.query_embed[:1], off.query_embed[1:2].expand(2, -1)])[None]
+    pos = torch.cat([off.query_pos[:1], sine_embed_points(points[0], 32)])[None]
+    direct = off(feats.memory_BMD, feats.memory_pos_BMD, centres_M2=centres, queries=Queries(content, pos))
+    torch.testing.assert_close(a_off, direct)
+    seen.clear()
+    ask_grid(on, feats, (2, 2))  # a 2 x 2 grid of cells: the prior's width is half the image
+    torch.testing.assert_close(seen[0][0, 0, 0], -3.0 * ((centres - 0.25) / 0.5).pow(2).sum(-1))
+    with pytest.raises(ValueError, match=r"decoder.position_prior=-1.0: expected >= 0"):
+        QueryDecoder(dim=32, position_prior=-1.0)

@@ -21,17 +21,26 @@ CLS_QUERY, MASK_QUERY = 0, 1
 
 
 def ask_positions(decoder, feats: DecoderInputs, centres_BN2: torch.Tensor, with_cls: bool = False,
-                  return_all: bool = False):
+                  return_all: bool = False, cell_wh: tuple[float, float] | None = None):
     """The decoder's answers ``[B, N, D]`` to one mask query at each point (``[B, 1 + N, D]`` with
-    the [CLS] query, learned query 0, asked first); with ``return_all`` every layer's answers."""
+    the [CLS] query, learned query 0, asked first); with ``return_all`` every layer's answers.
+    ``cell_wh``: the normalised size of the cell each point stands for; with the decoder's
+    ``position_prior`` > 0 each mask query's cross-attention is biased towards memory tokens near
+    its point (a Gaussian of that width), the [CLS] query's is not."""
     B, N = centres_BN2.shape[:2]
     content = decoder.query_embed[MASK_QUERY].expand(B, N, -1)
     pos = sine_embed_points(centres_BN2, decoder.dim).to(content.dtype)
+    bias = None
+    if decoder.position_prior > 0 and cell_wh is not None:
+        cells_BN4 = torch.cat([centres_BN2, centres_BN2.new_tensor(cell_wh).expand(B, N, 2)], -1)
+        bias = decoder.box_attention_bias(cells_BN4, feats.centres_M2, decoder.position_prior)
     if with_cls:
         content = torch.cat([decoder.query_embed[CLS_QUERY].expand(B, 1, -1), content], 1)
         pos = torch.cat([decoder.query_pos[CLS_QUERY].expand(B, 1, -1), pos], 1)
-    return decoder(feats.memory_BMD, feats.memory_pos_BMD, return_all=return_all, queries=Queries(content, pos),
-                   centres_M2=feats.centres_M2)
+        if bias is not None:
+            bias = torch.cat([bias.new_zeros(B, 1, 1, bias.shape[-1]), bias], 2)
+    return decoder(feats.memory_BMD, feats.memory_pos_BMD, return_all=return_all,
+                   queries=Queries(content, pos, cross_bias_BhQM=bias), centres_M2=feats.centres_M2)
 
 
 def check_mask_query(task_type: str, num_queries: int) -> None:
@@ -69,4 +78,4 @@ def ask_grid(decoder, feats: DecoderInputs, grid: tuple[int, int], return_all: b
     """The answers to one mask query per cell of ``grid`` over the image (as :func:`ask_positions`)."""
     B = feats.memory_BMD.shape[0]
     return ask_positions(decoder, feats, grid_centres(grid, feats.memory_BMD.device).expand(B, -1, -1),
-                         return_all=return_all)
+                         return_all=return_all, cell_wh=(1 / grid[1], 1 / grid[0]))

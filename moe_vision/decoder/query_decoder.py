@@ -85,6 +85,8 @@ class Queries:
     ``refine``: ``(answer_BQD, reference_BQ4) -> boxes_BQ4`` applied after every layer; the
         (detached) result is the next layer's reference.
     ``self_mask_QQ``: boolean, True where query i may attend to query j (denoising groups).
+    ``cross_bias_BhQM``: additive cross-attention bias (``[B, 1, Q, M]``), e.g. a locality prior
+        around the points that position queries ask about; the box prior replaces it.
     """
 
     content_BQD: torch.Tensor | None = None
@@ -92,6 +94,7 @@ class Queries:
     reference_BQ4: torch.Tensor | None = None
     refine: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     self_mask_QQ: torch.Tensor | None = None
+    cross_bias_BhQM: torch.Tensor | None = None
 
 
 class QueryDecoder(nn.Module):
@@ -101,12 +104,19 @@ class QueryDecoder(nn.Module):
         box_prior: strength of the Gaussian cross-attention prior around reference boxes
             (0 disables it): the attention logit of a memory token at offset (dx, dy) from the box
             centre gets ``-box_prior * ((dx / w)^2 + (dy / h)^2)``.
+        position_prior: the same Gaussian prior for position queries (MIM's masked patches, the
+            cells of dense tasks posed as queries), around the point asked with the asked cell's
+            width and height; 0 disables it. Applied by :func:`~.position_queries.ask_positions`.
     """
 
     def __init__(self, dim: int = 128, num_queries: int = 20, num_layers: int = 3, num_heads: int = 4,
-                 mlp_ratio: float = 4.0, dropout: float = 0.0, box_prior: float = 0.0) -> None:
+                 mlp_ratio: float = 4.0, dropout: float = 0.0, box_prior: float = 0.0,
+                 position_prior: float = 0.0) -> None:
         super().__init__()
         self.num_queries, self.dim, self.box_prior = num_queries, dim, box_prior
+        if position_prior < 0:
+            raise ValueError(f"decoder.position_prior={position_prior}: expected >= 0 (0 disables the prior)")
+        self.position_prior = float(position_prior)
         self.query_embed = nn.Parameter(torch.zeros(num_queries, dim))
         self.query_pos = nn.Parameter(torch.zeros(num_queries, dim))
         nn.init.normal_(self.query_embed, std=0.02)
@@ -123,11 +133,14 @@ class QueryDecoder(nn.Module):
         size = sine_embed_points(reference_BQ4[..., 2:], self.dim)
         return self.box_pos(torch.cat([centre, size], -1))
 
-    def box_attention_bias(self, reference_BQ4: torch.Tensor, centres_M2: torch.Tensor) -> torch.Tensor:
-        """Additive cross-attention bias ``[B, 1, Q, M]``: a Gaussian around each reference box."""
+    def box_attention_bias(self, reference_BQ4: torch.Tensor, centres_M2: torch.Tensor,
+                           strength: float | None = None) -> torch.Tensor:
+        """Additive cross-attention bias ``[B, 1, Q, M]``: a Gaussian around each reference box
+        (``strength`` defaults to ``box_prior``)."""
         d = centres_M2[None, None] - reference_BQ4[:, :, None, :2]  # [B, Q, M, 2]
         wh = reference_BQ4[:, :, None, 2:].clamp(min=1e-3)
-        return (-self.box_prior * ((d / wh) ** 2).sum(-1)).unsqueeze(1)
+        strength = self.box_prior if strength is None else strength
+        return (-strength * ((d / wh) ** 2).sum(-1)).unsqueeze(1)
 
     def forward(self, memory_BMD: torch.Tensor, memory_pos_BMD: torch.Tensor, return_all: bool = False,
                 queries: Queries | None = None, centres_M2: torch.Tensor | None = None):
@@ -143,7 +156,7 @@ class QueryDecoder(nn.Module):
         ref = qs.reference_BQ4
         outs = []
         for i, layer in enumerate(self.layers):
-            cross_mask = None
+            cross_mask = qs.cross_bias_BhQM
             if ref is not None:
                 pos = self.reference_pos(ref).to(dtype)
                 if self.box_prior > 0 and centres_M2 is not None:

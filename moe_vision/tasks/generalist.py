@@ -22,7 +22,8 @@ from ..models.checkpoint import register_format
 from .base import Task, build_task
 
 DEFAULT_DECODER = {"dim": 128, "num_queries": 20, "num_layers": 3, "num_heads": 4, "mlp_ratio": 4.0,
-                   "deep_supervision": True, "stem_skip": False, "box_prior": 0.0, "memory": "separate"}
+                   "deep_supervision": True, "stem_skip": False, "box_prior": 0.0, "position_prior": 0.0,
+                   "memory": "separate"}
 
 
 class GeneralistModel(nn.Module):
@@ -54,7 +55,8 @@ class GeneralistModel(nn.Module):
                                           stem_channels=self.backbone.stem_channels if dec["stem_skip"] else (),
                                           finest_stride=self.backbone.patch_size // 2, memory=dec["memory"])
         self.decoder = QueryDecoder(dec["dim"], dec["num_queries"], dec["num_layers"], dec["num_heads"],
-                                    dec["mlp_ratio"], box_prior=float(dec["box_prior"]))
+                                    dec["mlp_ratio"], box_prior=float(dec["box_prior"]),
+                                    position_prior=float(dec["position_prior"]))
         self.heads = nn.ModuleDict({name: spec.build_head(dec["dim"]) for name, spec in self.specs.items()})
         self.decoder_config = dec
         self.adapter_config = dict(adapters or {})
