@@ -238,8 +238,8 @@ def test_position_prior_biases_each_mask_query_towards_its_cell_and_leaves_cls_a
     seen = []
     on.layers[0].cross_attn.register_forward_hook(lambda m, args, out: seen.append(args[3]))
     points = centres[[0, 5]].unsqueeze(0)
-    a_off = ask_positions(off, feats, points, with_cls=True, cell_wh=(0.25, 0.25))
-    a_on = ask_positions(on, feats, points, with_cls=True, cell_wh=(0.25, 0.25))
+    a_off = ask_positions(off, feats, points, (0.25, 0.25), with_cls=True)
+    a_on = ask_positions(on, feats, points, (0.25, 0.25), with_cls=True)
     bias = seen[0][0, 0]  # [1 + N, M]
     assert bias.shape == (3, 16) and torch.equal(bias[0], torch.zeros(16))  # the [CLS] query is not biased
     want = -3.0 * ((centres - centres[5]) / 0.25).pow(2).sum(-1)  # adjacent cell: -3

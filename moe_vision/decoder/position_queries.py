@@ -15,13 +15,13 @@ import torch
 from torch import nn
 
 from .pixel_decoder import DecoderInputs, grid_centres, sine_embed_points
-from .query_decoder import Queries
+from .query_decoder import Queries, gaussian_attention_bias
 
 CLS_QUERY, MASK_QUERY = 0, 1
 
 
-def ask_positions(decoder, feats: DecoderInputs, centres_BN2: torch.Tensor, with_cls: bool = False,
-                  return_all: bool = False, cell_wh: tuple[float, float] | None = None):
+def ask_positions(decoder, feats: DecoderInputs, centres_BN2: torch.Tensor, cell_wh: tuple[float, float],
+                  with_cls: bool = False, return_all: bool = False):
     """The decoder's answers ``[B, N, D]`` to one mask query at each point (``[B, 1 + N, D]`` with
     the [CLS] query, learned query 0, asked first); with ``return_all`` every layer's answers.
     ``cell_wh``: the normalised size of the cell each point stands for; with the decoder's
@@ -31,9 +31,9 @@ def ask_positions(decoder, feats: DecoderInputs, centres_BN2: torch.Tensor, with
     content = decoder.query_embed[MASK_QUERY].expand(B, N, -1)
     pos = sine_embed_points(centres_BN2, decoder.dim).to(content.dtype)
     bias = None
-    if decoder.position_prior > 0 and cell_wh is not None:
+    if decoder.position_prior > 0:
         cells_BN4 = torch.cat([centres_BN2, centres_BN2.new_tensor(cell_wh).expand(B, N, 2)], -1)
-        bias = decoder.box_attention_bias(cells_BN4, feats.centres_M2, decoder.position_prior)
+        bias = gaussian_attention_bias(cells_BN4, feats.centres_M2, decoder.position_prior)
     if with_cls:
         content = torch.cat([decoder.query_embed[CLS_QUERY].expand(B, 1, -1), content], 1)
         pos = torch.cat([decoder.query_pos[CLS_QUERY].expand(B, 1, -1), pos], 1)
@@ -78,4 +78,4 @@ def ask_grid(decoder, feats: DecoderInputs, grid: tuple[int, int], return_all: b
     """The answers to one mask query per cell of ``grid`` over the image (as :func:`ask_positions`)."""
     B = feats.memory_BMD.shape[0]
     return ask_positions(decoder, feats, grid_centres(grid, feats.memory_BMD.device).expand(B, -1, -1),
-                         return_all=return_all, cell_wh=(1 / grid[1], 1 / grid[0]))
+                         (1 / grid[1], 1 / grid[0]), return_all=return_all)

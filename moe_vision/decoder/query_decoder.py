@@ -20,6 +20,15 @@ import torch.nn.functional as F
 from .pixel_decoder import sine_embed_points
 
 
+def gaussian_attention_bias(boxes_BQ4: torch.Tensor, centres_M2: torch.Tensor, strength: float) -> torch.Tensor:
+    """Additive cross-attention bias ``[B, 1, Q, M]`` for queries centred in normalised cxcywh
+    boxes: a memory token at offset (dx, dy) from a box centre gets
+    ``-strength * ((dx / w)^2 + (dy / h)^2)``."""
+    d = centres_M2[None, None] - boxes_BQ4[:, :, None, :2]  # [B, Q, M, 2]
+    wh = boxes_BQ4[:, :, None, 2:].clamp(min=1e-3)
+    return (-strength * ((d / wh) ** 2).sum(-1)).unsqueeze(1)
+
+
 class Attention(nn.Module):
     """Multi-head attention with ``nn.MultiheadAttention``'s parameter layout (``in_proj_weight``,
     ``in_proj_bias``, ``out_proj``), always computed the same way (scaled_dot_product_attention).
@@ -133,14 +142,9 @@ class QueryDecoder(nn.Module):
         size = sine_embed_points(reference_BQ4[..., 2:], self.dim)
         return self.box_pos(torch.cat([centre, size], -1))
 
-    def box_attention_bias(self, reference_BQ4: torch.Tensor, centres_M2: torch.Tensor,
-                           strength: float | None = None) -> torch.Tensor:
-        """Additive cross-attention bias ``[B, 1, Q, M]``: a Gaussian around each reference box
-        (``strength`` defaults to ``box_prior``)."""
-        d = centres_M2[None, None] - reference_BQ4[:, :, None, :2]  # [B, Q, M, 2]
-        wh = reference_BQ4[:, :, None, 2:].clamp(min=1e-3)
-        strength = self.box_prior if strength is None else strength
-        return (-strength * ((d / wh) ** 2).sum(-1)).unsqueeze(1)
+    def box_attention_bias(self, reference_BQ4: torch.Tensor, centres_M2: torch.Tensor) -> torch.Tensor:
+        """Additive cross-attention bias ``[B, 1, Q, M]``: a Gaussian around each reference box."""
+        return gaussian_attention_bias(reference_BQ4, centres_M2, self.box_prior)
 
     def forward(self, memory_BMD: torch.Tensor, memory_pos_BMD: torch.Tensor, return_all: bool = False,
                 queries: Queries | None = None, centres_M2: torch.Tensor | None = None):

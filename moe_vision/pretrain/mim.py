@@ -64,7 +64,7 @@ def ask_masked_patches(decoder, feats, image_size, p: int, idx_BNm: torch.Tensor
     """The decoder's answers ``[B, 1 + Nm, D]`` to the [CLS] query and one mask query per masked
     patch (content: the shared mask query; position: the sine embedding of the patch centre)."""
     centres_BNm2 = grid_centres((image_size[0] // p, image_size[1] // p), idx_BNm.device)[idx_BNm]
-    return ask_positions(decoder, feats, centres_BNm2, with_cls=True, cell_wh=(p / image_size[1], p / image_size[0]))
+    return ask_positions(decoder, feats, centres_BNm2, (p / image_size[1], p / image_size[0]), with_cls=True)
 
 
 def reconstruction_loss(pred_BNmP: torch.Tensor, patches_BNP: torch.Tensor, idx_BNm: torch.Tensor) -> torch.Tensor:
