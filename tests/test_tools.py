@@ -145,3 +145,34 @@ def test_surgery_cli_extract_predict_add_task_finetune(synthetic_root, tmp_path)
              "--batch-size", "4", "--out", str(tmp_path / "ft"))
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(r.stdout[r.stdout.index("{"):])["trainable"] == "head"
+
+
+def _fake_run(path: Path, metrics: dict, chance: dict | None = None) -> Path:
+    path.mkdir(parents=True)
+    (path / "metrics.json").write_text(json.dumps(metrics))
+    if chance is not None:
+        (path / "chance_metrics.json").write_text(json.dumps(chance))
+    return path
+
+
+def test_summarize_runs_means_and_half_ranges_over_seeds(tmp_path):
+    for seed, miou in enumerate([0.10, 0.14, 0.12]):
+        _fake_run(tmp_path / f"glid_s{seed}", {"seg": {"mIoU": miou}}, {"seg": {"mIoU": 0.062}})
+    _fake_run(tmp_path / "scratch_s0", {"seg": {"mIoU": 0.20}})
+    out = tmp_path / "summary.json"
+    r = _run("tools/summarize_runs.py", f"glid={tmp_path}/glid_s*", f"scratch={tmp_path}/scratch_s0", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "| glid | seg | mIoU | 3 | 0.1200 ± 0.0200 | 0.1000 / 0.1400 / 0.1200 | 0.0620 |" in r.stdout
+    rows = json.loads(out.read_text())
+    assert [(row["group"], len(row["values"])) for row in rows] == [("glid", 3), ("scratch", 1)]
+    assert rows[1]["half_range"] == 0.0 and rows[1]["chance"] is None
+    # Paths the shell already expanded join the group named before them.
+    r = _run("tools/summarize_runs.py", f"glid={tmp_path}/glid_s0", str(tmp_path / "glid_s1"))
+    assert r.returncode == 0 and "| glid | seg | mIoU | 2 | 0.1200 ± 0.0200 |" in r.stdout
+    _fake_run(tmp_path / "other_s0", {"depth": {"rmse": 0.6}})
+    bad = _run("tools/summarize_runs.py", f"mixed={tmp_path}/glid_s0", str(tmp_path / "other_s0"))
+    assert bad.returncode == 2 and "other_s0 holds metrics depth/rmse" in bad.stderr and "one group = one setting" in bad.stderr
+    bad = _run("tools/summarize_runs.py", f"x={tmp_path}/nope_s*")
+    assert bad.returncode == 2 and "matches no run directory" in bad.stderr
+    bad = _run("tools/summarize_runs.py", str(tmp_path / "glid_s0"))
+    assert bad.returncode == 2 and "comes before any group" in bad.stderr

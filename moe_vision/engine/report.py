@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 from ..io_utils import atomic_path
 from ..moe import ExpertUsage
@@ -118,3 +118,40 @@ def comparison_table(multi: Mapping[str, Mapping[str, float]], singles: Mapping[
     lines = [" | ".join(h.ljust(w) for h, w in zip(head, widths)), "-+-".join("-" * w for w in widths)]
     lines += [" | ".join(c.ljust(w) for c, w in zip(b, widths)) for b in body]
     return "\n".join(lines), rows
+
+
+def seed_summary(groups: Mapping[str, Sequence[Path]]) -> tuple[str, list[dict]]:
+    """Mean and half-range of every metric over each group of runs (the seeds of one setting).
+
+    ``groups`` maps a name to run directories. Every run of a group must hold the same tasks and
+    metrics (a group that mixes settings is refused, naming the run). Returns a markdown table
+    (values as stored in ``metrics.json``) and one row per group, task and metric.
+    """
+    rows = []
+    for name, runs in groups.items():
+        if not runs:
+            raise ValueError(f"group {name!r} holds no run directory")
+        loaded = [(Path(r), *load_run_metrics(r)) for r in runs]
+        first_run, first, chance = loaded[0]
+        for run, metrics, _ in loaded[1:]:
+            if {t: sorted(m) for t, m in metrics.items()} != {t: sorted(m) for t, m in first.items()}:
+                raise ValueError(f"{run} holds metrics {_metric_names(metrics)}, but {first_run} of the same "
+                                 f"group {name!r} holds {_metric_names(first)}; one group = one setting")
+        for task, ms in first.items():
+            for metric in ms:
+                values = [float(m[task][metric]) for _, m, _ in loaded]
+                c = chance.get(task, {}).get(metric)
+                rows.append({"group": name, "task": task, "metric": metric, "runs": [str(r) for r, _, _ in loaded],
+                             "values": values, "mean": sum(values) / len(values),
+                             "half_range": (max(values) - min(values)) / 2, "chance": c})
+    head = ["group", "task", "metric", "runs", "mean ± half-range", "per run", "chance"]
+    body = [[r["group"], r["task"], r["metric"], str(len(r["values"])), f"{r['mean']:.4f} ± {r['half_range']:.4f}",
+             " / ".join(f"{v:.4f}" for v in r["values"]), "-" if r["chance"] is None else f"{r['chance']:.4f}"]
+            for r in rows]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(b) + " |" for b in body]
+    return "\n".join(lines), rows
+
+
+def _metric_names(metrics: Mapping[str, Mapping[str, float]]) -> str:
+    return ", ".join(f"{t}/{m}" for t, ms in metrics.items() for m in ms)

@@ -1,0 +1,57 @@
+#!/usr/bin/env python
+"""Mean and half-range of each metric over the seeds of one setting, one group per setting.
+
+    python tools/summarize_runs.py scratch='runs/seg_scratch_s*' glid='runs/seg_glid_s*'
+    python tools/summarize_runs.py glid=runs/glid_s0 runs/glid_s1 --json summary.json
+
+A group is NAME=PATTERN: the pattern is expanded here (quote it) or by the shell (then the
+further paths join the group before them). Prints a markdown table: per group, task and metric
+the number of runs, mean ± half the range, every run's value and the chance level.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from moe_vision.cli import user_errors  # noqa: E402
+from moe_vision.engine.report import seed_summary, write_json  # noqa: E402
+
+
+def parse_groups(items: list[str]) -> dict[str, list[Path]]:
+    """``NAME=PATTERN`` starts a group; a bare path joins the group before it."""
+    groups: dict[str, list[Path]] = {}
+    current = None
+    for item in items:
+        name, sep, pattern = item.partition("=")
+        if sep and name and "/" not in name:
+            current = name
+            groups.setdefault(current, [])
+        elif current is None:
+            raise ValueError(f"{item!r} comes before any group; start with NAME=PATTERN, e.g. scratch='runs/x_s*'")
+        else:
+            pattern = item
+        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        if not matches:
+            raise ValueError(f"group {current!r}: {pattern!r} matches no run directory")
+        groups[current] += [Path(m) for m in matches]
+    return groups
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("groups", nargs="+", help="NAME=PATTERN, then optional further run directories of that group")
+    ap.add_argument("--json", type=Path, default=None, help="also write the rows (with every run's value) here")
+    args = ap.parse_args()
+    with user_errors():
+        table, rows = seed_summary(parse_groups(args.groups))
+        print(table)
+        if args.json:
+            write_json(args.json, rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
