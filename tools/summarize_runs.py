@@ -33,7 +33,7 @@ def parse_groups(items: list[str]) -> dict[str, list[Path]]:
             raise ValueError(f"{item!r} comes before any group; start with NAME=PATTERN, e.g. scratch='runs/x_s*'")
         else:
             pattern = item
-        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        matches = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
         if not matches:
             raise ValueError(f"group {current!r}: {pattern!r} matches no run directory")
         groups[current] += [Path(m) for m in matches]
