@@ -156,6 +156,8 @@ def _fake_run(path: Path, metrics: dict, chance: dict | None = None) -> Path:
 
 
 def test_summarize_runs_means_and_half_ranges_over_seeds(tmp_path):
+    from moe_vision.engine.report import parse_run_groups, seed_summary
+
     for seed, miou in enumerate([0.10, 0.14, 0.12]):
         _fake_run(tmp_path / f"glid_s{seed}", {"seg": {"mIoU": miou}}, {"seg": {"mIoU": 0.062}})
     _fake_run(tmp_path / "scratch_s0", {"seg": {"mIoU": 0.20}})
@@ -166,13 +168,14 @@ def test_summarize_runs_means_and_half_ranges_over_seeds(tmp_path):
     rows = json.loads(out.read_text())
     assert [(row["group"], len(row["values"])) for row in rows] == [("glid", 3), ("scratch", 1)]
     assert rows[1]["half_range"] == 0.0 and rows[1]["chance"] is None
-    # Paths the shell already expanded join the group named before them.
-    r = _run("tools/summarize_runs.py", f"glid={tmp_path}/glid_s0", str(tmp_path / "glid_s1"))
-    assert r.returncode == 0 and "| glid | seg | mIoU | 2 | 0.1200 ± 0.0200 |" in r.stdout
-    _fake_run(tmp_path / "other_s0", {"depth": {"rmse": 0.6}})
-    bad = _run("tools/summarize_runs.py", f"mixed={tmp_path}/glid_s0", str(tmp_path / "other_s0"))
-    assert bad.returncode == 2 and "other_s0 holds metrics depth/rmse" in bad.stderr and "one group = one setting" in bad.stderr
     bad = _run("tools/summarize_runs.py", f"x={tmp_path}/nope_s*")
     assert bad.returncode == 2 and "matches no run directory" in bad.stderr
-    bad = _run("tools/summarize_runs.py", str(tmp_path / "glid_s0"))
-    assert bad.returncode == 2 and "comes before any group" in bad.stderr
+    # Paths the shell already expanded join the group named before them.
+    groups = parse_run_groups([f"glid={tmp_path}/glid_s0", str(tmp_path / "glid_s1")])
+    assert groups == {"glid": [tmp_path / "glid_s0", tmp_path / "glid_s1"]}
+    assert "| glid | seg | mIoU | 2 | 0.1200 ± 0.0200 |" in seed_summary(groups)[0]
+    _fake_run(tmp_path / "other_s0", {"depth": {"rmse": 0.6}})
+    with pytest.raises(ValueError, match="other_s0 holds metrics depth/rmse.*one group = one setting"):
+        seed_summary(parse_run_groups([f"mixed={tmp_path}/glid_s0", str(tmp_path / "other_s0")]))
+    with pytest.raises(ValueError, match="comes before any group"):
+        parse_run_groups([str(tmp_path / "glid_s0")])

@@ -11,33 +11,12 @@ the number of runs, mean ± half the range, every run's value and the chance lev
 from __future__ import annotations
 
 import argparse
-import glob
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from moe_vision.cli import user_errors  # noqa: E402
-from moe_vision.engine.report import seed_summary, write_json  # noqa: E402
-
-
-def parse_groups(items: list[str]) -> dict[str, list[Path]]:
-    """``NAME=PATTERN`` starts a group; a bare path joins the group before it."""
-    groups: dict[str, list[Path]] = {}
-    current = None
-    for item in items:
-        name, sep, pattern = item.partition("=")
-        if sep and name and "/" not in name:
-            current = name
-            groups.setdefault(current, [])
-        elif current is None:
-            raise ValueError(f"{item!r} comes before any group; start with NAME=PATTERN, e.g. scratch='runs/x_s*'")
-        else:
-            pattern = item
-        matches = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
-        if not matches:
-            raise ValueError(f"group {current!r}: {pattern!r} matches no run directory")
-        groups[current] += [Path(m) for m in matches]
-    return groups
+from moe_vision.engine.report import parse_run_groups, seed_summary, write_json  # noqa: E402
 
 
 def main() -> int:
@@ -46,7 +25,7 @@ def main() -> int:
     ap.add_argument("--json", type=Path, default=None, help="also write the rows (with every run's value) here")
     args = ap.parse_args()
     with user_errors():
-        table, rows = seed_summary(parse_groups(args.groups))
+        table, rows = seed_summary(parse_run_groups(args.groups))
         print(table)
         if args.json:
             write_json(args.json, rows)

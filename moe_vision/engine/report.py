@@ -1,6 +1,7 @@
 """What a run directory holds besides the checkpoint: metrics, expert usage (JSON + heatmap), tables."""
 from __future__ import annotations
 
+import glob
 import json
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -155,3 +156,23 @@ def seed_summary(groups: Mapping[str, Sequence[Path]]) -> tuple[str, list[dict]]
 
 def _metric_names(metrics: Mapping[str, Mapping[str, float]]) -> str:
     return ", ".join(f"{t}/{m}" for t, ms in metrics.items() for m in ms)
+
+
+def parse_run_groups(items: list[str]) -> dict[str, list[Path]]:
+    """Command-line groups of runs: ``NAME=PATTERN`` starts a group, a bare path joins the one before."""
+    groups: dict[str, list[Path]] = {}
+    current = None
+    for item in items:
+        name, sep, pattern = item.partition("=")
+        if sep and name and "/" not in name:
+            current = name
+            groups.setdefault(current, [])
+        elif current is None:
+            raise ValueError(f"{item!r} comes before any group; start with NAME=PATTERN, e.g. scratch='runs/x_s*'")
+        else:
+            pattern = item
+        matches = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
+        if not matches:
+            raise ValueError(f"group {current!r}: {pattern!r} matches no run directory")
+        groups[current] += [Path(m) for m in matches]
+    return groups
