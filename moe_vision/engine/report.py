@@ -134,10 +134,11 @@ def seed_summary(groups: Mapping[str, Sequence[Path]]) -> tuple[str, list[dict]]
             raise ValueError(f"group {name!r} holds no run directory")
         loaded = [(Path(r), *load_run_metrics(r)) for r in runs]
         first_run, first, chance = loaded[0]
+        names = _metric_names(first)
         for run, metrics, _ in loaded[1:]:
-            if {t: sorted(m) for t, m in metrics.items()} != {t: sorted(m) for t, m in first.items()}:
+            if _metric_names(metrics) != names:
                 raise ValueError(f"{run} holds metrics {_metric_names(metrics)}, but {first_run} of the same "
-                                 f"group {name!r} holds {_metric_names(first)}; one group = one setting")
+                                 f"group {name!r} holds {names}; one group = one setting")
         for task, ms in first.items():
             for metric in ms:
                 values = [float(m[task][metric]) for _, m, _ in loaded]
@@ -155,7 +156,7 @@ def seed_summary(groups: Mapping[str, Sequence[Path]]) -> tuple[str, list[dict]]
 
 
 def _metric_names(metrics: Mapping[str, Mapping[str, float]]) -> str:
-    return ", ".join(f"{t}/{m}" for t, ms in metrics.items() for m in ms)
+    return ", ".join(sorted(f"{t}/{m}" for t, ms in metrics.items() for m in ms))
 
 
 def parse_run_groups(items: list[str]) -> dict[str, list[Path]]:
