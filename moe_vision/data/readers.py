@@ -19,7 +19,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
@@ -37,15 +37,37 @@ def images_under(folder: str | Path) -> list[Path]:
     return paths
 
 
-def read_image(path: Path) -> tv_tensors.Image:
-    """RGB uint8 ``[3, H, W]``; a missing or corrupt file raises one clear error."""
+JPEG_SUFFIXES = (".jpg", ".jpeg")
+DECODERS = ("auto", "pil", "torchvision")  # data.decoder: auto = torchvision for JPEG, PIL for the rest
+
+
+def _decode_torchvision(path: Path) -> torch.Tensor | None:
+    from torchvision.io import ImageReadMode, decode_jpeg, read_file
+    try:
+        with warnings.catch_warnings():  # torchvision 0.29 announces a move of its decoders to torchcodec
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return decode_jpeg(read_file(str(path)), mode=ImageReadMode.RGB, apply_exif_orientation=True)
+    except RuntimeError:  # e.g. truncated or an unusual colour space: PIL decides (and names the file)
+        return None
+
+
+def read_image(path: Path, decoder: str = "auto") -> tv_tensors.Image:
+    """RGB uint8 ``[3, H, W]`` in display orientation (EXIF rotation applied; grayscale and CMYK
+    converted); a missing, truncated or corrupt file raises one clear error naming it. ``decoder``
+    (one of :data:`DECODERS`): ``auto`` and ``torchvision`` decode JPEGs with libjpeg-turbo
+    through ``torchvision.io`` (PIL takes what it cannot read), ``pil`` uses PIL for everything."""
+    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image {path} does not exist")
+    if decoder != "pil" and path.suffix.lower() in JPEG_SUFFIXES:
+        image = _decode_torchvision(path)
+        if image is not None:
+            return tv_tensors.Image(image)
     try:
         with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB"))
+            arr = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ValueError(f"image {path} is corrupt or not an image ({e})") from None
+        raise ValueError(f"image {path} is corrupt or not an image ({e}); re-encode or remove it") from None
     return tv_tensors.Image(torch.from_numpy(arr.copy()).permute(2, 0, 1))
 
 
@@ -64,6 +86,8 @@ def _images_in(folder: Path) -> list[Path]:
 
 
 class _Base(Dataset):
+    decoder = "auto"  # the JPEG decoder (data.decoder); an attribute so worker processes inherit it
+
     def __init__(self, transform: Callable | None) -> None:
         self.transform = transform
 
@@ -98,7 +122,11 @@ class ImageFolderDataset(_Base):
 
     def __getitem__(self, i: int):
         path, label = self.samples[i]
-        return self._apply(read_image(path), {"label": torch.tensor(label)})
+        return self._apply(read_image(path, self.decoder), {"label": torch.tensor(label)})
+
+    def raw_target(self, i: int) -> dict:
+        """The target without reading the image (chance levels)."""
+        return {"label": torch.tensor(self.samples[i][1])}
 
 
 class CocoDetectionDataset(_Base):
@@ -158,7 +186,7 @@ class CocoDetectionDataset(_Base):
 
     def __getitem__(self, i: int):
         info = self.images[i]
-        image = read_image(self.img_dir / info["file_name"])
+        image = read_image(self.img_dir / info["file_name"], self.decoder)
         rows = torch.tensor(self.targets[i], dtype=torch.float32).reshape(-1, 5)
         h, w = image.shape[-2:]
         target = {
@@ -169,6 +197,13 @@ class CocoDetectionDataset(_Base):
         }
         return self._apply(image, target)
 
+    def raw_target(self, i: int) -> dict:
+        """Image id, size (from the JSON) and labels without reading the image (chance levels)."""
+        info = self.images[i]
+        rows = torch.tensor(self.targets[i], dtype=torch.float32).reshape(-1, 5)
+        return {"image_id": torch.tensor(info["id"]), "labels": rows[:, 4].long(),
+                "orig_size": torch.tensor([int(info.get("height", 0)), int(info.get("width", 0))])}
+
 
 class _PairedDataset(_Base):
     """Images with one same-named PNG each (segmentation labels, depth maps) of the same size."""
@@ -177,6 +212,7 @@ class _PairedDataset(_Base):
 
     def __init__(self, img_dir: Path, label_dir: Path, layout: str, transform: Callable | None) -> None:
         super().__init__(transform)
+        self.folder = img_dir
         self.images = _images_in(img_dir)
         if not self.images:
             raise ValueError(f"{img_dir} holds no images (expected {layout})")
@@ -192,7 +228,7 @@ class _PairedDataset(_Base):
         return list(self.images)
 
     def _read_pair(self, i: int) -> tuple[tv_tensors.Image, np.ndarray]:
-        image, label = read_image(self.images[i]), read_label_png(self.labels[i])
+        image, label = read_image(self.images[i], self.decoder), read_label_png(self.labels[i])
         if label.ndim != 2:
             raise ValueError(f"{self.kind} {self.labels[i]} has shape {label.shape}; expected a single-channel PNG")
         if label.shape != tuple(image.shape[-2:]):
@@ -217,13 +253,21 @@ class ADE20KDataset(_PairedDataset):
                          f"ADE20K layout images/{sub}/*.jpg", transform)
         self.reduce_zero_label = reduce_zero_label
 
-    def __getitem__(self, i: int):
-        image, label = self._read_pair(i)
+    def _mask(self, label: np.ndarray) -> torch.Tensor:
         mask = torch.from_numpy(label.astype(np.int64))
         if self.reduce_zero_label:
             mask = torch.where(mask == 0, 255, mask - 1)
             mask[mask == 254] = 255
-        return self._apply(image, {"mask": tv_tensors.Mask(mask)})
+        return mask
+
+    def __getitem__(self, i: int):
+        image, label = self._read_pair(i)
+        return self._apply(image, {"mask": tv_tensors.Mask(self._mask(label))})
+
+    def raw_target(self, i: int) -> dict:
+        """The label map at full resolution without reading the image (chance levels)."""
+        mask = self._mask(read_label_png(self.labels[i]))
+        return {"mask": mask, "orig_size": torch.tensor(mask.shape)}
 
 
 class DepthDataset(_PairedDataset):
@@ -246,5 +290,12 @@ class DepthDataset(_PairedDataset):
         image, raw = self._read_pair(i)
         if raw.dtype != np.uint16:
             raise ValueError(f"depth {self.labels[i]} has dtype {raw.dtype}; expected a 16-bit PNG in millimetres")
-        depth = torch.from_numpy(raw.astype(np.float32) / 1000.0).clamp(max=self.max_depth)
-        return self._apply(image, {"depth": tv_tensors.Mask(depth)})
+        return self._apply(image, {"depth": tv_tensors.Mask(self._metres(raw))})
+
+    def _metres(self, raw: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(raw.astype(np.float32) / 1000.0).clamp(max=self.max_depth)
+
+    def raw_target(self, i: int) -> dict:
+        """The depth map at full resolution without reading the image (chance levels)."""
+        depth = self._metres(read_label_png(self.labels[i]))
+        return {"depth": depth, "orig_size": torch.tensor(depth.shape)}

@@ -11,7 +11,8 @@ from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
+from torchvision import tv_tensors
 
 STRATEGIES = ("proportional", "temperature", "round_robin")
 
@@ -66,59 +67,167 @@ class TaskSampler:
         self.step = int(state["step"])
 
 
+def item_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of one item's random augmentation: a function of (run seed, epoch, index) only,
+    so in-process and worker loading, and a resumed run, draw the same augmentations."""
+    return int(np.random.SeedSequence([seed & 0xFFFFFFFF, epoch, index]).generate_state(1, np.uint64)[0] >> 1)
+
+
+class LoadError:
+    """An item that could not be read; carried back from a worker so the error stays one line."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+class SeededItems(Dataset):
+    """``dataset[(seed, index)]``: the item with the torch RNG seeded by ``seed`` for its transform
+    (the caller's RNG state is left untouched). Reading errors come back as :class:`LoadError`."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        seed, index = key
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                return self.dataset[index]
+        except (ValueError, FileNotFoundError) as e:
+            return LoadError(str(e))
+
+
+def collate_or_error(collate_fn: Callable):
+    """``collate_fn`` that hands back the first :class:`LoadError` among the items instead."""
+    def run(items):
+        failed = [it for it in items if isinstance(it, LoadError)]
+        return failed[0] if failed else collate_fn(items)
+    return run
+
+
+class _PlannedBatches(Sampler):
+    """The DataLoader's batch sampler: the keys of every batch from a start state on, forever."""
+
+    def __init__(self, plan: "InfiniteBatches", epoch: int, position: int) -> None:
+        self.plan, self.epoch, self.position = plan, epoch, position
+
+    def __iter__(self):
+        epoch, position = self.epoch, self.position
+        while True:
+            keys, epoch, position = self.plan.batch_keys(epoch, position)
+            yield keys
+
+
 class InfiniteBatches:
     """Endless batches from one dataset, reshuffled every epoch (the last partial batch of an
-    epoch is dropped so batch shapes stay fixed). Optional ``num_workers`` load the batch's items
-    in a thread pool.
+    epoch is dropped so every step sees a full batch).
 
     ``batch_size`` is the global batch. With ``world_size`` ranks, every rank walks the same
     permutation and loads only its slice ``rank`` of each global batch, so the ranks' data are
     disjoint, together equal the single-process batch, and the state (epoch, position) is the
-    same on every rank: a run can resume at another world size."""
+    same on every rank: a run can resume at another world size.
+
+    ``num_workers`` > 0 loads in that many ``DataLoader`` worker processes, which live for the
+    whole run (the batch plan spans epochs), each keeping ``prefetch_factor`` batches ready;
+    ``pin_memory`` for CUDA. Every item's augmentation is seeded by (seed, epoch, index)
+    (:func:`item_seed`), so worker and in-process loading give the same batches, and a resumed
+    run continues exactly: the state is that of the batches consumed, not of those prefetched."""
 
     def __init__(self, dataset: Dataset, batch_size: int, collate: Callable, seed: int = 0, name: str = "",
-                 num_workers: int = 0, rank: int = 0, world_size: int = 1) -> None:
+                 num_workers: int = 0, rank: int = 0, world_size: int = 1, prefetch_factor: int = 2,
+                 pin_memory: bool = False) -> None:
         if len(dataset) < batch_size:
             raise ValueError(f"dataset {name!r} has {len(dataset)} items, fewer than batch_size={batch_size}")
         if batch_size % world_size:
             raise ValueError(f"tasks.{name}.batch_size={batch_size} is the global batch and must be divisible by "
                              f"the {world_size} ranks")
+        if num_workers < 0:
+            raise ValueError(f"data.num_workers={num_workers} must be >= 0")
         self.rank, self.local_batch = rank, batch_size // world_size
         self.dataset, self.batch_size, self.collate = dataset, batch_size, collate
         self.seed = seed + zlib.crc32(name.encode())  # stable across processes, unlike hash()
+        self.num_workers, self.prefetch_factor, self.pin_memory = num_workers, prefetch_factor, pin_memory
+        self.items = SeededItems(dataset)
         self.epoch, self.position = 0, 0
-        self._perm = self._permutation(0)
-        self._pool = None
-        if num_workers > 0:
-            from concurrent.futures import ThreadPoolExecutor
-            self._pool = ThreadPoolExecutor(num_workers)
+        self._perms: dict[int, list[int]] = {}  # the last two epochs' (the plan runs ahead of the consumer)
+        self._loader_iter = None
 
     def _permutation(self, epoch: int) -> list[int]:
-        g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
-        return torch.randperm(len(self.dataset), generator=g).tolist()
+        if epoch not in self._perms:
+            g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+            self._perms = {e: p for e, p in self._perms.items() if e == epoch - 1}
+            self._perms[epoch] = torch.randperm(len(self.dataset), generator=g).tolist()
+        return self._perms[epoch]
+
+    def batch_keys(self, epoch: int, position: int) -> tuple[list[tuple[int, int]], int, int]:
+        """This rank's ``(item seed, index)`` keys of the batch at (epoch, position), and the
+        state after it."""
+        if position + self.batch_size > len(self.dataset):
+            epoch, position = epoch + 1, 0
+        start = position + self.rank * self.local_batch
+        idx = self._permutation(epoch)[start:start + self.local_batch]
+        return [(item_seed(self.seed, epoch, i), i) for i in idx], epoch, position + self.batch_size
 
     def __iter__(self) -> Iterator:
         return self
 
+    def _loader(self):
+        from torch.utils.data import DataLoader
+        loader = DataLoader(self.items, batch_sampler=_PlannedBatches(self, self.epoch, self.position),
+                            num_workers=self.num_workers, collate_fn=collate_or_error(self.collate),
+                            prefetch_factor=self.prefetch_factor, pin_memory=self.pin_memory,
+                            persistent_workers=False)  # the plan never ends: the workers live for the run
+        return iter(loader)
+
     def __next__(self):
-        if self.position + self.batch_size > len(self._perm):
-            self.epoch, self.position = self.epoch + 1, 0
-            self._perm = self._permutation(self.epoch)
-        start = self.position + self.rank * self.local_batch
-        idx = self._perm[start:start + self.local_batch]
-        self.position += self.batch_size
-        items = list(self._pool.map(self.dataset.__getitem__, idx)) if self._pool else [self.dataset[i] for i in idx]
-        return self.collate(items)
+        if self.num_workers and self._loader_iter is None:
+            self._loader_iter = self._loader()  # its plan starts at the current state
+        keys, self.epoch, self.position = self.batch_keys(self.epoch, self.position)
+        if self.num_workers:
+            batch = next(self._loader_iter)
+        else:
+            batch = collate_or_error(self.collate)([self.items[k] for k in keys])
+        if isinstance(batch, LoadError):
+            raise ValueError(batch.message)
+        return batch
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
-        self._perm = self._permutation(self.epoch)
+        self.close()
+
+    def close(self) -> None:
+        """Stop the worker processes (a later batch starts new ones at the current state)."""
+        self._loader_iter = None
 
 
 def collate(items: Sequence[tuple]) -> tuple[torch.Tensor, list[dict]]:
-    """Stack images ``[B, 3, H, W]``; keep targets as a list of dicts (boxes differ per image)."""
-    images = torch.stack([torch.as_tensor(im) for im, _ in items])
-    return images, [t for _, t in items]
+    """Stack images into ``[B, 3, H, W]``; images of different sizes are padded at the bottom and
+    right to the largest (zeros: the mean colour after normalisation), and so are training label
+    maps of an image's own size (segmentation with the ignore value 255, depth with 0 = invalid).
+    Targets stay a list of dicts; ``input_size`` in each says where its image ends."""
+    images = [torch.as_tensor(im) for im, _ in items]
+    targets = [t for _, t in items]
+    shapes = {tuple(im.shape[-2:]) for im in images}
+    if len(shapes) == 1:
+        return torch.stack(images), targets
+    H, W = max(s[0] for s in shapes), max(s[1] for s in shapes)
+    batch = images[0].new_zeros(len(images), *images[0].shape[:-2], H, W)
+    padded_targets = []
+    for b, (im, t) in enumerate(zip(images, targets)):
+        h, w = im.shape[-2:]
+        batch[b, ..., :h, :w] = im
+        t = dict(t)
+        for key, value in t.items():
+            if isinstance(value, tv_tensors.Mask) and tuple(value.shape[-2:]) == (h, w):
+                fill = 255 if key == "mask" else 0
+                grown = value.new_full((*value.shape[:-2], H, W), fill)
+                grown[..., :h, :w] = value
+                t[key] = tv_tensors.Mask(grown)
+        padded_targets.append(t)
+    return batch, padded_targets

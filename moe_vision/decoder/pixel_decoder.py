@@ -11,15 +11,19 @@ from typing import Sequence
 
 import torch
 from torch import nn
-import torch.nn.functional as F
+
+from ..models.padding import MaskedGroupNorm, cell_mask, upsample2x, valid_cells, zero_beyond
 
 
-def grid_centres(grid: tuple[int, int], device=None) -> torch.Tensor:
+def grid_centres(grid: tuple[int, int], device=None, extent: tuple[float, float] | None = None) -> torch.Tensor:
     """Normalised ``(x, y)`` centre of every cell of a ``gh x gw`` grid ``[N, 2]``, row-major (the
-    token order of a feature map, and of the backbone's patches when the grid is its patch grid)."""
+    token order of a feature map, and of the backbone's patches when the grid is its patch grid).
+    ``extent``: how many cells span the unit square (default: the grid itself; a padded canvas
+    measured in a larger frame has an extent larger than its grid)."""
     gh, gw = grid
-    ys = (torch.arange(gh, device=device, dtype=torch.float32) + 0.5) / gh
-    xs = (torch.arange(gw, device=device, dtype=torch.float32) + 0.5) / gw
+    eh, ew = extent or grid
+    ys = (torch.arange(gh, device=device, dtype=torch.float32) + 0.5) / eh
+    xs = (torch.arange(gw, device=device, dtype=torch.float32) + 0.5) / ew
     return torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1).reshape(gh * gw, 2)
 
 
@@ -51,9 +55,12 @@ class DecoderInputs:
     pixel_BDhw: torch.Tensor  # per-pixel features at the finest stride
     memory_BMD: torch.Tensor  # every level flattened, fine to coarse
     memory_pos_BMD: torch.Tensor  # sine position + nothing learned (level embedding is in memory)
-    centres_M2: torch.Tensor  # normalised (x, y) centre of each memory token
+    centres_M2: torch.Tensor  # (x, y) centre of each memory token, normalised by the frame
     strides_M: torch.Tensor  # stride (input pixels) of each memory token's level
     shapes: list[tuple[int, int]]  # (h, w) of each level
+    frame: tuple[int, int] | None = None  # the size (pixels) positions are normalised by; None: the canvas
+    memory_valid_BM: torch.Tensor | None = None  # padded batches: True for memory tokens inside an image
+    valid_px_B2: torch.Tensor | None = None  # padded batches: each image's valid region (pixels)
 
 
 class PixelDecoder(nn.Module):
@@ -84,32 +91,47 @@ class PixelDecoder(nn.Module):
         stage = int(math.log2(finest_stride)) - 1
         self.stem_stage = stage if 0 <= stage < len(stem_channels) else None
         self.stem_lateral = nn.Conv2d(stem_channels[stage], dim, 1) if self.stem_stage is not None else None
-        self.output = nn.Sequential(nn.Conv2d(dim, dim, 3, padding=1), nn.GroupNorm(8, dim), nn.GELU(),
+        self.finest_stride = finest_stride
+        self.output = nn.Sequential(nn.Conv2d(dim, dim, 3, padding=1), MaskedGroupNorm(8, dim), nn.GELU(),
                                     nn.Conv2d(dim, dim, 1))
         self.level_embed = nn.Parameter(torch.zeros(num_levels, dim))
         nn.init.normal_(self.level_embed, std=0.02)
 
     def forward(self, maps: Sequence[torch.Tensor], stem_maps: Sequence[torch.Tensor] = (),
-                image_size: tuple[int, int] | None = None) -> DecoderInputs:
+                image_size: tuple[int, int] | None = None, frame: tuple[int, int] | None = None,
+                valid_px_B2: torch.Tensor | None = None) -> DecoderInputs:
+        """``maps`` fine to coarse (strides ``finest_stride * 2^l``). ``frame`` (default: the
+        canvas, ``image_size``) is the size token positions are normalised by; ``valid_px_B2``
+        (padded batches) each image's valid region, outside which nothing is read (see
+        :mod:`moe_vision.models.padding`) and the memory is masked."""
         if len(maps) != len(self.lateral):
             raise ValueError(f"pixel decoder built for {len(self.lateral)} levels, got {len(maps)} maps")
+        strides = [self.finest_stride * 2 ** i for i in range(len(maps))]
+        valid = [None if valid_px_B2 is None else valid_cells(valid_px_B2, s) for s in strides]
         lat = [proj(m) for proj, m in zip(self.lateral, maps)]
         if self.stem_lateral is not None and len(stem_maps) > self.stem_stage:
             lat[0] = lat[0] + self.stem_lateral(stem_maps[self.stem_stage])
         fused = [lat[-1]]  # coarse to fine
-        for m in reversed(lat[:-1]):
-            fused.append(m + F.interpolate(fused[-1], size=m.shape[-2:], mode="bilinear", align_corners=False))
+        for i in reversed(range(len(lat) - 1)):
+            fused.append(lat[i] + upsample2x(fused[-1], lat[i].shape[-2:], valid[i + 1]))
         fused.reverse()
-        pixel_BDhw = self.output(fused[0])
+        conv3, norm, act, conv1 = self.output
+        pixel_BDhw = conv1(act(norm(conv3(fused[0] if valid[0] is None else zero_beyond(fused[0], valid[0])),
+                                    valid[0])))
         levels = fused if self.memory_proj is None else [proj(m) for proj, m in zip(self.memory_proj, maps)]
-        memory, pos, centres, strides, shapes = [], [], [], [], []
-        img_h = image_size[0] if image_size else maps[0].shape[-2] * 4
+        if frame is None:
+            frame = tuple(image_size) if image_size else (maps[0].shape[-2] * strides[0], maps[0].shape[-1] * strides[0])
+        memory, pos, centres, strides_M, shapes, masks = [], [], [], [], [], []
         for i, (level, m) in enumerate(zip(levels, maps)):
             h, w = m.shape[-2:]
             memory.append(level.flatten(2).transpose(1, 2) + self.level_embed[i])
-            pos.append(sine_position_embedding(h, w, self.dim, m.device, m.dtype).expand(m.shape[0], -1, -1))
-            centres.append(grid_centres((h, w), m.device))
-            strides.append(torch.full((h * w,), img_h / h, device=m.device))
+            c = grid_centres((h, w), m.device, (frame[0] / strides[i], frame[1] / strides[i]))
+            pos.append(sine_embed_points(c, self.dim).to(m.dtype).expand(m.shape[0], -1, -1))
+            centres.append(c)
+            strides_M.append(torch.full((h * w,), float(strides[i]), device=m.device))
             shapes.append((h, w))
+            if valid[i] is not None:
+                masks.append(cell_mask(valid[i], (h, w)).flatten(1))
         return DecoderInputs(pixel_BDhw, torch.cat(memory, 1), torch.cat(pos, 1), torch.cat(centres),
-                             torch.cat(strides), shapes)
+                             torch.cat(strides_M), shapes, tuple(frame), torch.cat(masks, 1) if masks else None,
+                             valid_px_B2)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..models.padding import cell_mask, valid_cells
 from .pixel_decoder import DecoderInputs, grid_centres, sine_embed_points
 from .query_decoder import Queries, gaussian_attention_bias
 
@@ -21,12 +22,13 @@ CLS_QUERY, MASK_QUERY = 0, 1
 
 
 def ask_positions(decoder, feats: DecoderInputs, centres_BN2: torch.Tensor, cell_wh: tuple[float, float],
-                  with_cls: bool = False, return_all: bool = False):
+                  with_cls: bool = False, return_all: bool = False, asked_BN: torch.Tensor | None = None):
     """The decoder's answers ``[B, N, D]`` to one mask query at each point (``[B, 1 + N, D]`` with
     the [CLS] query, learned query 0, asked first); with ``return_all`` every layer's answers.
     ``cell_wh``: the normalised size of the cell each point stands for; with the decoder's
     ``position_prior`` > 0 each mask query's cross-attention is biased towards memory tokens near
-    its point (a Gaussian of that width), the [CLS] query's is not."""
+    its point (a Gaussian of that width), the [CLS] query's is not. ``asked_BN`` (padded
+    batches): False for points outside the image, which the other queries do not attend to."""
     B, N = centres_BN2.shape[:2]
     content = decoder.query_embed[MASK_QUERY].expand(B, N, -1)
     pos = sine_embed_points(centres_BN2, decoder.dim).to(content.dtype)
@@ -39,8 +41,13 @@ def ask_positions(decoder, feats: DecoderInputs, centres_BN2: torch.Tensor, cell
         pos = torch.cat([decoder.query_pos[CLS_QUERY].expand(B, 1, -1), pos], 1)
         if bias is not None:
             bias = torch.cat([bias.new_zeros(B, 1, 1, bias.shape[-1]), bias], 2)
+    self_mask = None
+    if asked_BN is not None:
+        keys_BQ = torch.cat([asked_BN.new_ones(B, 1), asked_BN], 1) if with_cls else asked_BN
+        self_mask = keys_BQ[:, None, None, :]
     return decoder(feats.memory_BMD, feats.memory_pos_BMD, return_all=return_all,
-                   queries=Queries(content, pos, cross_bias_BhQM=bias), centres_M2=feats.centres_M2)
+                   queries=Queries(content, pos, cross_bias_BhQM=bias, self_mask_QQ=self_mask),
+                   centres_M2=feats.centres_M2, memory_valid_BM=feats.memory_valid_BM)
 
 
 def check_mask_query(task_type: str, num_queries: int) -> None:
@@ -74,8 +81,16 @@ class CellHead(nn.Module):
         return cells.permute(0, 5, 1, 3, 2, 4).reshape(-1, K, gh * s, gw * s)
 
 
-def ask_grid(decoder, feats: DecoderInputs, grid: tuple[int, int], return_all: bool = False):
-    """The answers to one mask query per cell of ``grid`` over the image (as :func:`ask_positions`)."""
-    B = feats.memory_BMD.shape[0]
-    return ask_positions(decoder, feats, grid_centres(grid, feats.memory_BMD.device).expand(B, -1, -1),
-                         (1 / grid[1], 1 / grid[0]), return_all=return_all)
+def ask_grid(decoder, feats: DecoderInputs, grid: tuple[int, int], return_all: bool = False,
+             stride: int | None = None):
+    """The answers to one mask query per cell of ``grid`` over the canvas (as :func:`ask_positions`).
+    With the cells' ``stride`` (pixels), cells are placed and sized in the frame's coordinates, and
+    in a padded batch the cells beyond an image are not attended to by its other cells."""
+    B, device = feats.memory_BMD.shape[0], feats.memory_BMD.device
+    extent, asked = grid, None
+    if stride is not None and feats.frame is not None:
+        extent = (feats.frame[0] / stride, feats.frame[1] / stride)
+        if feats.valid_px_B2 is not None:
+            asked = cell_mask(valid_cells(feats.valid_px_B2, stride), grid).flatten(1)
+    return ask_positions(decoder, feats, grid_centres(grid, device, extent).expand(B, -1, -1),
+                         (1 / extent[1], 1 / extent[0]), return_all=return_all, asked_BN=asked)

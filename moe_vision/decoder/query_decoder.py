@@ -29,6 +29,17 @@ def gaussian_attention_bias(boxes_BQ4: torch.Tensor, centres_M2: torch.Tensor, s
     return (-strength * ((d / wh) ** 2).sum(-1)).unsqueeze(1)
 
 
+def masked_memory(cross_mask: torch.Tensor | None, memory_valid_BM: torch.Tensor) -> torch.Tensor:
+    """A cross-attention mask that also hides padded memory tokens: boolean ``[B, 1, 1, M]`` when
+    there was none, else the additive bias with ``-inf`` at them."""
+    keep = memory_valid_BM[:, None, None, :]
+    if cross_mask is None:
+        return keep
+    if cross_mask.dtype == torch.bool:
+        return cross_mask & keep
+    return cross_mask.masked_fill(~keep, float("-inf"))
+
+
 class Attention(nn.Module):
     """Multi-head attention with ``nn.MultiheadAttention``'s parameter layout (``in_proj_weight``,
     ``in_proj_bias``, ``out_proj``), always computed the same way (scaled_dot_product_attention).
@@ -147,10 +158,12 @@ class QueryDecoder(nn.Module):
         return gaussian_attention_bias(reference_BQ4, centres_M2, self.box_prior)
 
     def forward(self, memory_BMD: torch.Tensor, memory_pos_BMD: torch.Tensor, return_all: bool = False,
-                queries: Queries | None = None, centres_M2: torch.Tensor | None = None):
+                queries: Queries | None = None, centres_M2: torch.Tensor | None = None,
+                memory_valid_BM: torch.Tensor | None = None):
         """Final answers ``[B, Q, D]``; with ``return_all`` every layer's (normed) answers, last last,
         for deep supervision. With ``queries.refine`` each answer is paired with its refined boxes:
-        ``(answers, boxes)`` (or a list of such pairs)."""
+        ``(answers, boxes)`` (or a list of such pairs). ``memory_valid_BM`` (padded batches): only
+        memory tokens marked True are attended."""
         B, dtype = memory_BMD.shape[0], memory_BMD.dtype
         qs = queries or Queries()
         q = qs.content_BQD if qs.content_BQD is not None else self.query_embed.unsqueeze(0).expand(B, -1, -1)
@@ -165,6 +178,8 @@ class QueryDecoder(nn.Module):
                 pos = self.reference_pos(ref).to(dtype)
                 if self.box_prior > 0 and centres_M2 is not None:
                     cross_mask = self.box_attention_bias(ref, centres_M2)
+            if memory_valid_BM is not None:
+                cross_mask = masked_memory(cross_mask, memory_valid_BM)
             q = layer(q, pos, memory_BMD, memory_pos_BMD, qs.self_mask_QQ, cross_mask)
             keep = return_all or i == len(self.layers) - 1
             if qs.refine is not None and ref is not None:

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
 from ..data import (ADE20KDataset, CocoDetectionDataset, DepthDataset, ImageFolderDataset, build_transforms)
+from ..data.readers import DECODERS
 from ..models import build_model as build_backbone, load_model
 from ..tasks import GeneralistModel
 
@@ -19,6 +21,16 @@ def head_config(task_cfg: Mapping[str, Any]) -> dict:
     return {k: v for k, v in task_cfg.items() if k not in TRAINING_KEYS}
 
 
+def task_transforms(task: str, task_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any], train: bool):
+    """The task's pipeline: input geometry from the task config (``img_size``, default
+    ``data.img_size``; ``resize``, ``max_size``, ``crop_pct``), augmentations from its ``transforms``."""
+    tf = dict(task_cfg.get("transforms") or {})
+    return build_transforms(task_cfg.get("type", task), train, int(task_cfg.get("img_size") or data_cfg["img_size"]),
+                            hflip=float(tf.get("hflip", 0.0)), scale=tf.get("scale"), resize=task_cfg.get("resize"),
+                            max_size=task_cfg.get("max_size"), jitter=tf.get("jitter"),
+                            crop_pct=float(task_cfg.get("crop_pct") or 0.875))
+
+
 def build_dataset(task: str, task_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any], split: str, train: bool):
     """The dataset of ``task`` for ``split`` ("train"/"val") in the format named by ``data.tasks.<task>``."""
     entries = data_cfg.get("tasks") or {}
@@ -27,21 +39,34 @@ def build_dataset(task: str, task_cfg: Mapping[str, Any], data_cfg: Mapping[str,
                          f"data config; it has {sorted(entries)}")
     d = dict(entries[task])
     fmt = d.get("format")
-    tf_cfg = dict(task_cfg.get("transforms") or {})
-    transform = build_transforms(task_cfg.get("type", task), train, int(data_cfg["img_size"]),
-                                 hflip=float(tf_cfg.get("hflip", 0.0)), scale=tf_cfg.get("scale"))
+    transform = task_transforms(task, task_cfg, data_cfg, train)
     if fmt == "imagefolder":
-        return ImageFolderDataset(d["root"], d.get(f"{split}_split", split), transform)
-    if fmt == "coco":
-        return CocoDetectionDataset(d[f"{split}_ann"], d[f"{split}_images"], transform)
-    if fmt == "ade20k":
-        return ADE20KDataset(d["root"], split, transform, reduce_zero_label=bool(d.get("reduce_zero_label", True)))
-    if fmt == "nyu_depth":
-        return DepthDataset(d["root"], split, transform, max_depth=float(d.get("max_depth", 10.0)))
-    if fmt in ("images", "task_images"):
-        return pretraining_dataset(task, task_cfg, data_cfg, d, split, transform)
-    raise ValueError(f"data.tasks.{task}.format={fmt!r}; expected one of imagefolder, coco, ade20k, nyu_depth, "
-                     "images, task_images")
+        # Label i is the i-th class folder of the training split, whichever split is read.
+        train_dir = Path(d["root"]) / d.get("train_split", "train")
+        classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir()) if train_dir.is_dir() else None
+        dataset = ImageFolderDataset(d["root"], d.get(f"{split}_split", split), transform, classes)
+    elif fmt == "coco":
+        dataset = CocoDetectionDataset(d[f"{split}_ann"], d[f"{split}_images"], transform)
+    elif fmt == "ade20k":
+        dataset = ADE20KDataset(d["root"], split, transform, reduce_zero_label=bool(d.get("reduce_zero_label", True)))
+    elif fmt == "nyu_depth":
+        dataset = DepthDataset(d["root"], split, transform, max_depth=float(d.get("max_depth", 10.0)))
+    elif fmt in ("images", "task_images"):
+        dataset = pretraining_dataset(task, task_cfg, data_cfg, d, split, transform)
+    else:
+        raise ValueError(f"data.tasks.{task}.format={fmt!r}; expected one of imagefolder, coco, ade20k, nyu_depth, "
+                         "images, task_images")
+    set_decoder(dataset, data_cfg.get("decoder") or "auto")
+    return dataset
+
+
+def set_decoder(dataset, name: str) -> None:
+    """Choose the JPEG decoder (``data.decoder``) of a dataset and of the datasets it reads from."""
+    if name not in DECODERS:
+        raise ValueError(f"data.decoder={name!r}; expected one of {', '.join(DECODERS)}")
+    for d in [dataset, *getattr(dataset, "sources", {}).values()]:
+        if hasattr(d, "decoder"):
+            d.decoder = name
 
 
 def pretraining_dataset(task: str, task_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any],
@@ -74,9 +99,7 @@ def pretraining_dataset(task: str, task_cfg: Mapping[str, Any], data_cfg: Mappin
     weights = {**HybridPretrainingTask.loss_defaults, **(task_cfg.get("loss_weights") or {})}
     for d in sources.values():
         d.transform = None  # whole images and labels; the two views are augmented afterwards
-    tf = dict(task_cfg.get("transforms") or {})
-    views = build_transforms("mim", True, int(data_cfg["img_size"]), hflip=float(tf.get("hflip", 0.0)),
-                             scale=tf.get("scale"))  # random views also for validation (retrieval)
+    views = task_transforms("mim", {**task_cfg, "type": "mim"}, data_cfg, True)  # random views also for validation
     dataset = TwoViewImages(sources, views, p, ratio if float(weights["mim"]) > 0 else 0.0,
                             entry.get("class_names"), norm, held_out=split != "train")
     if float(weights["multilabel"]) > 0 and not len(dataset.labels):
@@ -88,13 +111,89 @@ def pretraining_dataset(task: str, task_cfg: Mapping[str, Any], data_cfg: Mappin
 def check_num_classes(task: str, task_cfg: Mapping[str, Any], dataset) -> None:
     """Readers that know their class names (ImageFolder, COCO) must agree with the head's size."""
     classes = getattr(dataset, "classes", None)
-    want = int(task_cfg.get("num_classes", 0))
+    want = int(task_cfg.get("num_classes") or 0)
     if classes is not None and want and want != len(classes):
-        raise ValueError(f"tasks.{task}.num_classes={want} but the {task} dataset has {len(classes)} classes")
+        raise ValueError(f"tasks.{task}.num_classes={want} but the {task} dataset has {len(classes)} classes "
+                         f"({describe(dataset)}); set tasks.{task}.num_classes={len(classes)} or null (read from the data)")
+
+
+def describe(dataset) -> str:
+    for attr in ("ann_file", "folder"):
+        if getattr(dataset, attr, None) is not None:
+            return str(getattr(dataset, attr))
+    return type(dataset).__name__
+
+
+def resolve_num_classes(tasks_cfg: dict, train_sets: Mapping[str, Any]) -> None:
+    """Fill a task's ``num_classes`` left at null from its training data (class folders, COCO
+    categories); refuse a given value that disagrees with the data, and a null one the data
+    cannot answer (segmentation label maps do not name their classes)."""
+    for task, dataset in train_sets.items():
+        tc = tasks_cfg[task]
+        if tc.get("type", task) not in ("cls", "det", "seg"):
+            continue
+        if tc.get("num_classes") is None:
+            classes = getattr(dataset, "classes", None)
+            if classes is None:
+                raise ValueError(f"tasks.{task}.num_classes is null and {describe(dataset)} does not name its classes; "
+                                 "state it (ADE20K: 150 with reduce_zero_label)")
+            tc["num_classes"] = len(classes)
+        check_num_classes(task, tc, dataset)
+
+
+def drop_missing_optional(cfg: Mapping[str, Any]) -> tuple[dict, list[str]]:
+    """The config without the tasks whose data entry is ``optional: true`` and whose folder (or
+    annotation file) is missing (e.g. NYU depth in experiment=real), and their names."""
+    entries = (cfg.get("data") or {}).get("tasks") or {}
+    dropped = []
+    for task in cfg["tasks"]:
+        d = entries.get(task) or {}
+        where = d.get("root") or d.get("train_ann")
+        if d.get("optional") and where and not Path(where).exists():
+            dropped.append(task)
+    if not dropped:
+        return dict(cfg), []
+    if len(dropped) == len(cfg["tasks"]):
+        raise FileNotFoundError(f"no task has its data: {', '.join(str((entries[t].get('root') or entries[t].get('train_ann'))) for t in dropped)} "
+                                "do not exist")
+    return {**cfg, "tasks": {t: c for t, c in cfg["tasks"].items() if t not in dropped}}, dropped
+
+
+def steps_for_epochs(train_cfg: Mapping[str, Any], tasks_cfg: Mapping[str, Any], sizes: Mapping[str, int]) -> int | None:
+    """``train.steps`` for ``train.epochs`` epochs of ``train.epoch_task`` (default: the largest
+    training set): its images / (batch size x the expected number of its batches per step)."""
+    epochs = train_cfg.get("epochs")
+    if not epochs:
+        return None
+    from ..data import task_probabilities
+    task = train_cfg.get("epoch_task") or max(sizes, key=sizes.get)
+    if task not in sizes:
+        raise ValueError(f"train.epoch_task={task!r} is not among the tasks {sorted(sizes)}")
+    sampling = train_cfg.get("sampling") or {}
+    share = task_probabilities(sizes, sampling.get("strategy", "temperature"), float(sampling.get("temperature", 2.0)))
+    per_step = min(1.0, share[task] * int(sampling.get("tasks_per_step", 1)))
+    return max(1, math.ceil(float(epochs) * sizes[task] / (int(tasks_cfg[task]["batch_size"]) * per_step)))
+
+
+def decoder_queries(decoder_cfg: Mapping[str, Any] | None, tasks: Mapping[str, Mapping[str, Any]]) -> dict:
+    """The decoder config with ``num_queries: auto`` resolved: enough for every task (at least
+    20; 100 with a detection task, DETR's count; one per class for class-wise segmentation)."""
+    dec = dict(decoder_cfg or {})
+    if dec.get("num_queries") in (None, "auto"):
+        need = [20]
+        for t in tasks.values():
+            if t.get("type") == "det":
+                need.append(100)
+            if t.get("type") == "seg" and t.get("mode", "classwise") == "classwise":
+                need.append(int(t.get("num_classes") or 0))
+        dec["num_queries"] = max(need)
+    return dec
 
 
 def build_generalist(cfg: Mapping[str, Any]) -> GeneralistModel:
-    tasks = {name: head_config(t) for name, t in cfg["tasks"].items()}
+    # Each task records its input size, so prediction and serving resize as training did.
+    img_size = (cfg.get("data") or {}).get("img_size")
+    tasks = {name: {**head_config(t), "img_size": t.get("img_size") or img_size} for name, t in cfg["tasks"].items()}
     if not tasks:
         raise ValueError("no tasks configured: choose an experiment (experiment=synthetic) or set tasks")
     model_cfg = {k: v for k, v in cfg["model"].items() if k not in ("init_from", "init_routers_from", "init_keep")}
@@ -103,7 +202,8 @@ def build_generalist(cfg: Mapping[str, Any]) -> GeneralistModel:
         if "patch_size" in t and int(t["patch_size"]) != backbone.patch_size:
             raise ValueError(f"tasks.{name}.patch_size={t['patch_size']} but the backbone's patch size is "
                              f"{backbone.patch_size}; set tasks.{name}.patch_size={backbone.patch_size}")
-    return GeneralistModel(backbone, tasks, cfg.get("decoder"), cfg.get("adapters"), cfg.get("lv"))
+    return GeneralistModel(backbone, tasks, decoder_queries(cfg.get("decoder"), tasks), cfg.get("adapters"),
+                           cfg.get("lv"))
 
 
 def resolve_device(name: str) -> torch.device:

@@ -9,6 +9,7 @@ import torch
 from tqdm import tqdm
 
 from ..data import collate
+from ..data.sampler import LoadError, SeededItems, collate_or_error
 from ..moe import ExpertUsage
 from ..tasks import GeneralistModel
 
@@ -28,6 +29,14 @@ class SubsetView:
     def __getattr__(self, name: str):
         return getattr(self.__dict__["dataset"], name)
 
+    def raw_target(self, i: int) -> dict:
+        return eval_target(self.dataset, self.indices[i])
+
+
+def eval_target(dataset, i: int) -> dict:
+    """Item ``i``'s target as evaluation sees it, without decoding the image when the reader can."""
+    return dataset.raw_target(i) if hasattr(dataset, "raw_target") else dataset[i][1]
+
 
 def fixed_subset(dataset, n: int, seed: int = 0):
     """A fixed random subset of ``n`` items (the whole dataset when ``n`` is 0 or larger)."""
@@ -37,19 +46,31 @@ def fixed_subset(dataset, n: int, seed: int = 0):
     return SubsetView(dataset, sorted(torch.randperm(len(dataset), generator=g)[:n].tolist()))
 
 
-def iterate_batches(dataset, batch_size: int, max_batches: int | None = None):
-    """``(images, targets)`` batches over ``dataset`` in order, at most ``max_batches`` of them."""
+def iterate_batches(dataset, batch_size: int, max_batches: int | None = None, num_workers: int = 0):
+    """``(images, targets)`` batches over ``dataset`` in order, at most ``max_batches`` of them,
+    loaded in ``num_workers`` worker processes (0: in this process). An unreadable image stops
+    with one error naming it."""
     n = len(dataset)
     if max_batches:
         n = min(n, max_batches * batch_size)
-    for start in range(0, n, batch_size):
-        yield collate([dataset[i] for i in range(start, min(n, start + batch_size))])
+    keys = [[(0, i) for i in range(start, min(n, start + batch_size))] for start in range(0, n, batch_size)]
+    items, run = SeededItems(dataset), collate_or_error(collate)
+    if num_workers:
+        from torch.utils.data import DataLoader
+        batches = iter(DataLoader(items, batch_sampler=keys, num_workers=num_workers, collate_fn=run))
+    else:
+        batches = (run([items[k] for k in batch]) for batch in keys)
+    for batch in batches:
+        if isinstance(batch, LoadError):
+            raise ValueError(batch.message)
+        yield batch
 
 
 @torch.no_grad()
 def evaluate(model: GeneralistModel, datasets: Mapping[str, object], batch_size: int = 64,
              max_batches: int | None = None, device: torch.device | str = "cpu", usage: ExpertUsage | None = None,
-             results_dir: Path | None = None, progress: bool = True, autocast_dtype: torch.dtype | None = None):
+             results_dir: Path | None = None, progress: bool = True, autocast_dtype: torch.dtype | None = None,
+             num_workers: int = 0):
     """Metrics per task (``{task: {metric: value}}``) and, in ``usage``, expert selection counts.
 
     With ``results_dir``, detection also writes its COCO results JSON there (``<task>_results.json``).
@@ -65,7 +86,8 @@ def evaluate(model: GeneralistModel, datasets: Mapping[str, object], batch_size:
         else:
             ev = spec.evaluator(dataset)
         total = -(-min(len(dataset), (max_batches or 10 ** 9) * batch_size) // batch_size)
-        for images, targets in tqdm(iterate_batches(dataset, batch_size, max_batches), total=total, desc=f"eval {task}",
+        for images, targets in tqdm(iterate_batches(dataset, batch_size, max_batches, num_workers), total=total,
+                                    desc=f"eval {task}",
                                     leave=False, disable=not progress):
             with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
                 out, routing = model(images.to(device), task, return_routing=True, targets=targets)
@@ -83,7 +105,7 @@ def chance_metrics(model: GeneralistModel, datasets: Mapping[str, object], max_i
     for task, dataset in datasets.items():
         spec = model.spec(task)
         n = min(len(dataset), max_items or len(dataset))
-        targets = [dataset[i][1] for i in range(n)]
+        targets = [eval_target(dataset, i) for i in range(n)]
         ev = spec.evaluator(dataset)
         ev.update(spec.chance_predictions(dataset, targets), targets)
         out[task] = ev.compute()
@@ -120,7 +142,7 @@ def evaluate_run(cfg: dict) -> dict:
                                  cfg["eval"].get("split", "val"), False) for t in tasks}
     usage = ExpertUsage(model.backbone.moe_layers(), tasks)
     metrics = evaluate(model, datasets, int(cfg["eval"]["batch_size"]), cfg["eval"].get("max_batches"), device,
-                       usage=usage, results_dir=out_dir)
+                       usage=usage, results_dir=out_dir, num_workers=int(cfg["data"].get("num_workers") or 0))
     chance = chance_metrics(model, datasets)
     report.write_run_reports(out_dir, metrics, chance, usage)
     return {"metrics": metrics, "chance": chance, "usage": usage, "out_dir": out_dir}

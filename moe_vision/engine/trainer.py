@@ -22,7 +22,8 @@ from ..models import save_model
 from ..moe import ExpertUsage
 from ..pretrain.transfer import init_from_pretrained
 from . import report
-from .builders import build_dataset, build_generalist, check_num_classes, resolve_device, run_dir_of
+from .builders import (build_dataset, build_generalist, check_num_classes, drop_missing_optional, resolve_device,
+                       resolve_num_classes, run_dir_of, steps_for_epochs)
 from .checkpoint import (latest_checkpoint, load_checkpoint, optimizer_hyperparameters, optimizer_template,
                          optimizer_tensors, restore_optimizer, save_checkpoint)
 from .distributed import DistContext, init_distributed
@@ -74,6 +75,13 @@ def check_train_config(cfg: Mapping[str, Any]) -> None:
         raise ValueError(f"eval.batch_size={cfg['eval']['batch_size']} must be a positive integer")
 
 
+def task_workers(data_cfg: Mapping[str, Any], task: str) -> int:
+    """Loader worker processes of one task: ``data.tasks.<task>.num_workers``, else ``data.num_workers``."""
+    entry = (data_cfg.get("tasks") or {}).get(task) or {}
+    n = entry.get("num_workers")
+    return int(data_cfg.get("num_workers") or 0) if n is None else int(n)
+
+
 class Trainer:
     """Owns one run: ``Trainer(cfg).fit()`` trains, evaluates and writes the run directory.
 
@@ -95,6 +103,18 @@ class Trainer:
             ensure_synthetic(cfg["data"], progress=tqdm.write)
         self.dist.barrier()
         seed_everything(int(cfg["seed"]))
+        dropped = []
+        if model is None:
+            cfg, dropped = drop_missing_optional(cfg)
+            self.cfg = cfg
+        if dropped and self.dist.is_main:
+            tqdm.write(f"left out task(s) {', '.join(dropped)}: their optional data folders do not exist")
+        self.tasks = list(cfg["tasks"])
+        # The data first: a head's class count left at null is read from it.
+        self.train_sets = {t: build_dataset(t, cfg["tasks"][t], cfg["data"], "train", True) for t in self.tasks}
+        if model is None:
+            cfg = self.cfg = {**cfg, "tasks": {t: dict(tc) for t, tc in cfg["tasks"].items()}}
+            resolve_num_classes(cfg["tasks"], self.train_sets)
         self.model = model if model is not None else build_generalist(cfg)
         self.init_report = None
         if model is None and cfg["model"].get("init_from"):  # fine-tuning from a pre-trained run
@@ -116,8 +136,6 @@ class Trainer:
         # Frozen normalisation layers (surgery tools) must not update their running statistics.
         self.frozen_norms = [m for m in self.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
                              and not any(p.requires_grad for p in m.parameters())]
-        self.tasks = list(cfg["tasks"])
-        self.train_sets = {t: build_dataset(t, cfg["tasks"][t], cfg["data"], "train", True) for t in self.tasks}
         max_train = cfg["data"].get("max_train_images")
         if max_train:  # a low-label budget: a fixed random subset of each task's training split
             self.train_sets = {t: fixed_subset(d, int(max_train), int(cfg["seed"])) for t, d in self.train_sets.items()}
@@ -135,14 +153,23 @@ class Trainer:
         # Periodic validation runs on a fixed random subset (the val splits may be sorted by class).
         n_periodic = int(cfg["eval"].get("periodic_images") or 0)
         self.periodic_sets = {t: fixed_subset(d, n_periodic, int(cfg["seed"])) for t, d in self.val_sets.items()}
+        steps = steps_for_epochs(self.tcfg, cfg["tasks"], {t: len(d) for t, d in self.train_sets.items()})
+        if steps is not None:
+            self.tcfg = {**self.tcfg, "steps": steps}
+            cfg = self.cfg = {**cfg, "train": self.tcfg}
+            if self.dist.is_main:
+                tqdm.write(f"train.epochs={self.tcfg['epochs']}: {steps:,} steps")
         sampling = self.tcfg["sampling"]
         self.sampler = TaskSampler({t: len(d) for t, d in self.train_sets.items()}, sampling["strategy"],
                                    float(sampling.get("temperature", 2.0)), int(cfg["seed"]),
                                    int(sampling.get("tasks_per_step", 1)))
-        workers = int(cfg["data"].get("num_workers", 0))
+        self.workers = int(cfg["data"].get("num_workers", 0))
         # tasks.*.batch_size is the global batch; each rank loads its own disjoint slice of it.
-        self.iters = {t: InfiniteBatches(d, int(cfg["tasks"][t]["batch_size"]), collate, int(cfg["seed"]), t, workers,
-                                         rank=self.dist.rank, world_size=self.dist.world_size)
+        self.iters = {t: InfiniteBatches(d, int(cfg["tasks"][t]["batch_size"]), collate, int(cfg["seed"]), t,
+                                         task_workers(cfg["data"], t), rank=self.dist.rank,
+                                         world_size=self.dist.world_size,
+                                         prefetch_factor=int(cfg["data"].get("prefetch_factor") or 2),
+                                         pin_memory=self.device.type == "cuda")
                       for t, d in self.train_sets.items()}
         self.weighting = LossWeighting({t: float(cfg["tasks"][t].get("loss_weight", 1.0)) for t in self.tasks},
                                        self.tcfg.get("loss_weighting", "fixed")).to(self.device)
@@ -253,6 +280,13 @@ class Trainer:
             report.write_json(self.run_dir / "config.json", self.cfg)
             if self.text_report:
                 report.write_json(self.run_dir / "lv_text.json", self.text_report)
+            upcycled = getattr(self.model.backbone, "upcycle_report", None)
+            if upcycled is not None:
+                report.write_json(self.run_dir / "upcycle.json", upcycled)
+                tqdm.write(f"upcycled from {upcycled['source']}: {len(upcycled['loaded'])} tensors loaded by name, "
+                           f"{len(upcycled['upcycled'])} MoE layers from the dense MLPs, {len(upcycled['new'])} new "
+                           f"(e.g. {', '.join(upcycled['new'][:3])}), {len(upcycled['ignored'])} ignored "
+                           f"(e.g. {', '.join(upcycled['ignored'][:3])}); list in upcycle.json")
             if self.init_report is not None:
                 r = self.init_report
                 report.write_json(self.run_dir / "init_from.json", r)
@@ -293,6 +327,8 @@ class Trainer:
                 if ckpt_every and self.step % ckpt_every == 0 and self.step < steps:
                     self.save()
         bar.close()
+        for it in self.iters.values():
+            it.close()  # the loader workers are not needed for evaluation
         train_seconds = time.time() - t0
         results: dict = {"train_seconds": train_seconds}
         self.save()
@@ -331,7 +367,7 @@ class Trainer:
     def periodic_validation(self, writer) -> dict:
         """Metrics on the fixed validation subsets, logged to TensorBoard and ``val_log.jsonl``."""
         m = evaluate(self.eval_model, self.periodic_sets, int(self.cfg["eval"]["batch_size"]), None, self.device,
-                     progress=False, autocast_dtype=self.amp_dtype)
+                     progress=False, autocast_dtype=self.amp_dtype, num_workers=self.workers)
         self._log_validation(m, subset=True)
         for task, ms in m.items():
             for k, v in ms.items():
@@ -366,7 +402,7 @@ class Trainer:
         usage = ExpertUsage(self.eval_model.backbone.moe_layers(), self.tasks)
         metrics = evaluate(self.eval_model, self.val_sets, int(self.cfg["eval"]["batch_size"]),
                            self.cfg["eval"].get("max_batches"), self.device, usage=usage, results_dir=self.run_dir,
-                           autocast_dtype=self.amp_dtype)
+                           autocast_dtype=self.amp_dtype, num_workers=self.workers)
         chance = chance_metrics(self.eval_model, self.val_sets)
         report.write_run_reports(self.run_dir, metrics, chance, usage)
         self._log_validation(metrics, subset=False)

@@ -102,7 +102,8 @@ def plot_predictions(model, datasets: Mapping[str, object], path: Path, per_task
         images, targets = collate(items)
         preds = spec.postprocess(model(images.to(device), task), targets)
         for j, (image, target, pred) in enumerate(zip(images, targets, preds)):
-            rgb = _to_rgb(image)
+            ih, iw = [int(v) for v in target.get("input_size", image.shape[-2:])]
+            rgb = _to_rgb(image[..., :ih, :iw])  # (without the batch's padding)
             a_pred, a_gt = axes[row, 2 * j], axes[row, 2 * j + 1]
             kind = spec.type_name
             if kind == "cls":
@@ -112,9 +113,8 @@ def plot_predictions(model, datasets: Mapping[str, object], path: Path, per_task
                 a_gt.imshow(rgb)
                 a_gt.set_title(f"true: {_class_name(spec, int(target['label']))}", fontsize=6)
             elif kind == "det":
-                h, w = image.shape[-2:]
                 oh, ow = [int(v) for v in target["orig_size"]]
-                scale = torch.tensor([w / ow, h / oh, w / ow, h / oh])
+                scale = torch.tensor([iw / ow, ih / oh, iw / ow, ih / oh])  # original pixels -> shown image
                 keep = pred["scores"] >= score_threshold
                 a_pred.imshow(rgb)
                 _draw_boxes(a_pred, pred["boxes"][keep] * scale, pred["labels"][keep], spec, "yellow",

@@ -21,6 +21,7 @@ from timm.models.vision_transformer import Attention
 
 from ..moe import AuxLosses, AuxLossWeights, MoEAttention, MoEConfig, MoEMLP, RoutingOutput, check_task
 from ..moe import compute_aux_losses, resolve_blocks
+from .padding import avg_pool, cell_mask, replicate_beyond, valid_cells, zero_beyond
 
 _TASK_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 
@@ -56,18 +57,27 @@ class MoEBlock(nn.Module):
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor, task: str) -> tuple[torch.Tensor, list[RoutingOutput]]:
+    def forward(self, x: torch.Tensor, task: str, attn_mask: torch.Tensor | None = None,
+                valid_idx: torch.Tensor | None = None) -> tuple[torch.Tensor, list[RoutingOutput]]:
+        """``attn_mask`` ``[B, 1, 1, N]`` (True: a key that may be attended) and ``valid_idx`` (the
+        flat indices of the tokens that are not padding, which alone go through MoE MLP experts
+        and count in their routing statistics) come with padded batches."""
         routing = []
         h = self.norm1(x)
         if isinstance(self.attn, MoEAttention):
-            h, r = self.attn(h, task)
+            h, r = self.attn(h, task, attn_mask=attn_mask)
             routing.append(r)
         else:
-            h = self.attn(h)
+            h = self.attn(h, attn_mask=attn_mask) if attn_mask is not None else self.attn(h)
         x = x + self.drop_path1(self.ls1(h))
         h = self.norm2(x)
         if isinstance(self.mlp, MoEMLP):
-            h, r = self.mlp(h, task)
+            if valid_idx is not None:
+                flat = h.reshape(-1, h.shape[-1])
+                y, r = self.mlp(flat.index_select(0, valid_idx), task)
+                h = flat.new_zeros(flat.shape).index_copy(0, valid_idx, y).reshape(h.shape)
+            else:
+                h, r = self.mlp(h, task)
             if r is not None:  # None: the static-shaped export path keeps no routing statistics
                 routing.append(r)
         else:
@@ -108,10 +118,16 @@ class ConvStem(nn.Module):
         self.grid_size = (img_size // patch_size, img_size // patch_size)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
 
-    def forward(self, x: torch.Tensor, return_stages: bool = False):
-        stages = []
+    def forward(self, x: torch.Tensor, return_stages: bool = False, valid_px_B2: torch.Tensor | None = None):
+        """``valid_px_B2`` (padded batches): after every activation, zeros beyond each image's
+        valid region, so that padding acts like the border of the image alone."""
+        stages, stride = [], 1
         for i, layer in enumerate(self.stem):
+            if isinstance(layer, nn.Conv2d):
+                stride *= layer.stride[0]
             x = layer(x)
+            if valid_px_B2 is not None and isinstance(layer, nn.ReLU):
+                x = zero_beyond(x, valid_cells(valid_px_B2, stride))
             if return_stages and i in self.stage_ends:
                 stages.append(x)
         x = x.permute(0, 2, 3, 1)
@@ -221,7 +237,8 @@ class MoEViT(nn.Module):
         """Channels of the conv stem's stage maps (stride 2, 4, ...); empty for the patch stem."""
         return list(getattr(self.patch_embed, "stage_channels", []))
 
-    def _embed(self, x: torch.Tensor, stem_maps: list | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+    def _embed(self, x: torch.Tensor, stem_maps: list | None = None, frame: tuple[int, int] | None = None,
+               valid_px_B2: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
         if x.ndim != 4:
             raise ValueError(f"expected images [B, C, H, W], got shape {tuple(x.shape)}")
         H, W = x.shape[-2:]
@@ -229,24 +246,49 @@ class MoEViT(nn.Module):
         if H % p or W % p:
             raise ValueError(f"image size {H}x{W} is not divisible by patch size {p}; "
                              f"expected height and width that are multiples of {p}")
-        if stem_maps is not None and isinstance(self.patch_embed, ConvStem):
-            x, stages = self.patch_embed(x, return_stages=True)  # [B, gh, gw, D]
-            stem_maps.extend(stages)
+        if isinstance(self.patch_embed, ConvStem):
+            x, stages = self.patch_embed(x, return_stages=True, valid_px_B2=valid_px_B2)  # [B, gh, gw, D]
+            if stem_maps is not None:
+                stem_maps.extend(stages)
         else:
             x = self.patch_embed(x)
         grid = tuple(x.shape[1:3])
-        pos = self.pos_embed
-        if grid != tuple(self.patch_embed.grid_size):
-            pos = resample_abs_pos_embed(pos, new_size=grid, old_size=self.patch_embed.grid_size,
-                                         num_prefix_tokens=self.num_prefix_tokens)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x.flatten(1, 2)], dim=1) + pos
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x.flatten(1, 2)], dim=1) + self.position_embedding(
+            grid, frame)
         return x, grid
 
+    def position_embedding(self, grid: tuple[int, int], frame: tuple[int, int] | None = None) -> torch.Tensor:
+        """``[1, P + gh*gw, D]``: the learned embedding resampled to the frame's patch grid (the
+        canvas by default) and cropped to ``grid``. A frame that does not depend on the batch
+        (a task's largest input) gives every patch the same embedding however much padding
+        follows it."""
+        frame_grid = grid if frame is None else (frame[0] // self.patch_size, frame[1] // self.patch_size)
+        if frame_grid[0] < grid[0] or frame_grid[1] < grid[1]:
+            raise ValueError(f"frame {frame} is smaller than the {grid[0]}x{grid[1]} patch grid of the input")
+        pos = self.pos_embed
+        if frame_grid != tuple(self.patch_embed.grid_size):
+            pos = resample_abs_pos_embed(pos, new_size=frame_grid, old_size=self.patch_embed.grid_size,
+                                         num_prefix_tokens=self.num_prefix_tokens)
+        if frame_grid != grid:
+            P, D = self.num_prefix_tokens, pos.shape[-1]
+            patches = pos[:, P:].reshape(1, *frame_grid, D)[:, :grid[0], :grid[1]].reshape(1, -1, D)
+            pos = torch.cat([pos[:, :P], patches], 1)
+        return pos
+
     def _run(self, x: torch.Tensor, task: str, keep: set[int] = frozenset(), stem_maps: list | None = None,
-             visible_BNv: torch.Tensor | None = None, after_block=None):
+             visible_BNv: torch.Tensor | None = None, after_block=None, frame: tuple[int, int] | None = None,
+             valid_px_B2: torch.Tensor | None = None):
         check_task(task, self.tasks)
-        x, grid = self._embed(x, stem_maps)
+        if valid_px_B2 is not None and visible_BNv is not None:
+            raise ValueError("padded batches (valid_px_B2) and visible-only encoding (visible_BNv) do not mix")
+        x, grid = self._embed(x, stem_maps, frame, valid_px_B2)
         x = x + self.task_embed[task]
+        attn_mask = valid_idx = None
+        if valid_px_B2 is not None:  # padded batch: mask padded keys; experts see real tokens only
+            valid_BN = cell_mask(valid_cells(valid_px_B2, self.patch_size), grid).flatten(1)
+            valid_BN = torch.cat([valid_BN.new_ones(x.shape[0], self.num_prefix_tokens), valid_BN], 1)
+            attn_mask = valid_BN[:, None, None, :]
+            valid_idx = valid_BN.reshape(-1).nonzero().squeeze(1)
         if visible_BNv is not None:  # MAE-style: the blocks see the prefix and the visible patches only
             patches = torch.gather(x[:, 1:], 1, visible_BNv[..., None].expand(-1, -1, x.shape[-1]))
             x = torch.cat([x[:, :1], patches], 1)
@@ -254,9 +296,9 @@ class MoEViT(nn.Module):
         kept = []
         for i, blk in enumerate(self.blocks):
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x, r = checkpoint(blk, x, task, use_reentrant=False)
+                x, r = checkpoint(blk, x, task, attn_mask, valid_idx, use_reentrant=False)
             else:
-                x, r = blk(x, task)
+                x, r = blk(x, task, attn_mask, valid_idx)
             if after_block is not None:  # e.g. adapters: (block index, tokens, patch grid or None) -> tokens
                 x = after_block(i, x, None if visible_BNv is not None else grid)
             routing.extend(r)
@@ -284,7 +326,8 @@ class MoEViT(nn.Module):
 
     def forward_intermediates(self, x: torch.Tensor, task: str, indices: int | Sequence[int] | None = None,
                               norm: bool = False, return_routing: bool = False, stem_maps: list | None = None,
-                              visible_BNv: torch.Tensor | None = None, after_block=None):
+                              visible_BNv: torch.Tensor | None = None, after_block=None,
+                              frame: tuple[int, int] | None = None, valid_px_B2: torch.Tensor | None = None):
         """Final tokens and feature maps ``[B, D, gh, gw]`` after the given blocks (timm-style).
 
         ``indices`` is a list of block indices or an int n (the last n blocks); default: 4
@@ -294,6 +337,8 @@ class MoEViT(nn.Module):
         (masked image modelling, MAE-style); the maps hold zeros at every other position and the
         tokens are the prefix and the kept patches. ``after_block(i, tokens, grid)`` (e.g. adapters)
         replaces the tokens after block i; ``grid`` is None when only visible patches are encoded.
+        Padded batches: ``valid_px_B2`` (each image's valid region in pixels, whole patches) and
+        ``frame`` (the size position embeddings are laid out for; see :meth:`position_embedding`).
         """
         depth = len(self.blocks)
         if indices is None:
@@ -302,7 +347,8 @@ class MoEViT(nn.Module):
             idx = list(range(depth - indices, depth))
         else:
             idx = sorted(int(i) % depth for i in indices)
-        tokens, kept, (gh, gw), routing = self._run(x, task, set(idx), stem_maps, visible_BNv, after_block)
+        tokens, kept, (gh, gw), routing = self._run(x, task, set(idx), stem_maps, visible_BNv, after_block, frame,
+                                                    valid_px_B2)
         maps = []
         for h in kept:
             h = (self.norm(h) if norm else h)[:, self.num_prefix_tokens:]
@@ -314,12 +360,14 @@ class MoEViT(nn.Module):
 
     def forward_multiscale(self, x: torch.Tensor, task: str, scales: Sequence[float] = (2.0, 1.0, 0.5, 0.25),
                            return_routing: bool = False, stem_maps: list | None = None,
-                           visible_BNv: torch.Tensor | None = None, after_block=None):
+                           visible_BNv: torch.Tensor | None = None, after_block=None,
+                           frame: tuple[int, int] | None = None, valid_px_B2: torch.Tensor | None = None):
         """Multi-scale feature maps for dense heads, ViTDet-style but parameter-free: one map per
-        scale, resized by that scale (strides ``patch_size / scale``), taken from evenly spaced
-        blocks (``multiscale="spread"``) or all from the last block (``"last"``). A list passed as
-        ``stem_maps`` receives the conv stem's stage maps (strides 2, 4, ...); ``visible_BNv`` and
-        ``after_block``: see :meth:`forward_intermediates`."""
+        scale, resized by that scale (strides ``patch_size / scale``; a pooled map is rounded up
+        to cover the whole grid), taken from evenly spaced blocks (``multiscale="spread"``) or all
+        from the last block (``"last"``). A list passed as ``stem_maps`` receives the conv stem's
+        stage maps (strides 2, 4, ...); ``visible_BNv``, ``after_block``, ``frame`` and
+        ``valid_px_B2``: see :meth:`forward_intermediates`."""
         depth = len(self.blocks)
         if self.multiscale == "last":
             per_scale = [depth - 1] * len(scales)
@@ -329,13 +377,17 @@ class MoEViT(nn.Module):
         unique = sorted(set(per_scale))
         tokens, maps, routing = self.forward_intermediates(x, task, unique, norm=True, return_routing=True,
                                                            stem_maps=stem_maps, visible_BNv=visible_BNv,
-                                                           after_block=after_block)
+                                                           after_block=after_block, frame=frame,
+                                                           valid_px_B2=valid_px_B2)
         maps = [maps[unique.index(i)] for i in per_scale]
+        grid_valid = None if valid_px_B2 is None else valid_cells(valid_px_B2, self.patch_size)
         out = []
         for m, s in zip(maps, scales):
             if s > 1:
+                if grid_valid is not None:
+                    m = replicate_beyond(m, grid_valid)
                 m = F.interpolate(m, scale_factor=s, mode="bilinear", align_corners=False)
             elif s < 1:
-                m = F.avg_pool2d(m, kernel_size=round(1 / s))
+                m = avg_pool(m, round(1 / s), grid_valid)
             out.append(m)
         return (out, routing) if return_routing else out

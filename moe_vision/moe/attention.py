@@ -70,7 +70,9 @@ class MoEAttention(nn.Module):
         self.q_experts = GroupedLinear(num_experts, dim, inner, bias=qkv_bias)
         self.o_experts = GroupedLinear(num_experts, inner, dim, bias=True)
 
-    def forward(self, x_BND: torch.Tensor, task: str) -> tuple[torch.Tensor, RoutingOutput]:
+    def forward(self, x_BND: torch.Tensor, task: str,
+                attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, RoutingOutput]:
+        """``attn_mask``: boolean ``[B, 1, 1, N]``, True for keys that may be attended (padding)."""
         B, N, D = x_BND.shape
         T, K, h, d = B * N, self.top_k, self.heads_per_expert, self.head_dim
         x_TD = x_BND.reshape(T, D)
@@ -81,7 +83,7 @@ class MoEAttention(nn.Module):
         q_KTI = q_AI.new_zeros(K * T, h * d).index_copy(0, plan.assignment_idx, q_AI)
         q = q_KTI.view(K, B, N, h, d).permute(1, 3, 0, 2, 4).reshape(B, h, K * N, d)
         k, v = self.kv(x_BND).view(B, N, 2, h, d).permute(2, 0, 3, 1, 4).unbind(0)
-        o = F.scaled_dot_product_attention(q, k, v)  # [B, h, K*N, d]
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # [B, h, K*N, d]
         o_KTI = o.view(B, h, K, N, d).permute(2, 0, 3, 1, 4).reshape(K * T, h * d)
         y_AD = self.o_experts(o_KTI.index_select(0, plan.assignment_idx), plan.counts_E)
         y_TD = self.dispatcher.unpermute(y_AD, plan, T)

@@ -7,8 +7,31 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from ..data import build_transforms, read_image
+from ..data import build_transforms, collate, read_image
 from ..tasks import GeneralistModel
+
+
+def inference_transform(model: GeneralistModel, task: str):
+    """The evaluation pipeline of ``task`` as the model was trained: its recorded input size and
+    resize mode (aspect ratio kept for det, seg and depth), normalisation."""
+    spec = model.spec(task)
+    o = spec.options
+    size = int(o.get("img_size") or model.backbone.config["img_size"])
+    return build_transforms(spec.type_name, False, size, resize=o.get("resize"), max_size=o.get("max_size"),
+                            crop_pct=float(o.get("crop_pct") or 0.875))
+
+
+@torch.no_grad()
+def predict_batch(model: GeneralistModel, task: str, images: list[torch.Tensor]) -> list:
+    """Postprocessed predictions for decoded images (uint8 ``[3, H, W]``), each in its own pixel
+    coordinates: cls logits, det boxes/scores/labels, seg label maps and depth maps at each
+    image's original size. Images of different shapes share a padded batch."""
+    transform = inference_transform(model, task)
+    x, targets = collate([transform(im, {}) for im in images])
+    model.eval()
+    device = next(model.parameters()).device
+    out = model(x.to(device), task, targets=targets)
+    return model.spec(task).postprocess(out, targets)
 
 
 @torch.no_grad()
@@ -19,36 +42,31 @@ def predict_image(model: GeneralistModel, task: str, path: str | Path, class_nam
     spec = model.spec(task)
     image = read_image(Path(path))
     h, w = image.shape[-2:]
-    size = int(model.backbone.config["img_size"])
-    x = build_transforms("cls", False, size)(image)  # resize + normalise; no targets to carry
-    model.eval()
-    out = model(x[None], task)
+    pred = predict_batch(model, task, [image])[0]
     canvas = Image.fromarray(image.permute(1, 2, 0).numpy()).convert("RGB")
     class_names = class_names or spec.options.get("class_names")
     name = (lambda i: class_names[i] if class_names and i < len(class_names) else str(i))
     if spec.type_name == "cls":
-        probs = out["logits"][0].softmax(-1)
+        probs = pred.softmax(-1)
         top = probs.topk(min(5, len(probs)))
         result = {"top5": [{"label": name(int(i)), "score": float(p)} for p, i in zip(top.values, top.indices)]}
         ImageDraw.Draw(canvas).text((2, 2), result["top5"][0]["label"], fill=(255, 255, 0))
     elif spec.type_name == "det":
-        p = spec.postprocess(out, [{"orig_size": torch.tensor([h, w])}])[0]
-        keep = p["scores"] >= score_threshold
+        keep = pred["scores"] >= score_threshold
         result = {"detections": [{"label": name(int(c)), "score": float(s), "box_xyxy": [round(float(v), 1) for v in b]}
-                                 for b, s, c in zip(p["boxes"][keep], p["scores"][keep], p["labels"][keep])]}
+                                 for b, s, c in zip(pred["boxes"][keep], pred["scores"][keep], pred["labels"][keep])]}
         draw = ImageDraw.Draw(canvas)
         for d in result["detections"]:
             draw.rectangle(d["box_xyxy"], outline=(255, 255, 0))
             draw.text((d["box_xyxy"][0] + 1, d["box_xyxy"][1] + 1), d["label"], fill=(255, 255, 0))
     elif spec.type_name == "seg":
-        labels = spec.semantic_probs(out, (h, w)).argmax(1)[0].numpy()
+        labels = pred.numpy()
         result = {"classes_present": sorted(int(c) for c in np.unique(labels)), "mask_shape": [h, w]}
         palette = np.random.default_rng(0).integers(0, 255, size=(max(256, labels.max() + 1), 3))
         canvas = Image.blend(canvas, Image.fromarray(palette[labels].astype(np.uint8)), 0.5)
         result["mask"] = labels.tolist()
     elif spec.type_name == "depth":
-        depth = spec.postprocess(out, [{}])[0]
-        depth = torch.nn.functional.interpolate(depth[None, None], size=(h, w), mode="bilinear")[0, 0].numpy()
+        depth = pred.numpy()
         result = {"depth_m": {"min": float(depth.min()), "max": float(depth.max()), "mean": float(depth.mean())}}
         scaled = ((depth - depth.min()) / max(1e-6, float(np.ptp(depth))) * 255).astype(np.uint8)
         canvas = Image.fromarray(scaled).convert("RGB")
@@ -104,7 +122,9 @@ def predict_folder(model: GeneralistModel, task: str, paths: list[Path], out: st
     * depth: ``depth/<name>.png``, 16-bit PNG in millimetres (NYU layout);
     * cls: ``<task>_predictions.json``, the top-5 classes per file.
 
-    A file that cannot be decoded is skipped with a warning naming it (counted in ``skipped``).
+    Images are resized as in training (aspect ratio kept for det, seg and depth) and batched with
+    padding; every output is in the image's own pixels. A file that cannot be decoded is skipped
+    with a warning naming it (counted in ``skipped``); if none can be read, a ValueError.
     Existing results are refused unless ``force``; JSON is written to a temporary file and renamed.
     """
     import json
@@ -126,30 +146,23 @@ def predict_folder(model: GeneralistModel, task: str, paths: list[Path], out: st
     if kind in ("seg", "depth"):
         target.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    size = int(model.backbone.config["img_size"])
-    transform = build_transforms("cls", False, size)
     names = spec.options.get("class_names")
-    model.eval()
     results, skipped = [], []
     bar = tqdm(total=len(paths), desc=f"predict {task}", disable=not progress, unit="img")
     for start in range(0, len(paths), batch_size):
-        batch, sizes, kept = [], [], []
+        images, kept = [], []
         for p in paths[start:start + batch_size]:
             try:
-                image = read_image(p)
+                images.append(read_image(p))
+                kept.append(p)
             except ValueError as e:
                 warnings.warn(f"skipping {e}", stacklevel=2)
                 skipped.append(str(p))
-                continue
-            batch.append(transform(image))
-            sizes.append(tuple(image.shape[-2:]))
-            kept.append(p)
         bar.update(len(paths[start:start + batch_size]))
-        if not batch:
+        if not images:
             continue
-        outputs = model(torch.stack(batch), task)
+        preds = predict_batch(model, task, images)
         if kind == "det":
-            preds = spec.postprocess(outputs, [{"orig_size": torch.tensor(s)} for s in sizes])
             for p, pred in zip(kept, preds):
                 for box, score, label in zip(pred["boxes"].tolist(), pred["scores"].tolist(), pred["labels"].tolist()):
                     x0, y0, x1, y1 = box
@@ -158,25 +171,25 @@ def predict_folder(model: GeneralistModel, task: str, paths: list[Path], out: st
                                     "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
                                     "score": round(float(score), 5)})
         elif kind == "cls":
-            probs = outputs["logits"].float().softmax(-1)
-            top = probs.topk(min(5, probs.shape[-1]), dim=-1)
-            for p, v, i in zip(kept, top.values.tolist(), top.indices.tolist()):
+            for p, logits in zip(kept, preds):
+                top = logits.float().softmax(-1).topk(min(5, logits.shape[-1]))
                 results.append({"file": str(p), "top5": [{"label": int(c), "name": names[c] if names else str(c),
-                                                          "score": round(s, 5)} for s, c in zip(v, i)]})
+                                                          "score": round(s, 5)}
+                                                         for s, c in zip(top.values.tolist(), top.indices.tolist())]})
         else:
-            for k, (p, s) in enumerate(zip(kept, sizes)):
-                one = {key: v[k:k + 1] for key, v in outputs.items() if isinstance(v, torch.Tensor)}
+            for p, pred in zip(kept, preds):
                 if kind == "seg":
-                    labels = spec.semantic_probs(one, s).argmax(1)[0] + int(label_offset)
+                    labels = pred + int(label_offset)
                     if int(labels.max()) > 255:
                         raise ValueError(f"label {int(labels.max())} does not fit an 8-bit PNG (--label-offset?)")
                     _write_png(labels.numpy().astype(np.uint8), target / f"{p.stem}.png")
                 else:
-                    depth_m = torch.nn.functional.interpolate(one["log_depth"][:, None].float().exp(), size=s,
-                                                              mode="bilinear", align_corners=False)[0, 0]
-                    mm = (depth_m * 1000).round().clamp(1, 65535).numpy().astype(np.uint16)
+                    mm = (pred * 1000).round().clamp(1, 65535).numpy().astype(np.uint16)
                     _write_png(mm, target / f"{p.stem}.png")
     bar.close()
+    if paths and len(skipped) == len(paths):
+        raise ValueError(f"none of the {len(paths)} input image(s) could be read (e.g. {skipped[0]}); nothing was "
+                         "predicted")
     if kind in ("det", "cls"):
         tmp = target.with_name(f".{target.name}.tmp")
         tmp.write_text(json.dumps(results))

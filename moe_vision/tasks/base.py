@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from torch import nn
+import torch.nn.functional as F
 
 from ..decoder.position_queries import ask_grid, query_grid
 from ..moe.reduce import mean_count_over_ranks
@@ -41,6 +42,39 @@ def classes_present(task_type: str, target, num_classes: int) -> torch.Tensor:
         labels = torch.as_tensor(target["mask"]).long().unique()
         return labels[(labels >= 0) & (labels < num_classes)]
     raise ValueError(f"classes_present: task type {task_type!r} has no class labels (expected cls, det or seg)")
+
+
+def pixel_features(feats, image_size: tuple[int, int]) -> torch.Tensor:
+    """The pixel decoder's per-pixel features; in a padded batch each image's edge values are
+    repeated beyond it, so that upsampling a dense head's output to the canvas gives inside the
+    image exactly what the image alone gives."""
+    if feats.valid_px_B2 is None:
+        return feats.pixel_BDhw
+    from ..models.padding import replicate_beyond, valid_cells
+    stride = image_size[0] / feats.pixel_BDhw.shape[-2]
+    return replicate_beyond(feats.pixel_BDhw, valid_cells(feats.valid_px_B2, stride))
+
+
+def to_image(map_1Chw: torch.Tensor, canvas: tuple[int, int], target: dict, out_size: tuple[int, int]) -> torch.Tensor:
+    """One image's dense output ``[1, C, h, w]`` (over the canvas) as ``[1, C, *out_size]``: upsampled
+    to the canvas, cropped to where the resized image lies (``input_size``), resized to
+    ``out_size`` (the original image's, where metrics are computed). Bilinear, on scores."""
+    m = map_1Chw.float()
+    if tuple(m.shape[-2:]) != tuple(canvas):
+        m = F.interpolate(m, size=tuple(canvas), mode="bilinear", align_corners=False)
+    ih, iw = [int(v) for v in target.get("input_size", canvas)]
+    m = m[..., :ih, :iw]
+    if tuple(m.shape[-2:]) != tuple(out_size):
+        m = F.interpolate(m, size=tuple(out_size), mode="bilinear", align_corners=False)
+    return m
+
+
+def target_size(target: dict, key: str) -> tuple[int, int]:
+    """The size a dense prediction is compared at: the ground truth's (``key``), else the
+    original image's."""
+    if key in target:
+        return tuple(torch.as_tensor(target[key]).shape[-2:])
+    return tuple(int(v) for v in target["orig_size"])
 
 
 def register_task(cls: type["Task"]) -> type["Task"]:
@@ -90,6 +124,14 @@ class Task:
         raise NotImplementedError
 
     @property
+    def input_side(self) -> int:
+        """The longest side this task's inputs have after resizing (``img_size``; ``max_size`` for
+        ``resize=short``); 0 when the config does not say (older checkpoints)."""
+        if self.options.get("resize") == "short" and self.options.get("max_size"):
+            return int(self.options["max_size"])
+        return int(self.options.get("img_size") or 0)
+
+    @property
     def query_stride(self) -> int:
         """Cell size in pixels of a dense task posed as position queries (``mode=queries``)."""
         return int(self.options.get("query_stride", 8))
@@ -115,9 +157,11 @@ class Task:
         """The decoder's answers to this task's queries (every layer's with ``return_all``):
         :meth:`decoder_queries`, or in ``mode=queries`` one mask query per grid cell."""
         if self.options.get("mode") == "queries":
-            return ask_grid(decoder, feats, self.query_cells(image_size), return_all=return_all)
+            return ask_grid(decoder, feats, self.query_cells(image_size), return_all=return_all,
+                            stride=self.query_stride)
         return decoder(feats.memory_BMD, feats.memory_pos_BMD, return_all=return_all,
-                       queries=self.decoder_queries(decoder, feats.memory_BMD.shape[0]), centres_M2=feats.centres_M2)
+                       queries=self.decoder_queries(decoder, feats.memory_BMD.shape[0]), centres_M2=feats.centres_M2,
+                       memory_valid_BM=feats.memory_valid_BM)
 
     def forward(self, head: nn.Module, decoder, feats, image_size: tuple[int, int], deep_supervision: bool = False,
                 targets: list[dict] | None = None) -> dict[str, Any]:
@@ -128,9 +172,10 @@ class Task:
         every = deep_supervision and self.uses_deep_supervision
         answers = self.ask_decoder(decoder, feats, image_size, every)
         layers = answers if every else [answers]
-        out = self.head_forward(head, layers[-1], feats.pixel_BDhw, image_size)
+        pixel_BDhw = pixel_features(feats, image_size)
+        out = self.head_forward(head, layers[-1], pixel_BDhw, image_size)
         if every:
-            out["aux_outputs"] = [self.head_forward(head, q, feats.pixel_BDhw, image_size) for q in layers[:-1]]
+            out["aux_outputs"] = [self.head_forward(head, q, pixel_BDhw, image_size) for q in layers[:-1]]
         return out
 
     def head_forward(self, head: nn.Module, queries_BQD: torch.Tensor, pixel_BDhw: torch.Tensor,

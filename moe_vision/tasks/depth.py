@@ -10,7 +10,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from ..decoder.position_queries import CellHead, check_mask_query
-from .base import Evaluator, Task, register_task
+from .base import Evaluator, Task, pixel_features, register_task, target_size, to_image
 
 DEPTH_MODES = ("pixels", "queries")
 
@@ -61,7 +61,7 @@ class DepthTask(Task):
         if self.mode == "queries":
             return super().forward(head, decoder, feats, image_size, deep_supervision, targets)
         # Per pixel: the pixel features only, no need to run the query decoder.
-        return self.head_forward(head, None, feats.pixel_BDhw, image_size)
+        return self.head_forward(head, None, pixel_features(feats, image_size), image_size)
 
     def head_forward(self, head, queries_BQD, pixel_BDhw, image_size):
         if self.mode == "queries":
@@ -71,8 +71,8 @@ class DepthTask(Task):
         return {"log_depth": log_depth[:, 0]}
 
     def loss(self, outputs, targets):
-        pred = outputs["log_depth"].float()
-        gt = torch.stack([torch.as_tensor(t["depth"]).float() for t in targets]).to(pred.device)
+        gt = torch.stack([torch.as_tensor(t["depth"]).float() for t in targets]).to(outputs["log_depth"].device)
+        pred = outputs["log_depth"].float()[..., :gt.shape[-2], :gt.shape[-1]]  # (the canvas may be padded)
         valid = gt > 0
         d = pred[valid] - torch.log(gt[valid])
         lam = float(self.options.get("silog_lambda", 0.85))
@@ -80,7 +80,12 @@ class DepthTask(Task):
         return {"loss": silog, "silog": silog}
 
     def postprocess(self, outputs, targets):
-        return list(outputs["log_depth"].float().exp().detach().cpu())
+        """Depth in metres at the size of each target's depth map (the original image's when
+        there is none)."""
+        log_depth = outputs["log_depth"].float().detach()
+        canvas = tuple(log_depth.shape[-2:])
+        return [to_image(log_depth[b:b + 1, None], canvas, t, target_size(t, "depth"))[0, 0].exp().cpu()
+                for b, t in enumerate(targets)]
 
     def evaluator(self, dataset) -> Evaluator:
         return DepthEvaluator()

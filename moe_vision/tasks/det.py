@@ -245,13 +245,18 @@ class DetectionTask(Task):
         return torch.cat([feats.centres_M2, side[:, None], side[:, None]], -1)
 
     def forward(self, head, decoder, feats, image_size, deep_supervision=False, targets=None):
+        # Boxes are normalised by the frame (the canvas unless the batch is padded into a larger one).
+        image_size = tuple(feats.frame) if feats.frame is not None else image_size
         tokens_BMD = decoder.proposal_norm(feats.memory_BMD)
         anchors_M4 = self.anchors(feats, image_size)
         dense_logits = head.class_linear(tokens_BMD)
         dense_boxes = head.boxes(tokens_BMD, anchors_M4.expand(tokens_BMD.shape[0], -1, -1))
         B, M, _ = tokens_BMD.shape
         K = min(decoder.num_queries, M)
-        top_BK = dense_logits.detach().float().amax(-1).topk(K, dim=1).indices
+        score_BM = dense_logits.detach().float().amax(-1)
+        if feats.memory_valid_BM is not None:  # padding never proposes a box
+            score_BM = score_BM.masked_fill(~feats.memory_valid_BM, float("-inf"))
+        top_BK = score_BM.topk(K, dim=1).indices
         reference = dense_boxes.detach().gather(1, top_BK[..., None].expand(-1, -1, 4))
         if self.opt("query_content", "learned") == "token":
             content = tokens_BMD.detach().gather(1, top_BK[..., None].expand(-1, -1, tokens_BMD.shape[-1]))
@@ -265,7 +270,8 @@ class DetectionTask(Task):
                 reference = torch.cat([dn["reference"], reference], 1)
                 mask = denoising_mask(dn["num"], self.dn_groups, K, content.device)
         layers = decoder(feats.memory_BMD, feats.memory_pos_BMD, return_all=True,
-                         queries=Queries(content, None, reference, head.boxes, mask), centres_M2=feats.centres_M2)
+                         queries=Queries(content, None, reference, head.boxes, mask), centres_M2=feats.centres_M2,
+                         memory_valid_BM=feats.memory_valid_BM)
         if not (head.training and deep_supervision):
             layers = layers[-1:]
         n_dn = 0 if dn is None else self.dn_groups * dn["num"]
@@ -274,7 +280,7 @@ class DetectionTask(Task):
         out = outs[-1]
         out["aux_outputs"] = outs[:-1]
         out["dense"] = {"logits": dense_logits, "boxes": dense_boxes, "centres": feats.centres_M2,
-                        "strides": feats.strides_M}
+                        "strides": feats.strides_M, "valid": feats.memory_valid_BM}
         if dn is not None:
             out["denoising"] = {**dn, "layers": [{"logits": head.class_linear(a[:, :n_dn]), "boxes": b[:, :n_dn]}
                                                  for a, b in layers]}
@@ -387,7 +393,10 @@ class DetectionTask(Task):
         idx, labels, gt = torch.cat(idx), torch.cat(labels), torch.cat(gt)
         num_pos = loss_normaliser(len(idx), logits.device)
         pred = boxes.reshape(-1, 4)[idx]
-        cls = self._class_loss(logits, self._score_targets(logits, idx, labels, pred, gt)) / num_pos
+        target = self._score_targets(logits, idx, labels, pred, gt)
+        if dense.get("valid") is not None:  # padding is not background: no loss there at all
+            logits, target = logits[dense["valid"]], target[dense["valid"]]
+        cls = self._class_loss(logits, target) / num_pos
         l1, giou = box_losses(pred, gt)
         return {"class": cls, "l1": l1 / num_pos, "giou": giou / num_pos}
 
@@ -439,7 +448,8 @@ class DetectionTask(Task):
 
     # ------------------------------------------------------------------ inference
     def postprocess(self, outputs, targets, max_detections: int = 100):
-        """Top-scoring (box, class) pairs per image, boxes in original image pixels (XYXY).
+        """Top-scoring (box, class) pairs per image, boxes in original image pixels (XYXY): from
+        the frame to the resized image (``input_size``, clipped to it), then to ``orig_size``.
 
         ``inference=queries``: the decoder's one-to-one predictions, no NMS; ``queries_nms``: the
         same with class-wise NMS at ``nms_iou`` (removes the duplicates a briefly trained
@@ -452,8 +462,13 @@ class DetectionTask(Task):
         preds = []
         for b, t in enumerate(targets):
             h, w = [int(v) for v in t["orig_size"]]
+            # The frame boxes are normalised by; outputs without one (exported graphs) fill the input.
+            fh, fw = outputs.get("image_size") or t.get("input_size", (h, w))
+            ih, iw = [int(v) for v in t.get("input_size", (fh, fw))]  # where the resized image ends
             scores, c = scores_BK[b], labels_BK[b]
-            xyxy = boxes_BK4[b] * boxes_BK4.new_tensor([w, h, w, h])
+            px = boxes_BK4[b] * boxes_BK4.new_tensor([fw, fh, fw, fh])
+            px = torch.minimum(px, px.new_tensor([iw, ih, iw, ih]))
+            xyxy = px * px.new_tensor([w / iw, h / ih, w / iw, h / ih])
             if nms:
                 keep = batched_nms(xyxy, scores, c, float(self.opt("nms_iou", 0.6)))[:max_detections]
                 xyxy, scores, c = xyxy[keep], scores[keep], c[keep]

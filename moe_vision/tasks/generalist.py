@@ -13,6 +13,7 @@ from typing import Any, Mapping
 
 import torch
 from torch import nn
+import torch.nn.functional as F
 
 from ..adapters import LanguagePrior, ModelAdapters, language_config, language_losses
 from ..adapters.language import LV_TASK_TYPES
@@ -91,23 +92,30 @@ class GeneralistModel(nn.Module):
         return self.specs[task]
 
     def forward(self, images: torch.Tensor, task: str, return_routing: bool = False,
-                targets: list[dict] | None = None):
+                targets: list[dict] | None = None, input_sizes: torch.Tensor | None = None):
         """The head's outputs for the last decoder layer. While training with deep supervision,
         ``out["aux_outputs"]`` holds the same head applied to every earlier decoder layer (DETR's
         auxiliary losses; the head is the same linear layer, so nothing task-specific is added).
-        ``targets`` (training) let a task add training-only queries (detection's denoising)."""
+        ``targets`` (training) let a task add training-only queries (detection's denoising).
+
+        Padded batches: ``input_sizes`` ``[B, 2]`` (default: the targets' ``input_size``) says
+        where each image ends on the canvas; nothing beyond it changes the image's outputs. The
+        canvas is padded to whole patches, and positions are measured in a square frame of the
+        task's ``img_size`` (at least the canvas), so they do not depend on the batch."""
         spec = self.spec(task)
         if images.ndim == 5:  # [B, V, 3, H, W]: several views per image (contrastive pre-training)
             images = images.flatten(0, 1)
+        images, frame, valid_px = self.frame_inputs(images, spec, targets, input_sizes)
         stem_maps: list[torch.Tensor] = []
         visible = spec.visible_patches(targets, images.device)
         maps, routing = self.backbone.forward_multiscale(
             images, task, return_routing=True, stem_maps=stem_maps, visible_BNv=visible,
-            after_block=self.adapters.after_block(task) if self.adapters is not None else None)
+            after_block=self.adapters.after_block(task) if self.adapters is not None else None,
+            frame=frame, valid_px_B2=valid_px)
         if self.adapters is not None:
             maps = self.adapters.on_levels(maps, task)
         size = tuple(images.shape[-2:])
-        feats = self.pixel_decoder(maps, stem_maps, size)
+        feats = self.pixel_decoder(maps, stem_maps, size, frame=frame, valid_px_B2=valid_px)
         lv = self.lv if self.lv is not None and task in self.lv.texts else None
         text_CD = lv.inject(feats, task) if lv is not None else None
         deep = self.training and bool(self.decoder_config.get("deep_supervision"))
@@ -116,6 +124,28 @@ class GeneralistModel(nn.Module):
         if lv is not None:
             out["lv"] = lv.align(spec.type_name, out, feats, text_CD)
         return (out, routing) if return_routing else out
+
+    def frame_inputs(self, images: torch.Tensor, spec: Task, targets: list[dict] | None,
+                     input_sizes: torch.Tensor | None):
+        """``(images padded to whole patches, frame or None, valid regions [B, 2] or None)``; None
+        where the batch is one unpadded canvas that is its own frame (the plain path)."""
+        p = self.backbone.patch_size
+        H, W = images.shape[-2:]
+        if input_sizes is None and targets and all("input_size" in t for t in targets):
+            input_sizes = torch.stack([torch.as_tensor(t["input_size"]) for t in targets])
+        pad_h, pad_w = -H % p, -W % p
+        if pad_h or pad_w:
+            images = F.pad(images, (0, pad_w, 0, pad_h))
+        Hp, Wp = H + pad_h, W + pad_w
+        side = max(Hp, Wp, spec.input_side)
+        side += -side % p
+        frame = None if (side, side) == (Hp, Wp) else (side, side)
+        valid_px = None
+        if input_sizes is not None:  # (on the host: the sizes come with the batch)
+            q = self.backbone.patch_size
+            valid_px = torch.div(torch.as_tensor(input_sizes).cpu() + q - 1, q, rounding_mode="floor") * q
+            valid_px = None if bool((valid_px == torch.tensor([Hp, Wp])).all()) else valid_px.to(images.device)
+        return images, frame, valid_px
 
     def task_loss(self, task: str, out: dict, targets: list[dict]) -> dict[str, torch.Tensor]:
         """The task's loss terms (``"loss"`` their weighted sum), LV alignment terms included."""

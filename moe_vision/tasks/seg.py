@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ..decoder import Queries
 from ..decoder.position_queries import CellHead, check_mask_query
-from .base import Evaluator, Task, loss_normaliser, register_task
+from .base import Evaluator, Task, loss_normaliser, register_task, target_size, to_image
 from .matching import hungarian_match, matched_cross_entropy
 
 IGNORE = 255
@@ -54,6 +54,23 @@ def _bce_cost(pred_QP: torch.Tensor, gt_NP: torch.Tensor) -> torch.Tensor:
     return (pos @ gt_NP.t() + neg @ (1 - gt_NP).t()) / pred_QP.shape[-1]
 
 
+def canvas_logits(outputs: dict, size, stride: int = 1) -> torch.Tensor:
+    """Mask logits upsampled to the canvas and cropped to ``size`` (a training batch's label maps:
+    the canvas, or a part of it when the model padded the canvas to whole patches); with
+    ``stride`` > 1, at every stride-th pixel (see :func:`strided_labels`)."""
+    masks = outputs["masks"].float()
+    canvas = tuple(outputs.get("image_size") or size)
+    out = (-(-canvas[0] // stride), -(-canvas[1] // stride))
+    logits = F.interpolate(masks, size=out, mode="bilinear", align_corners=False)
+    return logits[..., :-(-size[0] // stride), :-(-size[1] // stride)]
+
+
+def strided_labels(gt: torch.Tensor, stride: int) -> torch.Tensor:
+    """Every ``stride``-th label (from the first pixel): the loss at 1/stride resolution, which
+    with 150 classes at 512 px saves gigabytes of activations per image."""
+    return gt if stride == 1 else gt[..., ::stride, ::stride]
+
+
 class MIoUEvaluator(Evaluator):
     """Confusion matrix over the whole dataset; 255 ignored; classes absent from both prediction
     and ground truth are left out of the mean."""
@@ -67,6 +84,10 @@ class MIoUEvaluator(Evaluator):
             gt = torch.as_tensor(t["mask"]).long().reshape(-1)
             p = p.reshape(-1).long()
             keep = gt != IGNORE
+            bad = gt[keep & ((gt < 0) | (gt >= self.C))]
+            if len(bad):
+                raise ValueError(f"segmentation label {int(bad[0])} is outside [0, num_classes={self.C}) and is not "
+                                 f"the ignore value {IGNORE}; set num_classes to cover every label")
             self.confusion += torch.bincount(gt[keep] * self.C + p[keep], minlength=self.C ** 2).reshape(self.C, self.C)
 
     def compute(self) -> dict[str, float]:
@@ -98,6 +119,11 @@ class SegmentationTask(Task):
     def mode(self) -> str:
         return self.options.get("mode", "classwise")
 
+    @property
+    def loss_stride(self) -> int:
+        """The training loss is computed at every ``loss_stride``-th pixel (1: every pixel)."""
+        return int(self.options.get("loss_stride") or 1)
+
     def build_head(self, dim: int) -> nn.Module:
         if self.mode not in SEG_MODES:
             raise ValueError(f"seg mode={self.mode!r}; expected one of {', '.join(SEG_MODES)}")
@@ -121,11 +147,11 @@ class SegmentationTask(Task):
 
     def head_forward(self, head, queries_BQD, pixel_BDhw, image_size):
         if self.mode == "queries":
-            return {"masks": head(queries_BQD, self.query_cells(image_size))}
+            return {"masks": head(queries_BQD, self.query_cells(image_size)), "image_size": image_size}
         masks = torch.einsum("bqd,bdhw->bqhw", head.mask_linear(queries_BQD), pixel_BDhw)
         if self.mode == "classwise":
-            return {"masks": masks}
-        return {"logits": head.class_linear(queries_BQD), "masks": masks}
+            return {"masks": masks, "image_size": image_size}
+        return {"logits": head.class_linear(queries_BQD), "masks": masks, "image_size": image_size}
 
     def loss(self, outputs, targets):
         if self.mode != "maskformer":  # classwise and queries: one logit map per class
@@ -135,7 +161,8 @@ class SegmentationTask(Task):
     def classwise_loss(self, outputs, targets):
         gt = torch.stack([torch.as_tensor(t["mask"]).long() for t in targets]).to(outputs["masks"].device)
         self.check_labels(gt)
-        logits = F.interpolate(outputs["masks"].float(), size=gt.shape[-2:], mode="bilinear", align_corners=False)
+        logits = canvas_logits(outputs, gt.shape[-2:], self.loss_stride)
+        gt = strided_labels(gt, self.loss_stride)
         valid = (gt != IGNORE).unsqueeze(1)
         # Sums over normalisers (not means) so that data-parallel ranks reproduce the global batch's loss.
         ce = F.cross_entropy(logits, gt, ignore_index=IGNORE, reduction="sum") / \
@@ -162,7 +189,8 @@ class SegmentationTask(Task):
         for b, t in enumerate(targets):
             gt = torch.as_tensor(t["mask"]).long().to(logits.device)
             self.check_labels(gt)
-            up = F.interpolate(masks[b:b + 1], size=gt.shape, mode="bilinear", align_corners=False)[0]
+            up = canvas_logits({**outputs, "masks": masks[b:b + 1]}, gt.shape, self.loss_stride)[0]
+            gt = strided_labels(gt, self.loss_stride)
             valid = (gt != IGNORE).reshape(-1)
             classes = gt[gt != IGNORE].unique()
             if len(classes) == 0:
@@ -197,8 +225,16 @@ class SegmentationTask(Task):
         return torch.einsum("bqc,bqhw->bchw", prob, masks.sigmoid())
 
     def postprocess(self, outputs, targets):
-        size = tuple(torch.as_tensor(targets[0]["mask"]).shape[-2:])
-        return list(self.semantic_probs(outputs, size).argmax(1).cpu())
+        """Label maps at the size of each target's mask (the original image's when there is none)."""
+        canvas = tuple(outputs.get("image_size") or outputs["masks"].shape[-2:])
+        preds = []
+        for b, t in enumerate(targets):
+            scores = to_image(outputs["masks"][b:b + 1], canvas, t, target_size(t, "mask"))
+            if self.mode == "maskformer":
+                prob = outputs["logits"][b:b + 1].float().softmax(-1)[..., :-1]
+                scores = torch.einsum("bqc,bqhw->bchw", prob, scores.sigmoid())
+            preds.append(scores.argmax(1)[0].cpu())
+        return preds
 
     def evaluator(self, dataset) -> Evaluator:
         return MIoUEvaluator(self.num_classes)
