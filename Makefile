@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo baselines test test-slow benchmark install clean
+.PHONY: demo baselines test test-slow test-browser benchmark install clean
 
 STAMP_NOW := $(shell date +%Y%m%d-%H%M%S)
 
@@ -12,7 +12,7 @@ STAMP_NOW := $(shell date +%Y%m%d-%H%M%S)
 # instead of taking a local CPU-only torch wheel that no torchvision wheel is built against.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	PIP_FIND_LINKS= $(PY) -m pip install --quiet -e '.[dev,export,language]'
+	PIP_FIND_LINKS= $(PY) -m pip install --quiet -e '.[dev,export,language,serve]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -22,6 +22,15 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+# The serve page in headless Chromium (Debian's chromium + chromium-driver: installed here when
+# missing and apt-get is usable); fails, never skips, if the browser cannot be had.
+test-browser: $(STAMP)
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { command -v apt-get >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >/dev/null; } || \
+	  { echo "make test-browser needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)"; exit 1; }
+	PIP_FIND_LINKS= $(PY) -m pip install --quiet -e '.[browser]'
+	$(PY) -m pytest -q -m browser; rc=$$?; if [ $$rc -eq 5 ]; then echo "no browser tests collected"; exit 1; fi; exit $$rc
 
 benchmark: $(STAMP)
 	$(PY) tools/benchmark.py --json benchmark.json

@@ -29,20 +29,6 @@ def _has_onnx() -> bool:
 needs_onnx = pytest.mark.skipif(not _has_onnx(), reason="the export extra (onnx, onnxruntime, onnxscript) is missing")
 
 
-@pytest.fixture(scope="module")
-def tiny_run(synthetic_root, tmp_path_factory):
-    """A 2-step cls + det + seg run and its det and seg bundles."""
-    from moe_vision.engine.trainer import Trainer
-    from moe_vision.surgery.pipeline import extract_bundle
-    from tests.test_engine import make_cfg
-    base = tmp_path_factory.mktemp("export")
-    run = base / "run"
-    Trainer(make_cfg(synthetic_root, run, "train.steps=2", "eval.periodic_images=0")).fit()
-    for task in ("det", "seg"):
-        extract_bundle(run, task, base / "experts" / task, "selected", log=lambda m: None)
-    return base
-
-
 @pytest.mark.parametrize("E,K,added", [(4, 1, ()), (8, 2, ()), (6, 3, ()), (4, 2, (2,))])
 def test_dense_over_kept_experts_equals_the_sparse_path_in_fp64(E, K, added):
     torch.manual_seed(E + K)

@@ -71,6 +71,26 @@ def read_image(path: Path, decoder: str = "auto") -> tv_tensors.Image:
     return tv_tensors.Image(torch.from_numpy(arr.copy()).permute(2, 0, 1))
 
 
+class ImageTooLarge(ValueError):
+    """An image with more pixels than a set limit."""
+
+
+def decode_image(data: bytes, name: str = "upload", max_pixels: int | None = None) -> tv_tensors.Image:
+    """An image file's bytes as RGB uint8 ``[3, H, W]`` in display orientation (as
+    :func:`read_image`); bytes that are no image, or an image above ``max_pixels``, raise one
+    error naming ``name``."""
+    import io
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if max_pixels and im.width * im.height > max_pixels:
+                raise ImageTooLarge(f"{name} is {im.width}x{im.height} pixels; the limit is {max_pixels / 1e6:g} "
+                                    "megapixels")
+            arr = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ValueError(f"{name} is not an image that can be read ({type(e).__name__}: {e})") from None
+    return tv_tensors.Image(torch.from_numpy(arr.copy()).permute(2, 0, 1))
+
+
 def read_label_png(path: Path) -> np.ndarray:
     if not path.is_file():
         raise FileNotFoundError(f"annotation {path} does not exist")

@@ -1,8 +1,8 @@
 """Heterogeneous sampling: which task each optimiser step draws from, and per-task infinite batches.
 
 Both are deterministic functions of the seed and of a small state (``state_dict``), so a resumed
-run draws exactly the batches the uninterrupted run would have drawn. Rank-awareness later means
-offsetting the per-task permutations by rank; nothing here holds global state.
+run draws exactly the batches the uninterrupted run would have drawn, whether items are loaded in
+the training process or in DataLoader worker processes; nothing here holds global state.
 """
 from __future__ import annotations
 
@@ -152,14 +152,14 @@ class InfiniteBatches:
         self.num_workers, self.prefetch_factor, self.pin_memory = num_workers, prefetch_factor, pin_memory
         self.items = SeededItems(dataset)
         self.epoch, self.position = 0, 0
-        self._perms: dict[int, list[int]] = {}  # the last two epochs' (the plan runs ahead of the consumer)
+        self._perms: dict[int, torch.Tensor] = {}  # the last two epochs' (the plan runs ahead of the consumer)
         self._loader_iter = None
 
-    def _permutation(self, epoch: int) -> list[int]:
+    def _permutation(self, epoch: int) -> torch.Tensor:
         if epoch not in self._perms:
             g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
             self._perms = {e: p for e, p in self._perms.items() if e == epoch - 1}
-            self._perms[epoch] = torch.randperm(len(self.dataset), generator=g).tolist()
+            self._perms[epoch] = torch.randperm(len(self.dataset), generator=g)
         return self._perms[epoch]
 
     def batch_keys(self, epoch: int, position: int) -> tuple[list[tuple[int, int]], int, int]:
@@ -168,7 +168,7 @@ class InfiniteBatches:
         if position + self.batch_size > len(self.dataset):
             epoch, position = epoch + 1, 0
         start = position + self.rank * self.local_batch
-        idx = self._permutation(epoch)[start:start + self.local_batch]
+        idx = self._permutation(epoch)[start:start + self.local_batch].tolist()
         return [(item_seed(self.seed, epoch, i), i) for i in idx], epoch, position + self.batch_size
 
     def __iter__(self) -> Iterator:

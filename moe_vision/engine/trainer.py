@@ -26,6 +26,7 @@ from .builders import (build_dataset, build_generalist, check_num_classes, drop_
                        resolve_num_classes, run_dir_of, steps_for_epochs)
 from .checkpoint import (latest_checkpoint, load_checkpoint, optimizer_hyperparameters, optimizer_template,
                          optimizer_tensors, restore_optimizer, save_checkpoint)
+from .compile import compile_model
 from .distributed import DistContext, init_distributed
 from .evaluate import chance_metrics, evaluate, fixed_subset
 from .optim import LossWeighting, build_optimizer, cosine_with_warmup, set_trainable
@@ -133,6 +134,9 @@ class Trainer:
             set_trainable(self.model, self.tcfg["trainable"])
         self.model = self.model.to(self.device)
         self.model.backbone.grad_checkpointing = bool(self.tcfg.get("grad_checkpointing", False))
+        self.compiled = bool(self.tcfg.get("compile")) and compile_model(
+            self.model, self.device, self.tcfg.get("compile_mode") or "default",
+            self.tcfg.get("compile_backend") or "inductor")
         # Frozen normalisation layers (surgery tools) must not update their running statistics.
         self.frozen_norms = [m for m in self.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
                              and not any(p.requires_grad for p in m.parameters())]
@@ -260,7 +264,7 @@ class Trainer:
         rec = {"step": self.step, "tasks": tasks, "loss": float(loss), "task_losses": logs,
                "aux": aux.as_floats(), "lr": self.scheduler.get_last_lr()[0],
                "grad_norm": float(grad_norm) if grad_norm is not None else None,
-               "dropped_tokens": sum(x.dropped_tokens for x in routing)}
+               "dropped_tokens": int(sum(x.dropped_tokens for x in routing))}  # (a host read after the step)
         return rec
 
     # ------------------------------------------------------------------ run

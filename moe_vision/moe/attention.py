@@ -18,6 +18,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from .dispatch import TokenDispatcher
+from .grouped import autocast_inputs, grouped_linear
 from .layer import RoutingOutput
 from .router import TaskRouter
 
@@ -33,11 +34,8 @@ class GroupedLinear(nn.Module):
         nn.init.uniform_(self.weight, -1 / math.sqrt(in_features), 1 / math.sqrt(in_features))
 
     def forward(self, x_AI: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        ws = self.weight.unbind(0)
-        bs = self.bias.unbind(0) if self.bias is not None else [None] * self.num_experts
-        outs = [x @ ws[e] if bs[e] is None else torch.addmm(bs[e], x, ws[e])
-                for e, x in enumerate(torch.split(x_AI, counts_E.tolist()))]
-        return torch.cat(outs, dim=0)
+        x, w, b = autocast_inputs(x_AI, self.weight, self.bias)
+        return grouped_linear(x, counts_E, w, b)
 
 
 class MoEAttention(nn.Module):
@@ -78,13 +76,13 @@ class MoEAttention(nn.Module):
         x_TD = x_BND.reshape(T, D)
         r = self.router(x_TD, task)
         plan = self.dispatcher.plan(r.idx_TK, r.weights_TK)
-        q_AI = self.q_experts(self.dispatcher.permute(x_TD, plan), plan.counts_E)
+        q_AI = self.q_experts(self.dispatcher.permute(x_TD, plan), plan.rows_E)
         # Back to slot-major order (a = k*T + t) so the K query sets line up as extra query rows.
         q_KTI = q_AI.new_zeros(K * T, h * d).index_copy(0, plan.assignment_idx, q_AI)
         q = q_KTI.view(K, B, N, h, d).permute(1, 3, 0, 2, 4).reshape(B, h, K * N, d)
         k, v = self.kv(x_BND).view(B, N, 2, h, d).permute(2, 0, 3, 1, 4).unbind(0)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # [B, h, K*N, d]
         o_KTI = o.view(B, h, K, N, d).permute(2, 0, 3, 1, 4).reshape(K * T, h * d)
-        y_AD = self.o_experts(o_KTI.index_select(0, plan.assignment_idx), plan.counts_E)
+        y_AD = self.o_experts(o_KTI.index_select(0, plan.assignment_idx), plan.rows_E)
         y_TD = self.dispatcher.unpermute(y_AD, plan, T)
         return y_TD.view(B, N, D), RoutingOutput.from_router(self.layer_name, task, r, self.num_experts)

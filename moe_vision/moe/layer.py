@@ -11,7 +11,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from .dispatch import TokenDispatcher
+from .dispatch import TokenDispatcher, count_per_expert
+from .grouped import autocast_inputs, grouped_linear
 from . import expert_parallel as ep
 from .experts import GroupedExperts
 from .losses import load_balancing_loss, router_z_loss
@@ -31,8 +32,8 @@ class RoutingOutput:
     balance_loss: torch.Tensor  # over this call's tokens (this rank's, under data parallelism)
     z_loss: torch.Tensor
     task_experts: int  # experts this task's router chooses among
-    dropped_tokens: int
-    dropped_assignments: int
+    dropped_tokens: int | torch.Tensor  # a 0-d tensor with capacity (no host read in the forward)
+    dropped_assignments: int | torch.Tensor
     exchange: "ep.ExpertExchange | None" = None  # the all-to-all plan under expert parallelism
 
     @classmethod
@@ -51,7 +52,7 @@ class RoutingOutput:
 
     def selection_counts(self, num_experts: int) -> torch.Tensor:
         """How often each expert was chosen ``[E]`` (dropped assignments included)."""
-        return torch.bincount(self.idx_TK.reshape(-1), minlength=num_experts)
+        return count_per_expert(self.idx_TK.reshape(-1), num_experts)
 
     def gate_sums(self, num_experts: int) -> torch.Tensor:
         """Sum of the combine weights each expert received ``[E]``."""
@@ -118,14 +119,16 @@ class MoEMLP(nn.Module):
         self.ep_group = group
 
     def run_experts(self, x_AD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        """Expert-sorted rows through the expert groups (each group's rows are contiguous)."""
+        """Expert-sorted rows through the experts (each expert's rows are contiguous). Experts
+        added by ``add_task`` keep their own tensors (so the old ones can stay frozen) but run in
+        the same grouped operators, on a concatenated view of all weights."""
         if not len(self.added_experts):
             return self.experts(x_AD, counts_E)
         groups = [self.experts, *self.added_experts]
-        sizes = [g.num_experts for g in groups]
-        counts_G = torch.split(counts_E, sizes)
-        rows = torch.split(x_AD, [int(c.sum()) for c in counts_G])
-        return torch.cat([g(x, c) for g, x, c in zip(groups, rows, counts_G)], dim=0)
+        cat = (lambda name: None if getattr(self.experts, name) is None
+               else torch.cat([getattr(g, name) for g in groups]))
+        x, w1, b1, w2, b2 = autocast_inputs(x_AD, cat("w1"), cat("b1"), cat("w2"), cat("b2"))
+        return grouped_linear(self.experts.act(grouped_linear(x, counts_E, w1, b1)), counts_E, w2, b2)
 
     def all_experts_dense(self, x_TD: torch.Tensor, idx_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
         """Every expert on every token ``[T, D]``, each token's outputs weighted by its top-k
@@ -156,10 +159,10 @@ class MoEMLP(nn.Module):
         x_AD = self.dispatcher.permute(x_TD, plan)
         ex = None
         if self.ep_group is not None:
-            ex = ep.exchange_plan(plan.counts_E, self.ep_group)
+            ex = ep.exchange_plan(plan.rows_E, self.ep_group)  # (the counts exchange: the one sync here)
             y_AD = ep.combine_rows(self.experts(ep.dispatch_rows(x_AD, ex), ex.local_counts_L), ex)
         else:
-            y_AD = self.run_experts(x_AD, plan.counts_E)
+            y_AD = self.run_experts(x_AD, plan.rows_E)
         y_TD = self.dispatcher.unpermute(y_AD, plan, T)
         if self.expert_scale != 1.0:
             y_TD = y_TD * self.expert_scale

@@ -10,6 +10,7 @@ from typing import Sequence
 
 import torch
 
+from .dispatch import count_per_expert
 from .reduce import active_world_size, sum_over_ranks
 
 _EPS = 1e-9
@@ -19,7 +20,7 @@ def global_load_balancing_loss(r) -> torch.Tensor:
     """:func:`load_balancing_loss` of one routing output over the tokens of every rank: the
     assignment counts and router probability sums are summed over ranks first."""
     E, K = r.task_experts, r.idx_TK.shape[1]
-    counts_E = torch.bincount(r.idx_TK.reshape(-1), minlength=E).to(r.prob_sum_E.dtype)
+    counts_E = count_per_expert(r.idx_TK.reshape(-1), E).to(r.prob_sum_E.dtype)
     stats = sum_over_ranks(torch.cat([counts_E, counts_E.new_tensor([r.num_tokens])]).detach())
     counts_E, tokens = stats[:E], stats[E]
     prob_sum_E = sum_over_ranks(r.prob_sum_E[:E])
@@ -33,7 +34,7 @@ def load_balancing_loss(probs_TE: torch.Tensor, idx_TK: torch.Tensor) -> torch.T
     probability of e. Equals 1 under perfectly uniform routing.
     """
     T, E = probs_TE.shape
-    f_E = torch.bincount(idx_TK.reshape(-1), minlength=E).to(probs_TE.dtype) / idx_TK.numel()
+    f_E = count_per_expert(idx_TK.reshape(-1), E).to(probs_TE.dtype) / idx_TK.numel()
     return E * torch.sum(f_E * probs_TE.mean(dim=0))
 
 

@@ -22,16 +22,19 @@ def inference_transform(model: GeneralistModel, task: str):
 
 
 @torch.no_grad()
-def predict_batch(model: GeneralistModel, task: str, images: list[torch.Tensor]) -> list:
+def predict_batch(model: GeneralistModel, task: str, images: list[torch.Tensor], return_routing: bool = False):
     """Postprocessed predictions for decoded images (uint8 ``[3, H, W]``), each in its own pixel
     coordinates: cls logits, det boxes/scores/labels, seg label maps and depth maps at each
-    image's original size. Images of different shapes share a padded batch."""
+    image's original size. Images of different shapes share a padded batch. With
+    ``return_routing``, also the MoE layers' :class:`~moe_vision.moe.RoutingOutput` list and the
+    network inputs' ``(canvas, targets)``."""
     transform = inference_transform(model, task)
     x, targets = collate([transform(im, {}) for im in images])
     model.eval()
     device = next(model.parameters()).device
-    out = model(x.to(device), task, targets=targets)
-    return model.spec(task).postprocess(out, targets)
+    out, routing = model(x.to(device), task, targets=targets, return_routing=True)
+    preds = model.spec(task).postprocess(out, targets)
+    return (preds, routing, (tuple(x.shape[-2:]), targets)) if return_routing else preds
 
 
 @torch.no_grad()
@@ -102,6 +105,38 @@ def coco_image_ids(ann_file: str | Path) -> tuple[dict[str, int], list[int]]:
     return ids, [c["id"] for c in sorted(data.get("categories", []), key=lambda c: c["id"])]
 
 
+def det_records(pred: dict, image_id, cat_ids: list[int] | None = None) -> list[dict]:
+    """One image's detections as COCO results (``bbox`` XYWH in its pixels, ``category_id`` the
+    annotation file's id when ``cat_ids`` is given, else the label index)."""
+    out = []
+    for box, score, label in zip(pred["boxes"].tolist(), pred["scores"].tolist(), pred["labels"].tolist()):
+        x0, y0, x1, y1 = box
+        out.append({"image_id": image_id, "category_id": cat_ids[label] if cat_ids else int(label),
+                    "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
+                    "score": round(float(score), 5)})
+    return out
+
+
+def cls_top5(logits: torch.Tensor, names: list[str] | None = None) -> list[dict]:
+    """The five most probable classes: ``label``, ``name``, ``score`` (softmax probability)."""
+    top = logits.float().softmax(-1).topk(min(5, logits.shape[-1]))
+    return [{"label": int(c), "name": names[c] if names and c < len(names) else str(c), "score": round(s, 5)}
+            for s, c in zip(top.values.tolist(), top.indices.tolist())]
+
+
+def seg_png_array(labels: torch.Tensor, label_offset: int = 0) -> np.ndarray:
+    """A label map as the 8-bit array of an ADE20K-style PNG (label + ``label_offset``)."""
+    labels = labels + int(label_offset)
+    if int(labels.max()) > 255:
+        raise ValueError(f"label {int(labels.max())} does not fit an 8-bit PNG (--label-offset?)")
+    return labels.numpy().astype(np.uint8)
+
+
+def depth_png_array(depth_m: torch.Tensor) -> np.ndarray:
+    """A depth map in metres as the 16-bit array of an NYU-style PNG (millimetres, >= 1)."""
+    return (depth_m * 1000).round().clamp(1, 65535).numpy().astype(np.uint16)
+
+
 def _write_png(array: np.ndarray, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     Image.fromarray(array).save(tmp, format="PNG")
@@ -162,30 +197,15 @@ def predict_folder(model: GeneralistModel, task: str, paths: list[Path], out: st
         if not images:
             continue
         preds = predict_batch(model, task, images)
-        if kind == "det":
-            for p, pred in zip(kept, preds):
-                for box, score, label in zip(pred["boxes"].tolist(), pred["scores"].tolist(), pred["labels"].tolist()):
-                    x0, y0, x1, y1 = box
-                    results.append({"image_id": ids[p.name] if ids else p.name,
-                                    "category_id": cat_ids[label] if cat_ids else int(label),
-                                    "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
-                                    "score": round(float(score), 5)})
-        elif kind == "cls":
-            for p, logits in zip(kept, preds):
-                top = logits.float().softmax(-1).topk(min(5, logits.shape[-1]))
-                results.append({"file": str(p), "top5": [{"label": int(c), "name": names[c] if names else str(c),
-                                                          "score": round(s, 5)}
-                                                         for s, c in zip(top.values.tolist(), top.indices.tolist())]})
-        else:
-            for p, pred in zip(kept, preds):
-                if kind == "seg":
-                    labels = pred + int(label_offset)
-                    if int(labels.max()) > 255:
-                        raise ValueError(f"label {int(labels.max())} does not fit an 8-bit PNG (--label-offset?)")
-                    _write_png(labels.numpy().astype(np.uint8), target / f"{p.stem}.png")
-                else:
-                    mm = (pred * 1000).round().clamp(1, 65535).numpy().astype(np.uint16)
-                    _write_png(mm, target / f"{p.stem}.png")
+        for p, pred in zip(kept, preds):
+            if kind == "det":
+                results += det_records(pred, ids[p.name] if ids else p.name, cat_ids)
+            elif kind == "cls":
+                results.append({"file": str(p), "top5": cls_top5(pred, names)})
+            elif kind == "seg":
+                _write_png(seg_png_array(pred, label_offset), target / f"{p.stem}.png")
+            else:
+                _write_png(depth_png_array(pred), target / f"{p.stem}.png")
     bar.close()
     if paths and len(skipped) == len(paths):
         raise ValueError(f"none of the {len(paths)} input image(s) could be read (e.g. {skipped[0]}); nothing was "
