@@ -115,6 +115,10 @@ def test_adapt_stage_freezes_every_pretrained_tensor_and_finetune_continues(synt
         Trainer(make_cfg(synthetic_root, tmp_path / "x", "train.stage=adapt"))
     with pytest.raises(ValueError, match="train.stage='warm'"):
         Trainer(make_cfg(synthetic_root, tmp_path / "y", "train.stage=warm", f"model.init_from={pre}"))
+    # The natural first try, adapt without adapters: every tensor is loaded, so nothing would train.
+    with pytest.raises(ValueError, match=r"froze all .* parameters .* nothing is left to train; enable "
+                                         r"adapters.enabled=true and/or lv.enabled=true"):
+        Trainer(make_cfg(synthetic_root, tmp_path / "z", f"model.init_from={pre}", "train.stage=adapt"))
 
 
 def test_lv_training_with_cached_text_and_the_controls_written(synthetic_root, tmp_path):

@@ -170,6 +170,7 @@ def _losses(run_dir):
     return [json.loads(line)["loss"] for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow  # ~1 min: two runs with evaluation
 def test_train_compile_trains_like_eager(synthetic_root, tmp_path):
     from moe_vision.engine.trainer import Trainer
     from tests.test_engine import make_cfg

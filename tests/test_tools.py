@@ -22,13 +22,14 @@ def test_benchmark_writes_ratios_json(tmp_path):
              "--json", str(out))
     assert r.returncode == 0, r.stderr
     data = json.loads(out.read_text())
-    assert set(data["configs"]) == {"a", "b"}
+    assert set(data["configs"]) == {"a-eager", "b-eager"}
     for cfg in data["configs"].values():
-        assert cfg["ratio_vs_dense"] > 0
+        assert cfg["ratio_vs_dense"] > 0 and not cfg["compiled"]
         assert set(cfg["times_ms"]) >= {"ours", "dense", "naive"}
+        assert 0 < cfg["expert_gemm_share"] < 1  # the profiler found the grouped expert operators
         assert "speedup_vs_fairscale" in cfg
-    assert data["configs"]["a"]["speedup_vs_fairscale"] is not None  # fairscale is in the dev extra
-    assert "vs dense" in r.stdout
+    assert data["configs"]["a-eager"]["speedup_vs_fairscale"] is not None  # fairscale is in the dev extra
+    assert "vs dense" in r.stdout and "fairscale/ours" in r.stdout and ">=3" not in r.stdout
 
 
 def test_inspect_model_runs_and_rejects_bad_name():
@@ -129,6 +130,13 @@ def test_surgery_cli_extract_predict_add_task_finetune(synthetic_root, tmp_path)
     assert "detections" in pred and (tmp_path / "pr" / f"{img.stem}.det.png").is_file()
     from moe_vision.data.synthetic import CLASS_NAMES
     assert pred["detections"] and all(d["label"] in CLASS_NAMES for d in pred["detections"])  # names recorded at training
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG not really")
+    r = _run("tools/predict.py", "--bundle", str(bundle), str(corrupt), "--out", str(tmp_path / "none"))
+    assert r.returncode == 2 and "none of the 1 input image(s) could be read" in r.stderr  # not a silent success
+    r = _run("tools/predict.py", "--bundle", str(bundle), str(corrupt), str(img), "--out", str(tmp_path / "some"))
+    assert r.returncode == 0 and "skipped 1 unreadable" in r.stdout  # a folder with some corrupt files
+    assert r.stderr.count("\r") <= 3  # the progress bar, in a log, is not redrawn per image
     run2 = tmp_path / "run2"
     r = _run("tools/add_task.py", "--checkpoint", str(run), "--task", "depth", "--data", str(synthetic_root / "depth"),
              "--new-experts", "1", "--out", str(run2))

@@ -20,12 +20,14 @@ H100_BF16_TFLOPS = 989.0  # dense bf16 peak of an H100 SXM (NVIDIA's datasheet, 
 
 @dataclass
 class StepCost:
-    """Per image of one task: training FLOPs (forward + backward) and saved activation bytes."""
+    """One task's training step: FLOPs (forward + backward) and saved activation bytes per image,
+    plus the activation bytes that do not grow with the batch (e.g. bf16 copies of the weights)."""
 
     task: str
     img_size: int
     train_flops: float
     activation_bytes: float
+    fixed_bytes: float = 0.0
 
 
 def _dummy_target(spec, size: int) -> dict:
@@ -45,13 +47,10 @@ def _dummy_target(spec, size: int) -> dict:
     return t
 
 
-def task_cost(model, task: str, size: int, bf16: bool = True) -> StepCost:
-    """FLOPs of a training forward + backward and the bytes of activations saved for backward, for
-    one ``size`` x ``size`` image of ``task``."""
+def _count(model, task: str, size: int, batch: int, bf16: bool) -> tuple[float, float]:
     spec = model.spec(task)
-    model.train()
-    x = torch.randn(1, 3, size, size)
-    targets = [_dummy_target(spec, size)]
+    x = torch.randn(batch, 3, size, size)
+    targets = [_dummy_target(spec, size) for _ in range(batch)]
     saved = [0]
 
     def pack(t: torch.Tensor):
@@ -67,7 +66,17 @@ def task_cost(model, task: str, size: int, bf16: bool = True) -> StepCost:
     with counter:
         loss.backward()
     model.zero_grad(set_to_none=True)
-    return StepCost(task, size, float(counter.get_total_flops()), float(saved[0]))
+    return float(counter.get_total_flops()), float(saved[0])
+
+
+def task_cost(model, task: str, size: int, bf16: bool = True) -> StepCost:
+    """FLOPs of a training forward + backward and the bytes of activations saved for backward, per
+    ``size`` x ``size`` image of ``task``: counted at batch 1 and 2, so that what does not grow
+    with the batch (the weights' bf16 copies) is set apart."""
+    model.train()
+    f1, m1 = _count(model, task, size, 1, bf16)
+    f2, m2 = _count(model, task, size, 2, bf16)
+    return StepCost(task, size, f2 - f1, max(0.0, m2 - m1), max(0.0, 2 * m1 - m2))
 
 
 def recipe_costs(model, tasks_cfg: Mapping[str, Mapping[str, Any]], default_size: int, bf16: bool = True) -> dict:
@@ -88,7 +97,7 @@ def step_estimate(costs: Mapping[str, StepCost], batches: Mapping[str, int], tas
     one step's tasks (backward runs after all of them)."""
     share = min(1.0, tasks_per_step / max(1, len(costs)))
     flops = sum(c.train_flops * batches[t] / gpus for t, c in costs.items()) * share
-    act = sum(c.activation_bytes * math.ceil(batches[t] / gpus) for t, c in costs.items()) * share
+    act = sum((c.activation_bytes * math.ceil(batches[t] / gpus) + c.fixed_bytes) for t, c in costs.items()) * share
     seconds = flops / (peak_tflops * 1e12 * mfu)
     return {"step_seconds": seconds, "memory_gb": (16 * num_params + act) / 1e9, "activation_gb": act / 1e9,
             "images_per_second": {t: batches[t] / gpus * share / seconds for t in costs}}  # per GPU

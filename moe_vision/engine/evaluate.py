@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
-from tqdm import tqdm
 
+from ..cli import progress_bar
 from ..data import collate
 from ..data.sampler import LoadError, SeededItems, collate_or_error
 from ..moe import ExpertUsage
@@ -86,7 +86,7 @@ def evaluate(model: GeneralistModel, datasets: Mapping[str, object], batch_size:
         else:
             ev = spec.evaluator(dataset)
         total = -(-min(len(dataset), (max_batches or 10 ** 9) * batch_size) // batch_size)
-        for images, targets in tqdm(iterate_batches(dataset, batch_size, max_batches, num_workers), total=total,
+        for images, targets in progress_bar(iterate_batches(dataset, batch_size, max_batches, num_workers), total=total,
                                     desc=f"eval {task}",
                                     leave=False, disable=not progress):
             with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):

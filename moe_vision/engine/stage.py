@@ -44,6 +44,10 @@ def freeze_pretrained(model: nn.Module, init_report: Mapping) -> dict:
         p.requires_grad_(name not in loaded)
     snapshot = {n: t.detach().clone() for n, t in model.state_dict().items() if n in loaded}
     counts = parameter_counts(model)
+    if counts["trainable"] == 0:
+        raise ValueError(f"train.stage=adapt froze all {counts['total']:,} parameters (every one was loaded from "
+                         f"{init_report['source']}): nothing is left to train; enable adapters.enabled=true and/or "
+                         "lv.enabled=true, or train a new task")
     return {**counts, "trainable_fraction": counts["trainable"] / counts["total"], "snapshot": snapshot}
 
 

@@ -16,6 +16,7 @@ import torch
 from torch.profiler import record_function
 from tqdm import tqdm
 
+from ..cli import progress_bar
 from ..data import InfiniteBatches, TaskSampler, collate
 from ..data.synthetic import SyntheticConfig, generate, is_complete
 from ..models import save_model
@@ -307,7 +308,7 @@ class Trainer:
         global_images = sum(int(self.cfg["tasks"][t]["batch_size"]) for t in self.tasks) / max(1, len(self.tasks)) \
             * int(self.tcfg["sampling"].get("tasks_per_step", 1))
         ema: dict[str, float] = {}
-        bar = tqdm(total=steps, initial=self.step, desc="train", dynamic_ncols=True, disable=not main)
+        bar = progress_bar(total=steps, initial=self.step, desc="train", dynamic_ncols=True, disable=not main)
         log_path = self.run_dir / "train_log.jsonl"
         t0 = time.time()
         first_step = self.step

@@ -58,7 +58,8 @@ class TaskGraph(nn.Module):
 
     Postprocessed outputs: cls ``probs [B, C]``; det the ``MAX_DETECTIONS`` best (query, class)
     pairs of the one-to-one queries, ``det_boxes_xyxy [B, K, 4]`` in input pixels, ``det_scores
-    [B, K]``, ``det_labels [B, K]`` (int64; no NMS, the ``queries`` inference mode); seg
+    [B, K]``, ``det_labels [B, K]`` (int64; before NMS: with ``inference=queries_nms`` the runtime
+    wrapper, :mod:`moe_vision.export.runtime`, applies class-wise NMS after the graph); seg
     ``label_map [B, H, W]`` (int64); depth ``depth_m [B, H, W]``.
     """
 
@@ -72,12 +73,9 @@ class TaskGraph(nn.Module):
                              f"exportable types: {', '.join(RAW_OUTPUTS)}")
         if self.kind == "seg" and self.spec.options.get("mode", "classwise") != "classwise":
             raise ValueError(f"task {task!r}: only class-wise segmentation (mode=classwise) exports")
-        if self.kind == "det" and self.spec.opt("inference", "queries") == "dense_nms":
+        if self.kind == "det" and self.spec.opt("inference", "queries_nms") == "dense_nms":
             raise ValueError(f"task {task!r}: inference=dense_nms reads the dense token outputs, which the exported "
                              "graph does not return; export with inference=queries or queries_nms")
-        if postprocess and self.kind == "det" and self.spec.opt("inference", "queries") != "queries":
-            raise ValueError(f"task {task!r}: exported postprocessing has no NMS; it follows inference=queries, "
-                             f"not {self.spec.opt('inference', None)!r} (export the raw outputs instead)")
 
     def output_names(self) -> list[str]:
         return list(RAW_OUTPUTS[self.kind]) + (list(POST_OUTPUTS[self.kind]) if self.postprocess else [])

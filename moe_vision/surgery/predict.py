@@ -164,7 +164,7 @@ def predict_folder(model: GeneralistModel, task: str, paths: list[Path], out: st
     """
     import json
     import warnings
-    from tqdm import tqdm
+    from ..cli import progress_bar
     spec = model.spec(task)
     kind = spec.type_name
     if kind not in RESULT_FILES:
@@ -183,7 +183,7 @@ def predict_folder(model: GeneralistModel, task: str, paths: list[Path], out: st
     out.mkdir(parents=True, exist_ok=True)
     names = spec.options.get("class_names")
     results, skipped = [], []
-    bar = tqdm(total=len(paths), desc=f"predict {task}", disable=not progress, unit="img")
+    bar = progress_bar(total=len(paths), desc=f"predict {task}", disable=not progress, unit="img")
     for start in range(0, len(paths), batch_size):
         images, kept = [], []
         for p in paths[start:start + batch_size]:

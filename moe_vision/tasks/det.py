@@ -214,7 +214,8 @@ class DetectionTask(Task):
     whole box), ``class_loss`` (``varifocal`` | ``focal``), ``denoising_groups`` (0 disables
     denoising), ``dn_box_noise``, ``dn_label_noise``, ``query_content`` (``learned``: the shared
     query embeddings, ``token``: the selected tokens' features), ``inference`` (``queries``:
-    one-to-one, no NMS; ``queries_nms``: the same + class-wise NMS; ``dense_nms``: dense token
+    one-to-one, no NMS; ``queries_nms`` (the default): the same + class-wise NMS, which removes the
+    duplicate boxes a briefly trained one-to-one decoder still makes; ``dense_nms``: dense token
     predictions + NMS), ``nms_iou``."""
 
     type_name, primary_metric = "det", "mAP"
@@ -232,7 +233,7 @@ class DetectionTask(Task):
         return {**self.config(), "denoising_groups": 0}
 
     def build_head(self, dim: int) -> nn.Module:
-        if self.opt("inference", "queries") not in INFERENCE_MODES:
+        if self.opt("inference", "queries_nms") not in INFERENCE_MODES:
             raise ValueError(f"det inference={self.opt('inference', None)!r}; expected one of {list(INFERENCE_MODES)}")
         if self.opt("class_loss", "varifocal") not in ("varifocal", "focal"):
             raise ValueError(f"det class_loss={self.opt('class_loss', None)!r}; expected 'varifocal' or 'focal'")
@@ -454,7 +455,7 @@ class DetectionTask(Task):
         ``inference=queries``: the decoder's one-to-one predictions, no NMS; ``queries_nms``: the
         same with class-wise NMS at ``nms_iou`` (removes the duplicates a briefly trained
         one-to-one decoder still makes); ``dense_nms``: the dense token predictions + NMS."""
-        mode = self.opt("inference", "queries")
+        mode = self.opt("inference", "queries_nms")
         src = outputs["dense"] if mode == "dense_nms" else outputs
         nms = mode != "queries"
         scores_BK, labels_BK, boxes_BK4 = top_detections(src["logits"], src["boxes"],
