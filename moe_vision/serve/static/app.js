@@ -90,7 +90,10 @@ function render() {
     const card = el("div", { class: "task-card", "data-task": task, "data-type": out.type });
     card.append(el("h2", {}, `${task} · ${out.type}`));
     const canvas = el("canvas", { class: "answer" });
-    canvas.width = image.naturalWidth; canvas.height = image.naturalHeight;
+    // drawn at least 480 px wide (small images scaled up), so labels stay readable
+    canvas.scale = Math.max(1, 480 / image.naturalWidth);
+    canvas.width = Math.round(image.naturalWidth * canvas.scale);
+    canvas.height = Math.round(image.naturalHeight * canvas.scale);
     card.append(canvas);
     results.append(card);
     const draw = { cls: drawCls, det: drawDet, seg: drawSeg, depth: drawDepth }[out.type];
@@ -99,9 +102,16 @@ function render() {
   }
 }
 
-function drawCls(card, canvas, image, out, task) {
+function drawImage(canvas, image) {
   const ctx = canvas.getContext("2d");
-  ctx.drawImage(image, 0, 0);
+  ctx.imageSmoothingEnabled = canvas.scale < 2;
+  ctx.drawImage(image, 0, 0, canvas.width, canvas.height);
+  ctx.imageSmoothingEnabled = true;
+  return ctx;
+}
+
+function drawCls(card, canvas, image, out, task) {
+  drawImage(canvas, image);
   const list = el("ol", { class: "top5" });
   for (const p of out.top5) {
     list.append(el("li", { class: "top5-item" }, el("span", {}, p.name),
@@ -112,15 +122,14 @@ function drawCls(card, canvas, image, out, task) {
 }
 
 function drawDet(card, canvas, image, out, task) {
-  const ctx = canvas.getContext("2d");
-  ctx.drawImage(image, 0, 0);
+  const ctx = drawImage(canvas, image);
   const minScore = parseFloat($("#score-slider").value);
   const names = INFO.tasks[task].classes;
   const kept = out.detections.filter((d) => d.score >= minScore);
-  ctx.lineWidth = Math.max(2, image.naturalWidth / 250);
-  ctx.font = `${Math.max(12, image.naturalWidth / 40)}px system-ui`;
+  ctx.lineWidth = Math.max(2, canvas.width / 250);
+  ctx.font = `${Math.max(13, canvas.width / 40)}px system-ui`;
   for (const d of kept) {
-    const [x, y, w, h] = d.bbox;
+    const [x, y, w, h] = d.bbox.map((v) => v * canvas.scale);
     ctx.strokeStyle = colour(d.category_id); ctx.fillStyle = colour(d.category_id);
     ctx.strokeRect(x, y, w, h);
     ctx.fillText(`${names[d.category_id] ?? d.category_id} ${d.score.toFixed(2)}`, x + 2, Math.max(12, y - 3));
@@ -143,7 +152,8 @@ async function drawSeg(card, canvas, image, out, task) {
     data.data[i] = c[0]; data.data[i + 1] = c[1]; data.data[i + 2] = c[2]; data.data[i + 3] = 255;
   }
   octx.putImageData(data, 0, 0);
-  ctx.drawImage(image, 0, 0);
+  drawImage(canvas, image);
+  ctx.imageSmoothingEnabled = false;
   ctx.globalAlpha = parseFloat($("#opacity-slider").value);
   ctx.drawImage(off, 0, 0, canvas.width, canvas.height);
   ctx.globalAlpha = 1;
