@@ -36,6 +36,7 @@ def real_cfg(root, out, *overrides):
             "tasks.cls.img_size=64", "tasks.det.img_size=96", "tasks.seg.img_size=80", "tasks.depth.img_size=64",
             "tasks.cls.batch_size=2", "tasks.det.batch_size=2", "tasks.seg.batch_size=2", "tasks.depth.batch_size=2",
             "train.epochs=null", "train.steps=2", "train.warmup_steps=1", "train.eval_every=0", "data.num_workers=0",
+            "data.tasks.cls.num_workers=0",
             "eval.batch_size=4", "device=cpu", f"output_dir={out}", *overrides])
     return prepare_config(OmegaConf.to_container(cfg, resolve=True))
 

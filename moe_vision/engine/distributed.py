@@ -36,10 +36,21 @@ class DistContext:
         """Only rank 0 writes logs, reports, pictures and plain model files."""
         return self.rank == 0
 
-    def shutdown(self) -> None:
-        """Leave the process group (end of a run)."""
-        if self.enabled and dist.is_initialized():
-            dist.destroy_process_group()
+    def shutdown(self, poll_s: float = 0.2) -> None:
+        """Leave the process group (end of a run), all ranks together: a rank that tears down its
+        gloo connections while another still holds them open can abort in the C++ teardown. The
+        meeting goes through the rendezvous store, not a collective, so ranks that finish early
+        (rank 0 evaluates alone) wait without a collective's timeout; should rank 0 fail instead,
+        torchrun stops the others."""
+        if not (self.enabled and dist.is_initialized()):
+            return
+        import time
+        store = dist.distributed_c10d._get_default_store()
+        key = "moe_vision/finished"
+        store.add(key, 1)
+        while store.add(key, 0) < self.world_size:
+            time.sleep(poll_s)
+        dist.destroy_process_group()
 
     def barrier(self) -> None:
         if self.enabled:
