@@ -15,6 +15,8 @@ from typing import Any, Mapping
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..data.transforms import canvas_side
+
 H100_BF16_TFLOPS = 989.0  # dense bf16 peak of an H100 SXM (NVIDIA's datasheet, without sparsity)
 
 
@@ -37,7 +39,7 @@ def _dummy_target(spec, size: int) -> dict:
         t["label"] = torch.tensor(0)
     elif kind == "det":
         from torchvision import tv_tensors
-        boxes = torch.tensor([[size * 0.1, size * 0.2, size * 0.6, size * 0.7], [size * 0.5, size * 0.1, size * 0.9, size * 0.4]])
+        boxes = torch.tensor([[0.1, 0.2, 0.6, 0.7], [0.5, 0.1, 0.9, 0.4]]) * size
         t.update(boxes=tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(size, size)),
                  labels=torch.tensor([0, min(1, spec.num_classes - 1)]), image_id=torch.tensor(0))
     elif kind == "seg":
@@ -84,7 +86,7 @@ def recipe_costs(model, tasks_cfg: Mapping[str, Mapping[str, Any]], default_size
     resizing)."""
     out = {}
     for task, tc in tasks_cfg.items():
-        side = int((tc.get("max_size") if tc.get("resize") == "short" else None) or tc.get("img_size") or default_size)
+        side = canvas_side(int(tc.get("img_size") or default_size), tc.get("resize"), tc.get("max_size"))
         out[task] = task_cost(model, task, side, bf16)
     return out
 

@@ -65,9 +65,14 @@ def read_image(path: Path, decoder: str = "auto") -> tv_tensors.Image:
             return tv_tensors.Image(image)
     try:
         with Image.open(path) as im:
-            arr = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+            return _displayed_rgb(im)
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise ValueError(f"image {path} is corrupt or not an image ({e}); re-encode or remove it") from None
+
+
+def _displayed_rgb(im: Image.Image) -> tv_tensors.Image:
+    """A PIL image as RGB uint8 ``[3, H, W]``, turned as its EXIF orientation says."""
+    arr = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
     return tv_tensors.Image(torch.from_numpy(arr.copy()).permute(2, 0, 1))
 
 
@@ -85,10 +90,9 @@ def decode_image(data: bytes, name: str = "upload", max_pixels: int | None = Non
             if max_pixels and im.width * im.height > max_pixels:
                 raise ImageTooLarge(f"{name} is {im.width}x{im.height} pixels; the limit is {max_pixels / 1e6:g} "
                                     "megapixels")
-            arr = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+            return _displayed_rgb(im)
     except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
         raise ValueError(f"{name} is not an image that can be read ({type(e).__name__}: {e})") from None
-    return tv_tensors.Image(torch.from_numpy(arr.copy()).permute(2, 0, 1))
 
 
 def read_label_png(path: Path) -> np.ndarray:
@@ -308,14 +312,14 @@ class DepthDataset(_PairedDataset):
 
     def __getitem__(self, i: int):
         image, raw = self._read_pair(i)
+        return self._apply(image, {"depth": tv_tensors.Mask(self._metres(raw, i))})
+
+    def _metres(self, raw: np.ndarray, i: int) -> torch.Tensor:
         if raw.dtype != np.uint16:
             raise ValueError(f"depth {self.labels[i]} has dtype {raw.dtype}; expected a 16-bit PNG in millimetres")
-        return self._apply(image, {"depth": tv_tensors.Mask(self._metres(raw))})
-
-    def _metres(self, raw: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(raw.astype(np.float32) / 1000.0).clamp(max=self.max_depth)
 
     def raw_target(self, i: int) -> dict:
         """The depth map at full resolution without reading the image (chance levels)."""
-        depth = self._metres(read_label_png(self.labels[i]))
+        depth = self._metres(read_label_png(self.labels[i]), i)
         return {"depth": depth, "orig_size": torch.tensor(depth.shape)}

@@ -100,6 +100,13 @@ class SeededItems(Dataset):
             return LoadError(str(e))
 
 
+def raise_load_error(batch):
+    """``batch``, or the one-line ValueError a worker reported instead of it."""
+    if isinstance(batch, LoadError):
+        raise ValueError(batch.message)
+    return batch
+
+
 def collate_or_error(collate_fn: Callable):
     """``collate_fn`` that hands back the first :class:`LoadError` among the items instead."""
     def run(items):
@@ -187,12 +194,8 @@ class InfiniteBatches:
             self._loader_iter = self._loader()  # its plan starts at the current state
         keys, self.epoch, self.position = self.batch_keys(self.epoch, self.position)
         if self.num_workers:
-            batch = next(self._loader_iter)
-        else:
-            batch = collate_or_error(self.collate)([self.items[k] for k in keys])
-        if isinstance(batch, LoadError):
-            raise ValueError(batch.message)
-        return batch
+            return raise_load_error(next(self._loader_iter))
+        return raise_load_error(collate_or_error(self.collate)([self.items[k] for k in keys]))
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position}

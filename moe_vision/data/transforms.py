@@ -61,7 +61,8 @@ class AspectResize(v2.Transform):
         super().__init__()
         self.size, self.mode, self.max_size = int(size), mode, max_size
         self.jitter = tuple(float(j) for j in jitter) if jitter else None
-        resized_shape(1, 1, 1, mode)  # validates the mode
+        if mode not in ("long", "short"):
+            raise ValueError(f"resize={mode!r} keeps no aspect ratio; expected 'long' or 'short'")
 
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
         h, w = query_size(flat_inputs)

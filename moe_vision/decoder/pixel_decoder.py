@@ -27,15 +27,10 @@ def grid_centres(grid: tuple[int, int], device=None, extent: tuple[float, float]
     return torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1).reshape(gh * gw, 2)
 
 
-def sine_position_embedding(h: int, w: int, dim: int, device=None, dtype=None) -> torch.Tensor:
-    """Fixed 2-D sine/cosine position embedding ``[h*w, dim]`` (half the channels per axis)."""
-    return sine_embed_points(grid_centres((h, w), device), dim).to(dtype or torch.float32)
-
-
 def sine_embed_points(points_N2: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sine/cosine embedding ``[..., dim]`` of normalised ``(x, y)`` points in [0, 1]: the same
-    code as :func:`sine_position_embedding` uses for the memory, so a query placed at a token's
-    centre gets that token's position embedding."""
+    """Sine/cosine embedding ``[..., dim]`` of normalised ``(x, y)`` points in [0, 1] (half the
+    channels per axis): the memory tokens' positions and the queries' use the same code, so a
+    query placed at a token's centre gets that token's position embedding."""
     if dim % 4:
         raise ValueError(f"sine position embedding needs dim divisible by 4, got {dim}")
     quarter = dim // 4
@@ -120,7 +115,7 @@ class PixelDecoder(nn.Module):
                                     valid[0])))
         levels = fused if self.memory_proj is None else [proj(m) for proj, m in zip(self.memory_proj, maps)]
         if frame is None:
-            frame = tuple(image_size) if image_size else (maps[0].shape[-2] * strides[0], maps[0].shape[-1] * strides[0])
+            frame = tuple(image_size) if image_size else tuple(n * strides[0] for n in maps[0].shape[-2:])
         memory, pos, centres, strides_M, shapes, masks = [], [], [], [], [], []
         for i, (level, m) in enumerate(zip(levels, maps)):
             h, w = m.shape[-2:]

@@ -145,21 +145,19 @@ def drop_missing_optional(cfg: Mapping[str, Any]) -> tuple[dict, list[str]]:
     """The config without the tasks whose data entry is ``optional: true`` and whose folder (or
     annotation file) is missing (e.g. NYU depth in experiment=real), and their names."""
     entries = (cfg.get("data") or {}).get("tasks") or {}
-    dropped = []
+    missing = {}
     for task in cfg["tasks"]:
         d = entries.get(task) or {}
         where = d.get("root") or d.get("train_ann")
         if d.get("optional") and where and not Path(where).exists():
-            dropped.append(task)
-    if not dropped:
-        return dict(cfg), []
-    if len(dropped) == len(cfg["tasks"]):
-        raise FileNotFoundError(f"no task has its data: {', '.join(str((entries[t].get('root') or entries[t].get('train_ann'))) for t in dropped)} "
-                                "do not exist")
-    return {**cfg, "tasks": {t: c for t, c in cfg["tasks"].items() if t not in dropped}}, dropped
+            missing[task] = where
+    if missing and len(missing) == len(cfg["tasks"]):
+        raise FileNotFoundError(f"no task has its data: {', '.join(map(str, missing.values()))} do not exist")
+    return {**cfg, "tasks": {t: c for t, c in cfg["tasks"].items() if t not in missing}}, list(missing)
 
 
-def steps_for_epochs(train_cfg: Mapping[str, Any], tasks_cfg: Mapping[str, Any], sizes: Mapping[str, int]) -> int | None:
+def steps_for_epochs(train_cfg: Mapping[str, Any], tasks_cfg: Mapping[str, Any],
+                     sizes: Mapping[str, int]) -> int | None:
     """``train.steps`` for ``train.epochs`` epochs of ``train.epoch_task`` (default: the largest
     training set): its images / (batch size x the expected number of its batches per step)."""
     epochs = train_cfg.get("epochs")

@@ -9,7 +9,7 @@ import torch
 
 from ..cli import progress_bar
 from ..data import collate
-from ..data.sampler import LoadError, SeededItems, collate_or_error
+from ..data.sampler import SeededItems, collate_or_error, raise_load_error
 from ..moe import ExpertUsage
 from ..tasks import GeneralistModel
 
@@ -61,9 +61,7 @@ def iterate_batches(dataset, batch_size: int, max_batches: int | None = None, nu
     else:
         batches = (run([items[k] for k in batch]) for batch in keys)
     for batch in batches:
-        if isinstance(batch, LoadError):
-            raise ValueError(batch.message)
-        yield batch
+        yield raise_load_error(batch)
 
 
 @torch.no_grad()

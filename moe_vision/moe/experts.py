@@ -35,6 +35,16 @@ def get_activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
         raise ValueError(f"unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}") from None
 
 
+def grouped_mlp(x_AD: torch.Tensor, counts_E: torch.Tensor, w1_EDH: torch.Tensor, b1_EH: torch.Tensor | None,
+                w2_EHD: torch.Tensor, b2_ED: torch.Tensor | None, act: Callable) -> torch.Tensor:
+    """``fc2(act(fc1(x)))`` of every expert on its rows of the expert-sorted buffer: two
+    :func:`~moe_vision.moe.grouped.grouped_linear` operators (``torch._grouped_mm`` on CUDA in half
+    precision, a per-expert loop elsewhere), in autocast's dtype when it is on. Shapes never depend
+    on the counts."""
+    x, w1, b1, w2, b2 = autocast_inputs(x_AD, w1_EDH, b1_EH, w2_EHD, b2_ED)
+    return grouped_linear(act(grouped_linear(x, counts_E, w1, b1)), counts_E, w2, b2)
+
+
 class GroupedExperts(nn.Module):
     """E two-layer MLP experts ``fc2(act(fc1(x)))`` with stacked weights.
 
@@ -79,8 +89,6 @@ class GroupedExperts(nn.Module):
         return f"num_experts={self.num_experts}, dim={self.dim}, hidden={self.hidden}, activation={self.activation}"
 
     def forward(self, x_TD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        """Run rows sorted by expert; ``counts_E[e]`` consecutive rows belong to expert e. Two
-        :func:`~moe_vision.moe.grouped.grouped_linear` operators (``torch._grouped_mm`` on CUDA
-        in half precision, a per-expert loop elsewhere); shapes never depend on the counts."""
-        x, w1, b1, w2, b2 = autocast_inputs(x_TD, self.w1, self.b1, self.w2, self.b2)
-        return grouped_linear(self.act(grouped_linear(x, counts_E, w1, b1)), counts_E, w2, b2)
+        """Run rows sorted by expert; ``counts_E[e]`` consecutive rows belong to expert e
+        (:func:`grouped_mlp`)."""
+        return grouped_mlp(x_TD, counts_E, self.w1, self.b1, self.w2, self.b2, self.act)

@@ -12,9 +12,8 @@ from torch import nn
 import torch.nn.functional as F
 
 from .dispatch import TokenDispatcher, count_per_expert
-from .grouped import autocast_inputs, grouped_linear
+from .experts import GroupedExperts, grouped_mlp
 from . import expert_parallel as ep
-from .experts import GroupedExperts
 from .losses import load_balancing_loss, router_z_loss
 from .router import TaskRouter
 
@@ -118,31 +117,32 @@ class MoEMLP(nn.Module):
         self.experts.num_experts = len(local)
         self.ep_group = group
 
-    def run_experts(self, x_AD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        """Expert-sorted rows through the experts (each expert's rows are contiguous). Experts
-        added by ``add_task`` keep their own tensors (so the old ones can stay frozen) but run in
-        the same grouped operators, on a concatenated view of all weights."""
-        if not len(self.added_experts):
-            return self.experts(x_AD, counts_E)
+    def expert_weights(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        """``(w1_EDH, b1_EH, w2_EHD, b2_ED)`` of every expert, those added by ``add_task`` included
+        (they keep their own tensors, so the old ones can stay frozen; gradients flow back through
+        the concatenation)."""
         groups = [self.experts, *self.added_experts]
+        if len(groups) == 1:
+            return self.experts.w1, self.experts.b1, self.experts.w2, self.experts.b2
         cat = (lambda name: None if getattr(self.experts, name) is None
                else torch.cat([getattr(g, name) for g in groups]))
-        x, w1, b1, w2, b2 = autocast_inputs(x_AD, cat("w1"), cat("b1"), cat("w2"), cat("b2"))
-        return grouped_linear(self.experts.act(grouped_linear(x, counts_E, w1, b1)), counts_E, w2, b2)
+        return cat("w1"), cat("b1"), cat("w2"), cat("b2")
+
+    def run_experts(self, x_AD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """Expert-sorted rows through the experts (each expert's rows are contiguous)."""
+        return grouped_mlp(x_AD, counts_E, *self.expert_weights(), self.experts.act)
 
     def all_experts_dense(self, x_TD: torch.Tensor, idx_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
         """Every expert on every token ``[T, D]``, each token's outputs weighted by its top-k
         weights (zero for unchosen experts): no data-dependent shapes, so it exports to static
         graphs; E/K times the sparse path's expert FLOPs."""
-        groups = [self.experts, *self.added_experts]
-        w1_EDH = torch.cat([g.w1 for g in groups]).to(x_TD.dtype)
-        w2_EHD = torch.cat([g.w2 for g in groups]).to(x_TD.dtype)
+        w1_EDH, b1_EH, w2_EHD, b2_ED = (None if w is None else w.to(x_TD.dtype) for w in self.expert_weights())
         pre_ETH = torch.einsum("td,edh->eth", x_TD, w1_EDH)
-        if self.experts.b1 is not None:
-            pre_ETH = pre_ETH + torch.cat([g.b1 for g in groups]).to(x_TD.dtype)[:, None]
+        if b1_EH is not None:
+            pre_ETH = pre_ETH + b1_EH[:, None]
         y_ETD = torch.einsum("eth,ehd->etd", self.experts.act(pre_ETH), w2_EHD)
-        if self.experts.b2 is not None:
-            y_ETD = y_ETD + torch.cat([g.b2 for g in groups]).to(x_TD.dtype)[:, None]
+        if b2_ED is not None:
+            y_ETD = y_ETD + b2_ED[:, None]
         gate_TE = torch.zeros(x_TD.shape[0], w1_EDH.shape[0], dtype=x_TD.dtype, device=x_TD.device)
         gate_TE = gate_TE.scatter(1, idx_TK, weights_TK.to(x_TD.dtype))
         return torch.einsum("te,etd->td", gate_TE, y_ETD)

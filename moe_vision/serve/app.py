@@ -75,7 +75,7 @@ class Predictor:
     def one_task(self, image: torch.Tensor, name: str, task: str) -> dict:
         model, served = self.served.model, self.served
         spec = model.spec(task)
-        (pred,), routing, (canvas, _) = predict_batch(model, task, [image], return_routing=True)
+        (pred,), routing, canvas = predict_batch(model, task, [image], return_routing=True)
         p = model.backbone.patch_size
         grid = (-(-canvas[0] // p), -(-canvas[1] // p))
         kind = spec.type_name

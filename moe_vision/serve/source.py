@@ -55,8 +55,10 @@ def load_source(path: str | Path, device: str = "cpu") -> ServedModel:
     if (path / "bundle.json").exists():
         model = load_bundle(path, device)
         info = model.bundle_info
-        served = ServedModel(model.eval(), "bundle", path, kept_experts={k: list(v) for k, v in info["kept_experts"].items()})
-        served.usage = {layer: {info["task"]: list(freq)} for layer, freq in (info.get("usage_frequency") or {}).items()}
+        kept = {layer: list(experts) for layer, experts in info["kept_experts"].items()}
+        served = ServedModel(model.eval(), "bundle", path, kept_experts=kept)
+        usage = info.get("usage_frequency") or {}
+        served.usage = {layer: {info["task"]: list(freq)} for layer, freq in usage.items()}
         parent = Path(info["parent_checkpoint"])
         served.examples = _examples(parent if parent.is_dir() else parent.parent, [info["task"]])
         return served
@@ -67,8 +69,8 @@ def load_source(path: str | Path, device: str = "cpu") -> ServedModel:
     usage_file = path / "expert_usage.json"
     if usage_file.is_file():
         u = json.loads(usage_file.read_text())
-        served.usage = {layer: {task: u["frequency"][li][si][:u["num_experts"][layer]] for si, task in enumerate(u["tasks"])}
-                        for li, layer in enumerate(u["layers"])}
+        served.usage = {layer: {task: u["frequency"][li][si][:u["num_experts"][layer]]
+                                for si, task in enumerate(u["tasks"])} for li, layer in enumerate(u["layers"])}
     served.examples = _examples(path, model.tasks)
     return served
 

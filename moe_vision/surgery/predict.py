@@ -7,18 +7,17 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from ..data import build_transforms, collate, read_image
+from ..data import collate, read_image
 from ..tasks import GeneralistModel
 
 
 def inference_transform(model: GeneralistModel, task: str):
     """The evaluation pipeline of ``task`` as the model was trained: its recorded input size and
     resize mode (aspect ratio kept for det, seg and depth), normalisation."""
+    from ..engine.builders import task_transforms
     spec = model.spec(task)
-    o = spec.options
-    size = int(o.get("img_size") or model.backbone.config["img_size"])
-    return build_transforms(spec.type_name, False, size, resize=o.get("resize"), max_size=o.get("max_size"),
-                            crop_pct=float(o.get("crop_pct") or 0.875))
+    return task_transforms(task, {**spec.options, "type": spec.type_name},
+                           {"img_size": model.backbone.config["img_size"]}, train=False)
 
 
 @torch.no_grad()
@@ -27,14 +26,14 @@ def predict_batch(model: GeneralistModel, task: str, images: list[torch.Tensor],
     coordinates: cls logits, det boxes/scores/labels, seg label maps and depth maps at each
     image's original size. Images of different shapes share a padded batch. With
     ``return_routing``, also the MoE layers' :class:`~moe_vision.moe.RoutingOutput` list and the
-    network inputs' ``(canvas, targets)``."""
+    batch's canvas ``(H, W)``."""
     transform = inference_transform(model, task)
     x, targets = collate([transform(im, {}) for im in images])
     model.eval()
     device = next(model.parameters()).device
     out, routing = model(x.to(device), task, targets=targets, return_routing=True)
     preds = model.spec(task).postprocess(out, targets)
-    return (preds, routing, (tuple(x.shape[-2:]), targets)) if return_routing else preds
+    return (preds, routing, tuple(x.shape[-2:])) if return_routing else preds
 
 
 @torch.no_grad()

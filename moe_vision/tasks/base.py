@@ -127,9 +127,9 @@ class Task:
     def input_side(self) -> int:
         """The longest side this task's inputs have after resizing (``img_size``; ``max_size`` for
         ``resize=short``); 0 when the config does not say (older checkpoints)."""
-        if self.options.get("resize") == "short" and self.options.get("max_size"):
-            return int(self.options["max_size"])
-        return int(self.options.get("img_size") or 0)
+        from ..data.transforms import canvas_side
+        o = self.options
+        return canvas_side(int(o.get("img_size") or 0), o.get("resize"), o.get("max_size"))
 
     @property
     def query_stride(self) -> int:

@@ -142,8 +142,7 @@ class GeneralistModel(nn.Module):
         frame = None if (side, side) == (Hp, Wp) else (side, side)
         valid_px = None
         if input_sizes is not None:  # (on the host: the sizes come with the batch)
-            q = self.backbone.patch_size
-            valid_px = torch.div(torch.as_tensor(input_sizes).cpu() + q - 1, q, rounding_mode="floor") * q
+            valid_px = torch.div(torch.as_tensor(input_sizes).cpu() + p - 1, p, rounding_mode="floor") * p
             valid_px = None if bool((valid_px == torch.tensor([Hp, Wp])).all()) else valid_px.to(images.device)
         return images, frame, valid_px
 

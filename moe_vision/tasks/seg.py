@@ -215,26 +215,26 @@ class SegmentationTask(Task):
         return {"loss": self.w("class") * ce + self.w("bce") * bce + self.w("dice") * dice,
                 "ce": ce, "bce": bce, "dice": dice}
 
-    def semantic_probs(self, outputs, size) -> torch.Tensor:
-        """Per-class scores ``[B, C, H, W]``: class-wise softmax, or (maskformer) the sum over
-        queries of P(class) x mask probability."""
-        masks = F.interpolate(outputs["masks"].float(), size=size, mode="bilinear", align_corners=False)
+    def class_scores(self, masks_BQHW: torch.Tensor, logits_BQC: torch.Tensor | None) -> torch.Tensor:
+        """Per-class scores ``[B, C, H, W]`` from mask logits at the wanted size: class-wise
+        softmax, or (maskformer) the sum over queries of P(class) x mask probability."""
         if self.mode != "maskformer":
-            return masks.softmax(1)
-        prob = outputs["logits"].float().softmax(-1)[..., :-1]
-        return torch.einsum("bqc,bqhw->bchw", prob, masks.sigmoid())
+            return masks_BQHW.softmax(1)
+        prob = logits_BQC.float().softmax(-1)[..., :-1]
+        return torch.einsum("bqc,bqhw->bchw", prob, masks_BQHW.sigmoid())
+
+    def semantic_probs(self, outputs, size) -> torch.Tensor:
+        """:meth:`class_scores` of the whole batch at ``size``."""
+        masks = F.interpolate(outputs["masks"].float(), size=size, mode="bilinear", align_corners=False)
+        return self.class_scores(masks, outputs.get("logits"))
 
     def postprocess(self, outputs, targets):
         """Label maps at the size of each target's mask (the original image's when there is none)."""
         canvas = tuple(outputs.get("image_size") or outputs["masks"].shape[-2:])
-        preds = []
-        for b, t in enumerate(targets):
-            scores = to_image(outputs["masks"][b:b + 1], canvas, t, target_size(t, "mask"))
-            if self.mode == "maskformer":
-                prob = outputs["logits"][b:b + 1].float().softmax(-1)[..., :-1]
-                scores = torch.einsum("bqc,bqhw->bchw", prob, scores.sigmoid())
-            preds.append(scores.argmax(1)[0].cpu())
-        return preds
+        logits = outputs.get("logits")
+        return [self.class_scores(to_image(outputs["masks"][b:b + 1], canvas, t, target_size(t, "mask")),
+                                  None if logits is None else logits[b:b + 1]).argmax(1)[0].cpu()
+                for b, t in enumerate(targets)]
 
     def evaluator(self, dataset) -> Evaluator:
         return MIoUEvaluator(self.num_classes)
