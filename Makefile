@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo baselines test test-slow test-browser benchmark install clean
+.PHONY: demo baselines test test-slow test-browser benchmark gpu-wheels gpu-check install clean
 
 STAMP_NOW := $(shell date +%Y%m%d-%H%M%S)
 
@@ -12,7 +12,7 @@ STAMP_NOW := $(shell date +%Y%m%d-%H%M%S)
 # instead of taking a local CPU-only torch wheel that no torchvision wheel is built against.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	PIP_FIND_LINKS= $(PY) -m pip install --quiet -e '.[dev,export,language,serve]'
+	PIP_FIND_LINKS= $(PY) -m pip install --quiet --quiet -e '.[dev,export,language,serve]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -29,17 +29,39 @@ test-browser: $(STAMP)
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 	  { command -v apt-get >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >/dev/null; } || \
 	  { echo "make test-browser needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)"; exit 1; }
-	PIP_FIND_LINKS= $(PY) -m pip install --quiet -e '.[browser]'
+	PIP_FIND_LINKS= $(PY) -m pip install --quiet --quiet -e '.[browser]'
 	$(PY) -m pytest -q -m browser; rc=$$?; if [ $$rc -eq 5 ]; then echo "no browser tests collected"; exit 1; fi; exit $$rc
 
 benchmark: $(STAMP)
 	$(PY) tools/benchmark.py --json benchmark.json
 
+# The GPU check runs on a bare GPU machine whose python3 has torch (and timm, scipy, pytest, ...)
+# but no package registry: what it lacks travels as wheels in .whl/, which `make gpu-wheels`
+# downloads here (CPython 3.12, manylinux x86_64; antlr4's runtime is built from its source).
+GPU_PY      ?= 3.12
+GPU_WHEELS  := hydra-core==1.3.8 omegaconf==2.3.1 pycocotools==2.0.11
+GPU_SOURCES := antlr4-python3-runtime==4.9.3
+gpu-wheels: $(STAMP)
+	mkdir -p .whl
+	PIP_FIND_LINKS= $(PY) -m pip download --quiet --quiet --no-deps --only-binary=:all: --python-version $(GPU_PY) \
+	  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+	  --platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
+	PIP_FIND_LINKS= $(PY) -m pip wheel --quiet --quiet --no-deps -w .whl $(GPU_SOURCES)
+
+# On the GPU machine: the wheels of .whl/ (if any) into a private folder, then tools/gpu_check.py
+# (about 8 minutes on an H100/H200), which writes docs/results/gpu.md and gpu.json.
+gpu-check:
+	@if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/moe-site .whl/*.whl; fi
+	PYTHONPATH=/tmp/moe-site:$(CURDIR) PYTHONUNBUFFERED=1 python3 tools/gpu_check.py
+
 # The main job: generate the synthetic benchmark if missing, train the MoE generalist on
 # cls + det + seg, evaluate, print the metrics table (about 11 minutes on 2 CPU cores).
+# make demo SEED=1, make baselines SEED=1: another model initialisation and sampling order
+SEED ?= 0
+
 demo: $(STAMP)
 	$(PY) tools/make_synthetic.py
-	$(PY) tools/train.py experiment=synthetic output_dir=runs/synthetic-$(STAMP_NOW)
+	$(PY) tools/train.py experiment=synthetic seed=$(SEED) output_dir=runs/synthetic-s$(SEED)-$(STAMP_NOW)
 
 # Dense single-task baselines of the same active compute, and the comparison table
 # against the latest demo run (1200 steps each; at most ~20 minutes in all: 6.5-8 min per
@@ -47,9 +69,11 @@ demo: $(STAMP)
 baselines: $(STAMP)
 	$(PY) tools/make_synthetic.py
 	for t in cls det seg; do \
-	  $(PY) tools/train.py experiment=synthetic_single_task single_task=$$t output_dir=runs/dense_$$t-$(STAMP_NOW) || exit 1; \
+	  $(PY) tools/train.py experiment=synthetic_single_task single_task=$$t seed=$(SEED) \
+	    output_dir=runs/dense_$$t-s$(SEED)-$(STAMP_NOW) || exit 1; \
 	done
-	$(PY) tools/compare.py $$(ls -d runs/synthetic-* | tail -1) runs/dense_cls-$(STAMP_NOW) runs/dense_det-$(STAMP_NOW) runs/dense_seg-$(STAMP_NOW)
+	$(PY) tools/compare.py $$(ls -d runs/synthetic-s$(SEED)-* | tail -1) runs/dense_cls-s$(SEED)-$(STAMP_NOW) \
+	  runs/dense_det-s$(SEED)-$(STAMP_NOW) runs/dense_seg-s$(SEED)-$(STAMP_NOW)
 
 clean:
 	rm -rf $(VENV) .pytest_cache benchmark.json  # runs/ and data/ are kept

@@ -11,7 +11,8 @@ from .models import MoEViT, load_model, save_model, upcycle_from_dense  # noqa: 
 from .moe import MoEConfig  # noqa: E402
 from .tasks import GeneralistModel  # noqa: E402  (also registers its checkpoint format)
 from .surgery import load_bundle  # noqa: E402
+from .inference import predict  # noqa: E402
 from . import pretrain  # noqa: E402,F401  (registers the pre-training task types)
 
 __version__ = "0.1.0"
-__all__ = ["GeneralistModel", "MoEConfig", "load_bundle", "MoEViT", "load_model", "save_model", "upcycle_from_dense", "__version__"]
+__all__ = ["GeneralistModel", "MoEConfig", "load_bundle", "predict", "MoEViT", "load_model", "save_model", "upcycle_from_dense", "__version__"]

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from moe_vision.adapters import MultiScaleAdapter, fill_text_embeddings, language_losses
 from moe_vision.adapters.language import (DEFAULT_TEMPLATES, apply_control, derangement, prompts_for,
                                           text_cache_path)
-from moe_vision.cli import MissingExtra
+from moe_vision.errors import MissingExtra
 from moe_vision.engine.builders import build_generalist
 from moe_vision.engine.trainer import Trainer
 from moe_vision.models import load_model, save_model

@@ -63,3 +63,18 @@ def test_compute_aux_losses_combines_tasks_per_layer():
     aux.total.backward()
     assert layer.router.gates["a"].weight.grad.abs().sum() > 0
     assert set(aux.as_floats()) == {"mutual_information", "load_balance", "z_loss", "total"}
+
+
+def test_aux_losses_split_by_task_sum_to_the_total():
+    from moe_vision.moe import AuxLossWeights, MoEMLP, compute_aux_losses
+    from moe_vision.moe.losses import aux_losses_by_task
+    torch.manual_seed(0)
+    layer = MoEMLP(8, 16, ["a", "b"], num_experts=4, top_k=2)
+    routing = [layer(torch.randn(10, 8), t)[1] for t in ("a", "b", "a")]
+    for mi in (0.0, 0.05):
+        w = AuxLossWeights(mi, 0.01, 0.001)
+        per_task, coupled = aux_losses_by_task(routing, w)
+        assert set(per_task) == {"a", "b"}
+        total = compute_aux_losses(routing, w).total
+        torch.testing.assert_close(sum(per_task.values()) + coupled, total)
+        assert (float(coupled.detach()) == 0.0) == (mi == 0.0)

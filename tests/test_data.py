@@ -94,6 +94,7 @@ def _copy_det(synthetic_root, tmp_path):
     return root, ann, json.loads(ann.read_text())
 
 
+@pytest.mark.filterwarnings("ignore:.*degenerate box")  # asserted where it matters
 def test_coco_bad_inputs(synthetic_root, tmp_path):
     root, ann, data = _copy_det(synthetic_root, tmp_path)
     data["annotations"][0]["category_id"] = 999

@@ -70,9 +70,14 @@ _HELP: dict[Path, str] = {}
 
 def check_command(cmd: list[str]) -> None:
     if cmd[0] == "make":
-        targets = set(re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(), re.M))
+        makefile = (ROOT / "Makefile").read_text()
+        targets = set(re.findall(r"^([\w-]+):", makefile, re.M))
+        variables = set(re.findall(r"^([A-Z_]+)\s*[?:]?=", makefile, re.M))
         for t in cmd[1:]:
-            assert t.startswith("-") or t in targets, f"make target {t!r} is not in the Makefile"
+            if "=" in t:
+                assert t.split("=")[0] in variables, f"make variable {t!r} is not set in the Makefile"
+            else:
+                assert t.startswith("-") or t in targets, f"make target {t!r} is not in the Makefile"
         return
     i = next(i for i, t in enumerate(cmd) if TOOL.match(t))
     tool, args = ROOT / cmd[i].lstrip("./"), [a.strip("[]") for a in cmd[i + 1:] if a not in ("...", "[", "]")]
@@ -104,7 +109,7 @@ def test_documented_command_matches_the_code(doc, cmd):
 
 def test_the_check_catches_drift():
     for bad in (["python", "tools/train.py", "train.stepz=3"], ["python", "tools/predict.py", "--no-such-flag"],
-                ["make", "tset"], ["python", "tools/nope.py"], ["python", "tools/train.py", "experiment=unreal"]):
+                ["make", "tset"], ["make", "demo", "SEEDS=1"], ["python", "tools/nope.py"], ["python", "tools/train.py", "experiment=unreal"]):
         with pytest.raises(Exception):
             check_command(bad)
 
@@ -121,3 +126,58 @@ def test_relative_links_and_pictures_exist():
             if "://" in target:
                 continue
             assert (doc.parent / target).exists(), f"{doc.relative_to(ROOT)} links to {target}, which does not exist"
+
+
+# ---------------------------------------------------------------- figures and their sources
+RESULTS = ROOT / "docs" / "results"
+# A measured figure: a decimal, a percentage, a ratio (1.14x) or a duration / size with its unit.
+FIGURE = re.compile(r"(?<![\w.\-/])(\d+(?:\.\d+)?(?:%|x\b| ?(?:ms|min|s|GB)\b)|\d+\.\d+)(?![\w.]*\d)")
+# Words of a working log that a reader of the docs cannot decode.
+WORKING_WORDS = re.compile(r"\b(this stop|this session|issue \d+|was lent|earlier session|issue target)\b", re.I)
+
+
+def sections(text: str) -> list[str]:
+    """The README's ``## `` sections (the text before the first one included), Install left out."""
+    parts = re.split(r"^(?=## )", text, flags=re.M)
+    return [p for p in parts if not p.startswith("## Install")]
+
+
+def untraced(text: str, pages: dict[str, str]) -> list[str]:
+    """Figures of each README section that no docs/results page linked from that section holds."""
+    out = []
+    for section in sections(text):
+        linked = "\n".join(body for name, body in pages.items() if f"docs/results/{name}" in section)
+        for line in section.splitlines():
+            out += [f"{m.group(1)!r} in: {line.strip()[:100]}" for m in FIGURE.finditer(line)
+                    if m.group(1) not in linked]
+    return out
+
+
+def results_pages() -> dict[str, str]:
+    return {p.name: p.read_text() for p in sorted(RESULTS.glob("*.md"))}
+
+
+def test_every_readme_figure_is_in_a_results_page_its_section_links():
+    readme = (ROOT / "README.md").read_text()
+    assert sum(len(FIGURE.findall(s)) for s in sections(readme)) > 20
+    assert untraced(readme, results_pages()) == []
+
+
+def test_the_figure_check_catches_a_figure_without_a_source():
+    pages = {"demo.md": "| cls | top-1 | 92.8 |\n`make demo` took 11 min 05 s; 1.14x; 65%"}
+    good = "## Results\n| cls | 92.8 |\nabout 11 min, 1.14x and 65% ([log](docs/results/demo.md))\n"
+    assert untraced(good, pages) == []
+    bad = "## Results\n| cls | 93.8 |\n~12 min, 1.2x, 66% ([log](docs/results/demo.md))\n## Speed\n1.14x\n"
+    assert [u.split(" in:")[0] for u in untraced(bad, pages)] == ["'93.8'", "'12 min'", "'1.2x'", "'66%'", "'1.14x'"]
+
+
+def test_every_results_page_is_linked_from_the_readme():
+    readme = (ROOT / "README.md").read_text()
+    for page in RESULTS.glob("*.md"):
+        assert f"docs/results/{page.name}" in readme, f"README does not link docs/results/{page.name}"
+
+
+def test_docs_speak_plainly():
+    for doc in DOCS:
+        found = WORKING_WORDS.findall(doc.read_text())
+        assert not found, f"{doc.relative_to(ROOT)} uses working words a reader cannot decode: {found}"

@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 
 from moe_vision.engine.builders import prepare_config
 from moe_vision.engine.optim import LossWeighting, cosine_with_warmup, param_groups
+from moe_vision.engine.steplog import StepLog
 from moe_vision.engine.trainer import Trainer
 
 CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")
@@ -39,11 +40,12 @@ def test_resume_matches_uninterrupted_run(synthetic_root, tmp_path):
     part_cfg = make_cfg(synthetic_root, tmp_path / "part", "train.sampling.tasks_per_step=1",
                         "train.sampling.strategy=temperature")
     first = Trainer(part_cfg)
+    steps = StepLog(first.dist)
     for _ in range(2):
-        rec = first.train_step()
-        (tmp_path / "part").mkdir(exist_ok=True)
-        with open(tmp_path / "part" / "train_log.jsonl", "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        steps.add(first.train_step())
+    (tmp_path / "part").mkdir(exist_ok=True)
+    with open(tmp_path / "part" / "train_log.jsonl", "a") as f:
+        f.writelines(json.dumps(rec) + "\n" for rec in steps.flush())
     first.save()
     torch.manual_seed(1234)  # a different process would start from different RNG state
     resumed = Trainer({**part_cfg, "resume": True})

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
@@ -100,6 +99,16 @@ def test_torch_export_keeps_parity_and_refuses_existing_output(tiny_run):
     assert out.stat().st_mtime_ns == before
 
 
+def test_export_tool_adds_the_latency_rows_to_its_report(tiny_run, tmp_path):
+    out = tmp_path / "seg.pt2"
+    subprocess.run([sys.executable, str(ROOT / "tools" / "export.py"), "--bundle", str(tiny_run / "experts" / "seg"),
+                    "--format", "torch_export", "--out", str(out), "--calib-images", "0", "--latency"],
+                   check=True, capture_output=True, text=True)
+    rows = json.loads(out.with_name("seg.pt2.json").read_text())["latency"]
+    assert {(r["model"].split(",")[1].strip(), r["batch"]) for r in rows} >= {("bundle", 1), ("bundle", 8)}
+    assert all(r["ms"] > 0 and r["ms_per_image"] == pytest.approx(r["ms"] / r["batch"]) for r in rows)
+
+
 def test_export_bad_input(tiny_run, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="--format 'tflite'; expected one of onnx, torch_export"):
         export_model(tmp_path / "a", "tflite", bundle=tiny_run / "experts" / "det", log=lambda m: None)
@@ -112,7 +121,7 @@ def test_export_bad_input(tiny_run, tmp_path, monkeypatch):
     real_import = builtins.__import__
     monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name))
                         if name == "onnxruntime" else real_import(name, *a, **k))
-    from moe_vision.cli import MissingExtra
+    from moe_vision.errors import MissingExtra
     with pytest.raises(MissingExtra, match=r"pip install -e '\.\[export\]'"):
         export_model(tmp_path / "c.onnx", "onnx", bundle=tiny_run / "experts" / "det", log=lambda m: None)
     assert not (tmp_path / "c.onnx").exists()
@@ -143,15 +152,15 @@ def test_folder_prediction_writes_coco_results_and_label_maps(tiny_run, syntheti
     assert again.returncode == 2 and "pass --force" in again.stderr
     # Segmentation: ADE20K-layout PNG label maps at each image's own size; a corrupt file is skipped, named.
     from moe_vision.surgery.bundle import load_bundle
-    from moe_vision.surgery.predict import image_files, predict_folder
+    from moe_vision.inference.predict import image_files, predict_folder
     seg_images = synthetic_root / "seg" / "images" / "validation"
     paths = image_files([seg_images]) + [tmp_path / "broken.jpg"]
     (tmp_path / "broken.jpg").write_bytes(b"garbage")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        summary = predict_folder(load_bundle(tiny_run / "experts" / "seg"), "seg", paths, tmp_path / "segp",
-                                 batch_size=4, label_offset=1, progress=False)
-    assert summary["skipped"] == [str(tmp_path / "broken.jpg")] and any("broken.jpg" in str(w.message) for w in caught)
+    said = []
+    summary = predict_folder(load_bundle(tiny_run / "experts" / "seg"), "seg", paths, tmp_path / "segp",
+                             batch_size=4, label_offset=1, progress=False, log=said.append)
+    assert summary["skipped"] == [str(tmp_path / "broken.jpg")]
+    assert len(said) == 1 and said[0].startswith(f"skipped: image {tmp_path / 'broken.jpg'} is corrupt")
     import numpy as np
     from PIL import Image
     maps = sorted((tmp_path / "segp" / "annotations").glob("*.png"))
@@ -164,7 +173,7 @@ def test_folder_prediction_writes_16_bit_depth_pngs_in_millimetres(synthetic_roo
     import numpy as np
     from PIL import Image
     from moe_vision.engine.builders import build_generalist
-    from moe_vision.surgery.predict import image_files, predict_folder
+    from moe_vision.inference.predict import image_files, predict_folder
     model = build_generalist({"model": {"name": "moe_vit_nano_patch8", "img_size": 32, "moe": {"num_experts": 4}},
                               "tasks": {"depth": {"type": "depth"}},
                               "decoder": {"dim": 32, "num_queries": 4, "num_layers": 1, "num_heads": 2}})

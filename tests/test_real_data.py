@@ -237,7 +237,7 @@ def test_segmentation_label_above_num_classes_is_refused(real_root):
 
 
 def test_bench_data_reports_loader_rates_and_the_gpu_side(tmp_path):
-    from moe_vision.bench.data_report import data_report, format_report
+    from moe_vision.bench.data import data_report, format_report
     report = data_report("real", ["model=moe_vit_nano", "model.img_size=64", "model.moe.num_experts=4",
                                   "decoder.dim=32", "decoder.num_layers=1", "decoder.num_heads=2",
                                   "tasks.cls.img_size=64", "tasks.det.img_size=96", "tasks.seg.img_size=64",
@@ -251,3 +251,12 @@ def test_bench_data_reports_loader_rates_and_the_gpu_side(tmp_path):
     assert cost["memory_gb"] > cost["activation_gb"] > 0 and cost["steps_per_epoch"] > 0
     text = format_report(report)
     assert "GPU img/s" in text and "memory per GPU" in text
+
+
+def test_loader_workers_beyond_the_cores_are_capped_with_one_line():
+    from moe_vision.engine.trainer import cap_workers
+    capped, note = cap_workers({"(evaluation)": 6, "cls": 12, "det": 1}, cores=2)
+    assert capped == {"(evaluation)": 2, "cls": 2, "det": 1}
+    assert note == ("data loader workers asked for ((evaluation) 6, cls 12) exceed the 2 CPU core(s) here: "
+                    "using 2 per loader")
+    assert cap_workers({"cls": 2, "det": 0}, cores=2) == ({"cls": 2, "det": 0}, None)

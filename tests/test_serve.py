@@ -11,14 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 fastapi = pytest.importorskip("fastapi", reason="the serve extra: pip install -e '.[serve]'")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from moe_vision.serve import create_app, load_source  # noqa: E402
-from moe_vision.surgery.predict import image_files, predict_folder  # noqa: E402
+from moe_vision.inference.predict import image_files, predict_folder  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 from tests.conftest import SERVE_TASKS as TASKS  # noqa: E402
@@ -145,3 +144,15 @@ def test_the_tool_refuses_a_port_in_use_with_one_line(four_task_run):
                            capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.strip().startswith("error: cannot listen on 127.0.0.1:") \
         and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+@pytest.mark.slow
+def test_the_server_holds_under_a_bounded_load(four_task_run):
+    from moe_vision.bench.serve_load import load_test
+    r = load_test(four_task_run, clients=8, requests=200)
+    assert r["unanswered"] == 0 and r["alive_after"]
+    for kind, counts in r["statuses"].items():
+        allowed = {200, 503} if kind == "image" else {400, 413, 503}
+        assert set(counts) <= allowed, (kind, counts)
+    assert r["statuses"]["image"].get(200, 0) > 0 and r["statuses"]["too_large_upload"].get(413, 0) > 0
+    assert r["rss_mb"]["growth"] < 200

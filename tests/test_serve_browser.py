@@ -7,7 +7,6 @@ import shutil
 import socket
 import threading
 import time
-from pathlib import Path
 
 import pytest
 from PIL import Image

@@ -125,7 +125,7 @@ def test_extract_bundle_end_to_end_and_bad_inputs(synthetic_root, tmp_path):
     info = extract_bundle(run, "det", out, "selected", log=lambda m: None)
     assert info["lossless_check"]["identical"] is True
     assert info["params"]["bundle"] <= info["params"]["full"]
-    assert set(info["metrics"]["full"]) == {"mAP", "mAP50"}
+    assert set(info["metrics"]["full"]["det"]) == {"mAP", "mAP50"}
     assert info["metrics"]["full"] == info["metrics"]["bundle"]
     assert read_bundle_info(out)["parent_sha256"] == info["parent_sha256"]
     model = load_bundle(out, parent_checkpoint=run)
@@ -149,3 +149,53 @@ def test_extract_bundle_end_to_end_and_bad_inputs(synthetic_root, tmp_path):
     with pytest.raises(ValueError, match="incomplete: model.safetensors is missing"):
         load_bundle(out)
     assert d["task"] == "det"
+
+
+def _demo_shaped_model():
+    """The demo's architecture (conv stem, 4 blocks, top-2 of 8 half-width experts every 2nd
+    block) whose det router in blocks.3.mlp never picks expert 4 and often sees experts 3 and 5
+    tie: their gate rows are equal up to a difference far below a logit's float32 resolution."""
+    import omegaconf
+    from moe_vision.models import build_model
+    cfg = omegaconf.OmegaConf.to_container(omegaconf.OmegaConf.load(Path(__file__).parents[1]
+                                                                    / "configs/model/moe_vit_demo.yaml"))
+    cfg["moe"].pop("aux_weights")
+    torch.manual_seed(0)
+    model = GeneralistModel(build_model(cfg, ["det", "seg"]), {"det": {"num_classes": 4}, "seg": {"num_classes": 3}},
+                            DEC).eval()
+    block = model.backbone.blocks[3]
+    with torch.no_grad():
+        block.norm2.bias[0] = 20.0  # every token's router input has a large first component ...
+        gate = block.mlp.router.gates["det"].weight  # [E, D]
+        gate.normal_(std=0.02)
+        gate[:, 0] = torch.tensor([0.0, 0.0, 0.0, 0.3, -1.0, 0.3, 0.0, 0.5])  # ... so 4 is always last
+        gate[5, 1:] = gate[3, 1:] + 3e-9 * torch.randn(gate.shape[1] - 1)
+    return model
+
+
+def test_selected_bundle_is_bit_identical_when_experts_tie_on_a_padded_batch():
+    """The demo run's regression: two experts with equal logits on some tokens, an unused expert
+    between them; ``torch.topk`` broke the tie differently once the unused one was cut out."""
+    from moe_vision.moe import ExpertUsage
+    model = _demo_shaped_model()
+    torch.manual_seed(1)
+    images = torch.randn(3, 3, 64, 64)
+    sizes = torch.tensor([[64, 64], [48, 40], [56, 64]])  # a padded batch: the model sees each image's region only
+    images[1, :, 48:], images[1, :, :, 40:], images[2, :, 56:] = 0, 0, 0
+    router = model.backbone.blocks[3].mlp.router
+    seen = []
+    hook = router.register_forward_hook(lambda mod, inp, r: seen.append(r.logits_TE))
+    out, routing = model(images, "det", return_routing=True, input_sizes=sizes)
+    hook.remove()
+    logits_TE = seen[0]
+    assert logits_TE.shape[0] < 3 * 65  # padding tokens never reach the router
+    tied = (logits_TE[:, 3] == logits_TE[:, 5]).sum()
+    assert 0 < tied < len(logits_TE)  # exact float32 ties on some tokens, a strict order on others
+    usage = ExpertUsage(model.backbone.moe_layers(), ["det"])
+    usage.update(routing)
+    kept = {layer: select_layer(usage.counts[i, 0], "selected", None, 2, layer) for i, layer in enumerate(usage.layers)}
+    assert {3, 5} <= set(kept["blocks.3.mlp"]) and 4 not in kept["blocks.3.mlp"], kept
+    small = extract_task(model, "det", kept).eval()
+    out_small = small(images, "det", input_sizes=sizes)
+    for k in ("logits", "boxes"):
+        assert torch.equal(out[k], out_small[k]), k

@@ -16,9 +16,8 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from moe_vision.cli import user_errors  # noqa: E402
-from moe_vision.surgery.continual_run import add_task_run  # noqa: E402
+from moe_vision.cli import user_errors
+from moe_vision.surgery.continual_run import add_task_run
 
 
 def main() -> int:

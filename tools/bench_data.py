@@ -19,10 +19,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from moe_vision.cli import user_errors  # noqa: E402
-from moe_vision.bench.data_report import data_report, format_report  # noqa: E402
-from moe_vision.io_utils import atomic_path  # noqa: E402
+from moe_vision.cli import user_errors
+from moe_vision.bench.data import data_report, format_report
+from moe_vision.io_utils import atomic_path
 
 
 def main() -> int:

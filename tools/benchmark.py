@@ -15,10 +15,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from moe_vision.bench.moe import (CASES, LayerCase, format_table, results_to_json,  # noqa: E402
+from moe_vision.bench.moe import (CASES, LayerCase, format_table, results_to_json,
                                   run_layer_case, run_model_case)
-from moe_vision.io_utils import atomic_path  # noqa: E402
+from moe_vision.io_utils import atomic_path
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

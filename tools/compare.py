@@ -10,9 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from moe_vision.cli import user_errors  # noqa: E402
-from moe_vision.engine.report import comparison_table, load_run_metrics, write_json  # noqa: E402
+from moe_vision.cli import user_errors
+from moe_vision.engine.report import comparison_table, load_run_metrics, write_json
 
 
 def main() -> int:

@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from moe_vision.cli import user_errors  # noqa: E402
-from moe_vision.engine.distributed import init_distributed  # noqa: E402
-from moe_vision.moe import MoEMLP  # noqa: E402
-from moe_vision.moe import expert_parallel as ep  # noqa: E402
+from moe_vision.cli import user_errors
+from moe_vision.engine.distributed import init_distributed
+from moe_vision.moe import MoEMLP
+from moe_vision.moe import expert_parallel as ep
 
 
 def main() -> int:

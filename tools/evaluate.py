@@ -9,16 +9,13 @@ into ``eval.out`` (default: the checkpoint's run directory) and prints the metri
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from moe_vision.cli import user_errors  # noqa: E402
-from moe_vision.engine.evaluate import evaluate_run  # noqa: E402
-from moe_vision.engine import report  # noqa: E402
+from moe_vision.cli import user_errors
+from moe_vision.engine.evaluate import evaluate_run
+from moe_vision.engine import report
 
 
 @hydra.main(config_path="../configs", config_name="train", version_base="1.3")

@@ -13,10 +13,9 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from moe_vision.cli import user_errors  # noqa: E402
-from moe_vision.engine.report import usage_summary  # noqa: E402
-from moe_vision.surgery.pipeline import run_usage  # noqa: E402
+from moe_vision.cli import user_errors
+from moe_vision.engine.report import usage_summary
+from moe_vision.surgery.pipeline import run_usage
 
 
 def main() -> int:

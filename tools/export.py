@@ -24,10 +24,10 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from moe_vision.cli import user_errors  # noqa: E402
-from moe_vision.export.pipeline import TOLERANCE, export_model, latency_table, load_source  # noqa: E402
-from moe_vision.export.runtime import FORMATS  # noqa: E402
+from moe_vision.cli import user_errors
+from moe_vision.engine.report import write_json
+from moe_vision.export.pipeline import TOLERANCE, export_model, latency_table, load_source
+from moe_vision.export.runtime import FORMATS
 
 
 def main() -> int:
@@ -45,7 +45,7 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--tolerance", type=float, default=TOLERANCE, help="max |difference| allowed on any output")
     ap.add_argument("--latency", action="store_true",
-                    help="also time eager full model, eager bundle and the exported file (batch 1 and 32)")
+                    help="also time eager full model, eager bundle and the exported file (batch 1 and 8); added to <out>.json")
     ap.add_argument("--force", action="store_true", help="replace an existing --out")
     args = ap.parse_args()
     with user_errors():
@@ -71,9 +71,11 @@ def main() -> int:
             if args.bundle and Path(source["parent_checkpoint"]).is_file():
                 from moe_vision.engine.builders import load_generalist
                 full = load_generalist(source["parent_checkpoint"])[0]
+            rows = latency_table(args.out, args.format, model, task, full)
             print("\n  | model | batch | ms per call | ms per image |\n  |---|---:|---:|---:|")
-            for row in latency_table(args.out, args.format, model, task, full):
+            for row in rows:
                 print(f"  | {row['model']} | {row['batch']} | {row['ms']:.1f} | {row['ms_per_image']:.2f} |")
+            write_json(Path(f"{args.out}.json"), {**r, "latency": rows})
     return 0
 
 

@@ -1,13 +1,22 @@
 #!/usr/bin/env python
-"""Pull one task's experts out of a trained generalist into a compact stand-alone bundle.
+"""Pull one or several tasks' experts out of a trained generalist into a compact stand-alone bundle.
 
     python tools/extract_experts.py --task det --checkpoint runs/synthetic --out experts/det
-    python tools/extract_experts.py --task det --checkpoint runs/synthetic --out experts/det-cov99 --rule coverage --value 0.99
-    python tools/extract_experts.py --task seg --checkpoint runs/synthetic --out experts/seg --rule top_n --value 3 --force
+    python tools/extract_experts.py --task det,seg --checkpoint runs/synthetic --out experts/det-seg
+    python tools/extract_experts.py --task det --checkpoint runs/synthetic --out experts/det-top2 --rule top_n --value 2
+    python tools/extract_experts.py --task det --checkpoint runs/synthetic --out experts/det-dense --dense --distill-steps 300
+    python tools/extract_experts.py --task seg --checkpoint runs/synthetic --out experts/seg --archive --force
 
 Rules: selected (every expert the task's router picked on the calibration data; verified lossless),
 coverage (most used experts up to a share of selections), threshold (experts with at least that
-share), top_n. Data comes from the run's config.json (override with --data-root).
+share), top_n. Several tasks (det,seg): one bundle answering each, with per layer the union of their
+kept experts, each task's router rows and head, the shared decoder once. --dense: a specialist of
+one task with no router and no experts: per layer the top_k experts by mean gate weight, folded
+into one plain MLP (a dense ViT block; timm's ViT loads a patch-stem backbone), then optionally
+--distill-steps steps of label-free distillation towards the MoE model on --distill-split images.
+Every bundle folder gets bundle.json and a README.md model card; --archive also writes
+<out>.tar.gz, which moe_vision.load_bundle opens directly. Data comes from the run's config.json
+(override with --data-root).
 """
 from __future__ import annotations
 
@@ -15,19 +24,22 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from moe_vision.cli import user_errors  # noqa: E402
-from moe_vision.surgery.pipeline import extract_bundle  # noqa: E402
-from moe_vision.surgery.select import RULES  # noqa: E402
+from moe_vision.cli import user_errors
+from moe_vision.surgery.pipeline import extract_bundle
+from moe_vision.surgery.select import RULES
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--task", required=True)
+    ap.add_argument("--task", required=True, help="a task, or several separated by commas (det,seg)")
     ap.add_argument("--checkpoint", required=True, type=Path, help="training run directory or model .safetensors")
     ap.add_argument("--out", required=True, type=Path, help="bundle folder to write (e.g. experts/det)")
     ap.add_argument("--rule", default="selected", choices=RULES)
     ap.add_argument("--value", type=float, default=None, help="threshold / coverage fraction / n for top_n")
+    ap.add_argument("--dense", action="store_true", help="a router-free dense specialist of one task")
+    ap.add_argument("--distill-steps", type=int, default=0, help="--dense: distillation steps (0: fold only)")
+    ap.add_argument("--distill-split", default="train", help="--dense: split whose images distillation uses")
+    ap.add_argument("--archive", action="store_true", help="also write <out>.tar.gz (moe_vision.load_bundle reads it)")
     ap.add_argument("--calibration-split", default="val", help="split whose routing decides the experts")
     ap.add_argument("--eval-split", default="val", help="split on which both models' metrics are reported")
     ap.add_argument("--data-root", default=None, help="override data.root of the run's config")
@@ -36,23 +48,32 @@ def main() -> int:
     ap.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
     args = ap.parse_args()
     with user_errors():
-        if args.rule != "selected" and args.value is None:
+        if args.rule != "selected" and args.value is None and not args.dense:
             raise ValueError(f"--rule {args.rule} needs --value")
+        if args.distill_steps < 0:
+            raise ValueError(f"--distill-steps {args.distill_steps}: expected 0 or more")
         info = extract_bundle(args.checkpoint, args.task, args.out, args.rule, args.value, args.data_root,
-                              args.calibration_split, args.eval_split, args.batch_size, args.max_batches, args.force)
-    print(f"\nbundle {args.out} for task '{info['task']}' (rule {args.rule}"
-          + (f"={args.value}" if args.value is not None else "") + ")")
+                              args.calibration_split, args.eval_split, args.batch_size, args.max_batches, args.force,
+                              dense=args.dense, distill_steps=args.distill_steps, distill_split=args.distill_split,
+                              archive=args.archive)
+    rule = info["rule"]["name"] + (f"={info['rule']['value']:g}" if info["rule"]["value"] is not None else "")
+    print(f"\nbundle {args.out} ({info['kind']}) for task(s) {', '.join(info['tasks'])} (rule {rule})")
     for layer, kept in info["kept_experts"].items():
         print(f"  {layer:<16} kept {len(kept)}/{info['num_experts'][layer]} experts {kept}")
     p, f, t = info["params"], info["flops_per_image"], info["latency_ms"]
+    first = info["tasks"][0]
     print(f"  parameters   {p['full'] / 1e6:.2f}M -> {p['bundle'] / 1e6:.2f}M ({p['bundle'] / p['full']:.0%})")
-    print(f"  GFLOPs/image {f['full'] / 1e9:.3f} -> {f['bundle'] / 1e9:.3f}")
-    print(f"  latency      {t['full']:.1f} ms -> {t['bundle']:.1f} ms per image")
-    for m, v in info["metrics"]["full"].items():
-        print(f"  {m:<12} {v:.4f} -> {info['metrics']['bundle'][m]:.4f}")
+    print(f"  GFLOPs/image {f['full'][first] / 1e9:.3f} -> {f['bundle'][first] / 1e9:.3f} ({first})")
+    for b in ("batch1", "batch8"):
+        print(f"  latency {b[5:]:>2}   {t['full'][b]:.1f} ms -> {t['bundle'][b]:.1f} ms ({first}, PyTorch eager)")
+    for task in info["tasks"]:
+        for m, v in info["metrics"]["full"][task].items():
+            print(f"  {task:<5}{m:<9} {v:.4f} -> {info['metrics']['bundle'][task][m]:.4f}")
     if info["lossless_check"] is not None:
-        print("  lossless check: " + ("outputs bit-identical to the full model" if info["lossless_check"]["identical"]
-                                      else f"outputs differ (max |diff| {info['lossless_check']['max_abs_diff']:.3g})"))
+        lc = info["lossless_check"]
+        print("  lossless check: " + ("outputs bit-identical to the full model" if lc["identical"]
+                                      else f"outputs differ (max |diff| {lc['max_abs_diff']:.3g})"))
+    print(f"  model card: {args.out / 'README.md'}" + (f"; archive: {info['archive']}" if info.get("archive") else ""))
     return 0
 
 

@@ -13,9 +13,8 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from moe_vision.cli import user_errors  # noqa: E402
-from moe_vision.surgery.finetune import TRAINABLE, finetune_bundle  # noqa: E402
+from moe_vision.cli import user_errors
+from moe_vision.surgery.finetune import TRAINABLE, finetune_bundle
 
 
 def main() -> int:
@@ -27,9 +26,11 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--out", required=True, type=Path, help="run directory for the fine-tuned model")
+    ap.add_argument("--task", default=None, help="the task to fine-tune (a bundle of several tasks needs it)")
     args = ap.parse_args()
     with user_errors():
-        rep = finetune_bundle(args.bundle, args.data, args.out, args.trainable, args.steps, args.lr, args.batch_size)
+        rep = finetune_bundle(args.bundle, args.data, args.out, args.trainable, args.steps, args.lr, args.batch_size,
+                              task=args.task)
     if rep is not None:  # None on ranks other than 0 under torchrun
         print(json.dumps(rep, indent=2))
     return 0

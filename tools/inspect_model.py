@@ -7,16 +7,13 @@
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from moe_vision.cli import user_errors  # noqa: E402
-from moe_vision.models import build_model, save_model  # noqa: E402
-from moe_vision.models.summary import summarize  # noqa: E402
+from moe_vision.cli import user_errors
+from moe_vision.models import build_model, save_model
+from moe_vision.models.summary import summarize
 
 
 @hydra.main(config_path="../configs", config_name="inspect", version_base="1.3")

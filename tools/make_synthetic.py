@@ -12,9 +12,8 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from moe_vision.cli import user_errors  # noqa: E402
-from moe_vision.data.synthetic import SyntheticConfig, generate, is_complete  # noqa: E402
+from moe_vision.cli import user_errors
+from moe_vision.data.synthetic import SyntheticConfig, generate, is_complete
 
 
 def main() -> int:

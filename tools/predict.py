@@ -11,7 +11,8 @@ progress bar. Written under --out: det <task>_results.json (COCO results: image 
 --coco-ann, else file names; boxes XYWH in each image's pixels), seg annotations/<name>.png
 (ADE20K layout label maps; --label-offset 1 for ADE20K's reduce-zero-label convention), depth
 depth/<name>.png (16-bit, millimetres), cls <task>_predictions.json (top-5). A file that cannot
-be decoded is skipped with a warning naming it. Existing results are refused unless --force.
+be decoded, or that is larger than --max-megapixels (checked before decoding, as tools/serve.py
+does), is skipped with a warning naming it; if none can be read, one error line. Existing results are refused unless --force.
 --pictures also writes a JSON and an overlay picture per image.
 """
 from __future__ import annotations
@@ -21,11 +22,11 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from moe_vision.cli import user_errors  # noqa: E402
-from moe_vision.engine.builders import load_generalist  # noqa: E402
-from moe_vision.surgery.bundle import load_bundle  # noqa: E402
-from moe_vision.surgery.predict import image_files, predict_folder, predict_image  # noqa: E402
+from moe_vision.cli import user_errors
+from moe_vision.data.readers import DEFAULT_MAX_PIXELS
+from moe_vision.engine.builders import load_generalist
+from moe_vision.surgery.bundle import bundle_task, load_bundle
+from moe_vision.inference.predict import image_files, predict_folder, predict_image
 
 
 def main() -> int:
@@ -35,7 +36,7 @@ def main() -> int:
     src.add_argument("--checkpoint", type=Path, help="run directory or model .safetensors")
     ap.add_argument("--parent", type=Path, default=None,
                     help="with --bundle: refuse unless the bundle was extracted from this checkpoint (sha256)")
-    ap.add_argument("--task", default=None, help="task to run (default: the bundle's task)")
+    ap.add_argument("--task", default=None, help="task to run (default: the bundle's task; a bundle of several needs it)")
     ap.add_argument("--out", type=Path, default=Path("predictions"))
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--coco-ann", type=Path, default=None,
@@ -45,6 +46,8 @@ def main() -> int:
     ap.add_argument("--pictures", action="store_true", help="also a JSON and an overlay picture per image")
     ap.add_argument("--score-threshold", type=float, default=0.3, help="--pictures: detections below this are not drawn")
     ap.add_argument("--classes", type=Path, default=None, help="optional JSON list of class names (pictures)")
+    ap.add_argument("--max-megapixels", type=float, default=DEFAULT_MAX_PIXELS / 1e6,
+                    help="larger images are skipped before decoding (default %(default)g, as tools/serve.py)")
     ap.add_argument("inputs", nargs="+", type=Path, help="image files and/or folders")
     args = ap.parse_args()
     with user_errors():
@@ -52,7 +55,7 @@ def main() -> int:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
         if args.bundle:
             model = load_bundle(args.bundle, parent_checkpoint=args.parent)
-            task = args.task or model.bundle_info["task"]
+            task = bundle_task(model.bundle_info, args.task)
         else:
             model = load_generalist(args.checkpoint)[0]
             task = args.task or (model.tasks[0] if len(model.tasks) == 1 else None)
@@ -60,8 +63,9 @@ def main() -> int:
                 raise ValueError(f"--task is required; the model knows tasks {model.tasks}")
         model.spec(task)
         paths = image_files(args.inputs)
+        max_pixels = int(args.max_megapixels * 1e6)
         summary = predict_folder(model, task, paths, args.out, args.batch_size, args.coco_ann, args.label_offset,
-                                 args.force)
+                                 args.force, max_pixels=max_pixels)
         print(f"{summary['images']} images -> {summary['written']}"
               + (f" ({summary['detections']} detections)" if summary["detections"] is not None else "")
               + (f"; skipped {len(summary['skipped'])} unreadable: {', '.join(summary['skipped'])}"
@@ -70,7 +74,7 @@ def main() -> int:
             names = json.loads(args.classes.read_text()) if args.classes else None
             skipped = set(summary["skipped"])
             for image in (p for p in paths if str(p) not in skipped):
-                result, picture = predict_image(model, task, image, names, args.score_threshold)
+                result, picture = predict_image(model, task, image, names, args.score_threshold, max_pixels)
                 (args.out / f"{image.stem}.{task}.json").write_text(json.dumps(result))
                 picture.save(args.out / f"{image.stem}.{task}.png")
             print(f"pictures: {args.out}/<name>.{task}.json/.png")

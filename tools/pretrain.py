@@ -14,17 +14,16 @@ held-out reconstruction error next to its chance level) plus reconstructions.png
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from moe_vision.cli import user_errors  # noqa: E402
-from moe_vision.engine import report  # noqa: E402
-from moe_vision.engine.builders import prepare_config  # noqa: E402
-from moe_vision.engine.trainer import Trainer  # noqa: E402
+from moe_vision.cli import user_errors
+from moe_vision.engine import report
+from moe_vision.engine.builders import command_line_schedule, prepare_config
+from moe_vision.engine.preemption import TrainingStopped, exit_stopped
+from moe_vision.engine.trainer import Trainer
 
 PRETRAIN_TYPES = ("mim", "hybrid")
 
@@ -32,14 +31,19 @@ PRETRAIN_TYPES = ("mim", "hybrid")
 @hydra.main(config_path="../configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     with user_errors():
-        cfg = prepare_config(OmegaConf.to_container(cfg, resolve=True))
+        cfg = command_line_schedule(prepare_config(OmegaConf.to_container(cfg, resolve=True)),
+                                    list(HydraConfig.get().overrides.task))
         other = {t: c.get("type", t) for t, c in cfg["tasks"].items() if c.get("type", t) not in PRETRAIN_TYPES}
         if not cfg["tasks"] or other:
             raise ValueError(f"tools/pretrain.py trains pre-training objectives ({', '.join(PRETRAIN_TYPES)}); "
                              f"got tasks {other or 'none'}: pass experiment=pretrain_glid or "
                              "experiment=pretrain_hybrid, or use tools/train.py")
         trainer = Trainer(cfg)
-        out = trainer.fit()
+        try:
+            out = trainer.fit()
+        except TrainingStopped as e:
+            trainer.dist.shutdown()
+            exit_stopped(e)
         trainer.dist.shutdown()
         if not trainer.dist.is_main:
             return

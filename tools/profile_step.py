@@ -10,18 +10,15 @@ per step for every named phase.
 """
 from __future__ import annotations
 
-import sys
 import tempfile
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from moe_vision.cli import user_errors  # noqa: E402
-from moe_vision.engine.builders import prepare_config  # noqa: E402
-from moe_vision.engine.profile import phase_table, profile_steps  # noqa: E402
-from moe_vision.engine.trainer import Trainer  # noqa: E402
+from moe_vision.cli import user_errors
+from moe_vision.engine.builders import prepare_config
+from moe_vision.engine.profile import phase_table, profile_steps
+from moe_vision.engine.trainer import Trainer
 
 
 @hydra.main(config_path="../configs", config_name="train", version_base="1.3")

@@ -15,8 +15,9 @@ import socket
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from moe_vision.cli import MissingExtra, user_errors  # noqa: E402
+from moe_vision.cli import user_errors
+from moe_vision.data.readers import DEFAULT_MAX_PIXELS
+from moe_vision.errors import MissingExtra
 
 
 def check_port(host: str, port: int) -> None:
@@ -35,7 +36,8 @@ def main() -> int:
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     ap.add_argument("--max-upload-mb", type=float, default=10.0, help="larger uploads are refused")
-    ap.add_argument("--max-megapixels", type=float, default=40.0, help="larger images are refused")
+    ap.add_argument("--max-megapixels", type=float, default=DEFAULT_MAX_PIXELS / 1e6,
+                    help="larger images are refused before decoding (default %(default)g, as tools/predict.py)")
     ap.add_argument("--max-queue", type=int, default=4, help="requests that may wait while one runs")
     args = ap.parse_args()
     with user_errors():

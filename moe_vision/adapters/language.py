@@ -23,8 +23,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from ..cli import MissingExtra
-from ..tasks.base import classes_present
+from ..errors import MissingExtra
+from ..data.labels import classes_present
 
 TEXT_DIM = 384
 LV_TASK_TYPES = ("cls", "det", "seg")

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from timm.layers import Mlp
 
+from ..engine.compile import quiet_cpu_compiler
 from ..models import MoEViT
 from ..models.registry import MODEL_ARGS
 from ..moe import MoEMLP
@@ -148,12 +149,13 @@ def expert_gemm_share(step: Callable[[], None], device: torch.device) -> float:
     """Share of one profiled step's time spent in the expert GEMMs (the ``moe_vision::grouped_linear``
     operators, forward and backward); the rest is routing, sort, gather, combine and the glue.
     Device time on CUDA, CPU time elsewhere."""
-    from torch.profiler import ProfilerActivity, profile, record_function
+    from torch.profiler import ProfilerActivity, record_function
+    from ..engine.profile import quiet_profile
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     step()
     _sync(device)
-    with profile(activities=activities) as prof:
+    with quiet_profile(activities) as prof:
         with record_function("bench_step"):
             step()
         _sync(device)
@@ -168,6 +170,7 @@ def expert_gemm_share(step: Callable[[], None], device: torch.device) -> float:
 
 
 def _maybe_compile(fn: Callable, compiled: bool) -> Callable:
+    quiet_cpu_compiler()
     return torch.compile(fn, fullgraph=True) if compiled else fn
 
 

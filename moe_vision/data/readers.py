@@ -12,6 +12,8 @@ Every problem with the files raises one error that names the file and what was e
 """
 from __future__ import annotations
 
+import contextlib
+
 import json
 import warnings
 from pathlib import Path
@@ -51,20 +53,54 @@ def _decode_torchvision(path: Path) -> torch.Tensor | None:
         return None
 
 
-def read_image(path: Path, decoder: str = "auto") -> tv_tensors.Image:
+# Images with more pixels than this are refused before they are decoded (a 30000 x 30000 PNG can be
+# a 1 MB file that decodes to 2.7 GB); tools/predict.py and tools/serve.py take --max-megapixels.
+DEFAULT_MAX_PIXELS = 40_000_000
+
+
+class ImageTooLarge(ValueError):
+    """An image with more pixels than a set limit."""
+
+
+def check_pixels(name, width: int, height: int, max_pixels: int | None) -> None:
+    """Raise :class:`ImageTooLarge` naming ``name`` when ``width x height`` exceeds ``max_pixels``."""
+    if max_pixels and width * height > max_pixels:
+        raise ImageTooLarge(f"{name} is {width}x{height} pixels; the limit is {max_pixels / 1e6:g} megapixels "
+                            "(--max-megapixels)")
+
+
+@contextlib.contextmanager
+def _opened(source, name: str, max_pixels: int | None):
+    """``PIL.Image.open`` (the header only) with the pixel limit checked; PIL's own refusal of a
+    possible decompression bomb (above ~179 megapixels) becomes the same one-line error."""
+    try:
+        im = Image.open(source)
+    except Image.DecompressionBombError:
+        limit = f"; the limit is {max_pixels / 1e6:g} megapixels (--max-megapixels)" if max_pixels else ""
+        raise ImageTooLarge(f"{name} has more than {2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels, which PIL "
+                            f"refuses to decode (a possible decompression bomb){limit}") from None
+    with im:
+        check_pixels(name, im.width, im.height, max_pixels)
+        yield im
+
+
+def read_image(path: Path, decoder: str = "auto", max_pixels: int | None = None) -> tv_tensors.Image:
     """RGB uint8 ``[3, H, W]`` in display orientation (EXIF rotation applied; grayscale and CMYK
-    converted); a missing, truncated or corrupt file raises one clear error naming it. ``decoder``
-    (one of :data:`DECODERS`): ``auto`` and ``torchvision`` decode JPEGs with libjpeg-turbo
-    through ``torchvision.io`` (PIL takes what it cannot read), ``pil`` uses PIL for everything."""
+    converted); a missing, truncated or corrupt file raises one clear error naming it, and so does
+    an image above ``max_pixels`` (checked from its header, before decoding). ``decoder`` (one of
+    :data:`DECODERS`): ``auto`` and ``torchvision`` decode JPEGs with libjpeg-turbo through
+    ``torchvision.io`` (PIL takes what it cannot read), ``pil`` uses PIL for everything."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image {path} does not exist")
-    if decoder != "pil" and path.suffix.lower() in JPEG_SUFFIXES:
+    try:
+        with _opened(path, f"image {path}", max_pixels) as im:
+            if decoder == "pil" or path.suffix.lower() not in JPEG_SUFFIXES:
+                return _displayed_rgb(im)
         image = _decode_torchvision(path)
         if image is not None:
             return tv_tensors.Image(image)
-    try:
-        with Image.open(path) as im:
+        with _opened(path, f"image {path}", max_pixels) as im:  # (what libjpeg-turbo could not read)
             return _displayed_rgb(im)
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise ValueError(f"image {path} is corrupt or not an image ({e}); re-encode or remove it") from None
@@ -76,22 +112,15 @@ def _displayed_rgb(im: Image.Image) -> tv_tensors.Image:
     return tv_tensors.Image(torch.from_numpy(arr.copy()).permute(2, 0, 1))
 
 
-class ImageTooLarge(ValueError):
-    """An image with more pixels than a set limit."""
-
-
 def decode_image(data: bytes, name: str = "upload", max_pixels: int | None = None) -> tv_tensors.Image:
     """An image file's bytes as RGB uint8 ``[3, H, W]`` in display orientation (as
     :func:`read_image`); bytes that are no image, or an image above ``max_pixels``, raise one
     error naming ``name``."""
     import io
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            if max_pixels and im.width * im.height > max_pixels:
-                raise ImageTooLarge(f"{name} is {im.width}x{im.height} pixels; the limit is {max_pixels / 1e6:g} "
-                                    "megapixels")
+        with _opened(io.BytesIO(data), name, max_pixels) as im:
             return _displayed_rgb(im)
-    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise ValueError(f"{name} is not an image that can be read ({type(e).__name__}: {e})") from None
 
 
@@ -323,3 +352,12 @@ class DepthDataset(_PairedDataset):
         """The depth map at full resolution without reading the image (chance levels)."""
         depth = self._metres(read_label_png(self.labels[i]), i)
         return {"depth": depth, "orig_size": torch.tensor(depth.shape)}
+
+
+def set_decoder(dataset, name: str) -> None:
+    """Choose the JPEG decoder (``data.decoder``) of a dataset and of the datasets it reads from."""
+    if name not in DECODERS:
+        raise ValueError(f"data.decoder={name!r}; expected one of {', '.join(DECODERS)}")
+    for d in [dataset, *getattr(dataset, "sources", {}).values()]:
+        if hasattr(d, "decoder"):
+            d.decoder = name

@@ -128,6 +128,15 @@ class _PlannedBatches(Sampler):
             yield keys
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers ignore the scheduler's stop signals (SIGTERM, SIGUSR1, SIGINT): the training
+    process finishes its step and closes them; a worker killed by the signal would fail that step."""
+    import signal
+    for name in ("SIGTERM", "SIGUSR1", "SIGINT"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
 class InfiniteBatches:
     """Endless batches from one dataset, reshuffled every epoch (the last partial batch of an
     epoch is dropped so every step sees a full batch).
@@ -186,6 +195,7 @@ class InfiniteBatches:
         loader = DataLoader(self.items, batch_sampler=_PlannedBatches(self, self.epoch, self.position),
                             num_workers=self.num_workers, collate_fn=collate_or_error(self.collate),
                             prefetch_factor=self.prefetch_factor, pin_memory=self.pin_memory,
+                            worker_init_fn=_ignore_stop_signals,
                             persistent_workers=False)  # the plan never ends: the workers live for the run
         return iter(loader)
 

@@ -117,6 +117,10 @@ class Queries:
     cross_bias_BhQM: torch.Tensor | None = None
 
 
+# Queries of a decoder whose config does not say (and the least that ``num_queries: auto`` gives).
+DEFAULT_NUM_QUERIES = 20
+
+
 class QueryDecoder(nn.Module):
     """``forward(memory, memory_pos)`` -> query answers ``[B, Q, D]``.
 
@@ -129,7 +133,7 @@ class QueryDecoder(nn.Module):
             width and height; 0 disables it. Applied by :func:`~.position_queries.ask_positions`.
     """
 
-    def __init__(self, dim: int = 128, num_queries: int = 20, num_layers: int = 3, num_heads: int = 4,
+    def __init__(self, dim: int = 128, num_queries: int = DEFAULT_NUM_QUERIES, num_layers: int = 3, num_heads: int = 4,
                  mlp_ratio: float = 4.0, dropout: float = 0.0, box_prior: float = 0.0,
                  position_prior: float = 0.0) -> None:
         super().__init__()

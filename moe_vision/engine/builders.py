@@ -9,7 +9,8 @@ from typing import Any, Mapping
 import torch
 
 from ..data import (ADE20KDataset, CocoDetectionDataset, DepthDataset, ImageFolderDataset, build_transforms)
-from ..data.readers import DECODERS
+from ..data.readers import set_decoder
+from ..decoder import DEFAULT_NUM_QUERIES
 from ..models import build_model as build_backbone, load_model
 from ..tasks import GeneralistModel
 
@@ -58,15 +59,6 @@ def build_dataset(task: str, task_cfg: Mapping[str, Any], data_cfg: Mapping[str,
                          "images, task_images")
     set_decoder(dataset, data_cfg.get("decoder") or "auto")
     return dataset
-
-
-def set_decoder(dataset, name: str) -> None:
-    """Choose the JPEG decoder (``data.decoder``) of a dataset and of the datasets it reads from."""
-    if name not in DECODERS:
-        raise ValueError(f"data.decoder={name!r}; expected one of {', '.join(DECODERS)}")
-    for d in [dataset, *getattr(dataset, "sources", {}).values()]:
-        if hasattr(d, "decoder"):
-            d.decoder = name
 
 
 def pretraining_dataset(task: str, task_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any],
@@ -156,6 +148,20 @@ def drop_missing_optional(cfg: Mapping[str, Any]) -> tuple[dict, list[str]]:
     return {**cfg, "tasks": {t: c for t, c in cfg["tasks"].items() if t not in missing}}, list(missing)
 
 
+def command_line_schedule(cfg: Mapping[str, Any], overrides: list[str], log=print) -> dict:
+    """The training length as the command line says it: an explicit ``train.steps=N`` replaces a
+    recipe's ``train.epochs`` (said in one line); both on the command line is an error."""
+    keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o}
+    epochs = cfg["train"].get("epochs")
+    if "train.steps" in keys and "train.epochs" in keys and epochs:
+        raise ValueError(f"train.steps={cfg['train']['steps']} and train.epochs={epochs} are both on the command "
+                         "line; give one of them")
+    if "train.steps" in keys and epochs:
+        log(f"train.steps={cfg['train']['steps']} from the command line replaces the recipe's train.epochs={epochs}")
+        cfg = {**cfg, "train": {**cfg["train"], "epochs": None}}
+    return dict(cfg)
+
+
 def steps_for_epochs(train_cfg: Mapping[str, Any], tasks_cfg: Mapping[str, Any],
                      sizes: Mapping[str, int]) -> int | None:
     """``train.steps`` for ``train.epochs`` epochs of ``train.epoch_task`` (default: the largest
@@ -175,10 +181,11 @@ def steps_for_epochs(train_cfg: Mapping[str, Any], tasks_cfg: Mapping[str, Any],
 
 def decoder_queries(decoder_cfg: Mapping[str, Any] | None, tasks: Mapping[str, Mapping[str, Any]]) -> dict:
     """The decoder config with ``num_queries: auto`` resolved: enough for every task (at least
-    20; 100 with a detection task, DETR's count; one per class for class-wise segmentation)."""
+    :data:`~moe_vision.decoder.DEFAULT_NUM_QUERIES`; 100 with a detection task, DETR's count; one
+    per class for class-wise segmentation)."""
     dec = dict(decoder_cfg or {})
     if dec.get("num_queries") in (None, "auto"):
-        need = [20]
+        need = [DEFAULT_NUM_QUERIES]
         for t in tasks.values():
             if t.get("type") == "det":
                 need.append(100)

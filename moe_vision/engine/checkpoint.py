@@ -21,15 +21,18 @@ For several machines, ``run_dir`` must be on a file system all of them share.
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import random
 import shutil
+import warnings
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
-from ..io_utils import atomic_path
+from ..io_utils import atomic_path, sha256_of
 from .distributed import DistContext
 
 TRAINER_STATE = "trainer.pt"
@@ -110,44 +113,124 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, names: dict[int, str], l
 
 
 # ---------------------------------------------------------------------------- files
+@contextlib.contextmanager
+def _dcp_calls(ctx: DistContext):
+    """DCP warns on every save and load without a process group that it assumes a single process:
+    that is what a single-process run means, so the warning tells a user nothing to act on."""
+    with warnings.catch_warnings():
+        if not ctx.enabled:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+MANIFEST = "manifest.json"
+
+
+def file_manifest(folder: Path) -> dict[str, dict]:
+    """``{file name: {"size": bytes, "sha256": hex}}`` of every file in ``folder`` but the manifest,
+    read back from disk."""
+    return {f.name: {"size": f.stat().st_size, "sha256": sha256_of(f)}
+            for f in sorted(Path(folder).iterdir()) if f.is_file() and f.name != MANIFEST}
+
+
+def damage(folder: Path) -> str | None:
+    """Why the checkpoint in ``folder`` cannot be used (None: it is complete and intact). A folder
+    written before manifests existed is accepted when DCP's metadata and the trainer state are there."""
+    folder = Path(folder)
+    for f in (".metadata", TRAINER_STATE):
+        if not (folder / f).is_file():
+            return f"{f} is missing"
+    if not (folder / MANIFEST).is_file():
+        return None
+    try:
+        expected = json.loads((folder / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        return f"{MANIFEST} is unreadable ({e})"
+    for name, want in expected.items():
+        f = folder / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != want["size"]:
+            return f"{name} has {f.stat().st_size:,} bytes, the manifest says {want['size']:,}"
+    actual = file_manifest(folder)
+    bad = [n for n, want in expected.items() if actual[n]["sha256"] != want["sha256"]]
+    return f"{bad[0]} does not match its checksum" if bad else None
+
+
+def step_folders(run_dir: Path) -> list[Path]:
+    """The run's checkpoint step folders, newest first (temporary ``.tmp`` folders excluded)."""
+    return sorted((p for p in (Path(run_dir) / "checkpoints").glob("step_*") if p.is_dir()), reverse=True)
+
+
+class PendingCheckpoint:
+    """A checkpoint whose tensors are being written (in the background with ``async_save``);
+    :meth:`finish` (every rank calls it) waits for them, then makes the folder final: manifest,
+    rename, ``latest``, and the removal of old folders beyond ``keep``."""
+
+    def __init__(self, run_dir: Path, step: int, ctx: DistContext, keep: int, future=None) -> None:
+        self.run_dir, self.step, self.ctx, self.keep, self.future = Path(run_dir), step, ctx, keep, future
+        self.tmp = self.run_dir / "checkpoints" / f".step_{step:07d}.tmp"
+        self.final = self.run_dir / "checkpoints" / f"step_{step:07d}"
+
+    def finish(self) -> Path:
+        if self.future is not None:
+            self.future.result()
+            self.future = None
+        ctx = self.ctx
+        ctx.barrier()
+        if ctx.is_main:
+            # The manifest is written last, from what is on disk: a folder with a manifest that
+            # matches its files is complete, and only then may older checkpoints go.
+            manifest = json.dumps(file_manifest(self.tmp), indent=1)
+            with atomic_path(self.tmp / MANIFEST) as t:
+                t.write_text(manifest)
+            if self.final.exists():
+                shutil.rmtree(self.final)
+            self.tmp.rename(self.final)
+            with atomic_path(self.final.parent / "latest") as t:
+                t.write_text(self.final.name)
+            for old in step_folders(self.run_dir)[max(1, self.keep):]:
+                shutil.rmtree(old, ignore_errors=True)
+        ctx.barrier()
+        return self.final
+
+
 def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], trainer_state: dict,
-                    ctx: DistContext, keep: int = 2) -> Path:
-    """Write ``checkpoints/step_XXXXXXX`` (all ranks call this) and point ``latest`` at it."""
+                    ctx: DistContext, keep: int = 2, asynchronous: bool = False, process_group=None):
+    """Write ``checkpoints/step_XXXXXXX`` (all ranks call this) and point ``latest`` at it; keep
+    the newest ``keep`` step folders. With ``asynchronous``, the tensors are staged and written in
+    the background (``dcp.async_save``) and a :class:`PendingCheckpoint` is returned, which the
+    caller finishes before the next save; otherwise the final folder's path."""
     import torch.distributed.checkpoint as dcp
-    ckpt_root = Path(run_dir) / "checkpoints"
-    final = ckpt_root / f"step_{step:07d}"
-    tmp = ckpt_root / f".step_{step:07d}.tmp"
+    pending = PendingCheckpoint(run_dir, step, ctx, keep)
+    tmp = pending.tmp
     if ctx.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     ctx.barrier()
-    dcp.save(tensors, checkpoint_id=str(tmp), no_dist=not ctx.enabled)
     torch.save(rng_state(), tmp / f"rng_rank{ctx.rank}.pt")
     if ctx.is_main:
         torch.save({"step": step, "world_size": ctx.world_size, **trainer_state}, tmp / TRAINER_STATE)
-    ctx.barrier()
-    if ctx.is_main:
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        with atomic_path(ckpt_root / "latest") as t:
-            t.write_text(final.name)
-        for old in sorted(p for p in ckpt_root.glob("step_*") if p.is_dir())[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    ctx.barrier()
-    return final
+    with _dcp_calls(ctx):
+        if asynchronous:
+            pending.future = dcp.async_save(tensors, checkpoint_id=str(tmp), no_dist=not ctx.enabled,
+                                            process_group=process_group)
+            return pending
+        dcp.save(tensors, checkpoint_id=str(tmp), no_dist=not ctx.enabled)
+    return pending.finish()
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    pointer = Path(run_dir) / "checkpoints" / "latest"
-    if not pointer.is_file():
-        return None
-    path = pointer.parent / pointer.read_text().strip()
-    for f in (".metadata", TRAINER_STATE):
-        if not (path / f).is_file():
-            raise FileNotFoundError(f"checkpoint {path} named by {pointer} is missing {f} "
-                                    "(incomplete, or written by moe-vision before distributed checkpoints)")
-    return path
+def latest_checkpoint(run_dir: Path, log=None) -> Path | None:
+    """The newest complete, intact checkpoint of the run (None: there is none). A newer folder
+    that is damaged (a file missing, truncated or changed since its manifest was written) is
+    passed over with one line through ``log``."""
+    for folder in step_folders(run_dir):
+        why = damage(folder)
+        if why is None:
+            return folder
+        if log is not None:
+            log(f"checkpoint {folder} is damaged ({why}); trying the one before it")
+    return None
 
 
 def load_checkpoint(path: Path, tensors: dict[str, torch.Tensor], ctx: DistContext) -> dict:
@@ -161,7 +244,8 @@ def load_checkpoint(path: Path, tensors: dict[str, torch.Tensor], ctx: DistConte
         raise ValueError(f"checkpoint {path} does not match the model: missing {missing[:5]} "
                          "(check the model name and tasks)")
     try:
-        dcp.load(tensors, checkpoint_id=str(path), no_dist=not ctx.enabled)
+        with _dcp_calls(ctx):
+            dcp.load(tensors, checkpoint_id=str(path), no_dist=not ctx.enabled)
         state = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=False)
         rng = path / f"rng_rank{ctx.rank}.pt"
         set_rng_state(torch.load(rng if rng.is_file() else path / "rng_rank0.pt", weights_only=False))

@@ -56,18 +56,13 @@ class DistContext:
         if self.enabled:
             dist.barrier()
 
-    def mean_over_ranks(self, loss: torch.Tensor, logs: dict[str, dict[str, float]]):
-        """Average a step's loss and per-task loss floats over ranks (for logging only)."""
+    def broadcast_object(self, obj):
+        """Rank 0's ``obj`` on every rank (a collective under torchrun; ``obj`` as is otherwise)."""
         if not self.enabled:
-            return loss, logs
-        keys = [(t, k) for t in sorted(logs) for k in sorted(logs[t])]
-        vec = torch.tensor([float(loss)] + [logs[t][k] for t, k in keys], dtype=torch.float64, device=loss.device)
-        dist.all_reduce(vec)
-        vec /= self.world_size
-        out: dict[str, dict[str, float]] = {t: {} for t in logs}
-        for (t, k), v in zip(keys, vec[1:].tolist()):
-            out[t][k] = v
-        return vec[0], out
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
 
 def backend_for(device: torch.device) -> str:

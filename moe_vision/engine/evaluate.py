@@ -7,7 +7,7 @@ from typing import Mapping
 
 import torch
 
-from ..cli import progress_bar
+from ..progress import progress_bar
 from ..data import collate
 from ..data.sampler import SeededItems, collate_or_error, raise_load_error
 from ..moe import ExpertUsage

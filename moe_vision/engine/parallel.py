@@ -20,7 +20,6 @@ single-process gradient too (:meth:`Parallelism.finish_gradients`).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -89,12 +88,13 @@ class Parallelism:
                 dist.all_reduce(p.grad, group=edp)
             p.grad.div_(self.ctx.world_size)
 
-    def clip_grad_norm(self, params: list[nn.Parameter], max_norm: float) -> float:
+    def clip_grad_norm(self, params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
         """Clip to ``max_norm`` by the norm of the whole model's gradient (as one process would)
-        and return that norm: replicated gradients count once, FSDP shards are summed over all
-        ranks, expert slices over their ep group."""
+        and return that norm as a 0-d tensor on the device (read it when logging): replicated
+        gradients count once, FSDP shards are summed over all ranks, expert slices over their ep
+        group."""
         if not self.sharded:
-            return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            return torch.nn.utils.clip_grad_norm_(params, max_norm)
         from torch.distributed.tensor import DTensor
         expert_ids = {id(p) for p in self.expert_params.values()}
         device = next(iter(params)).device
@@ -115,12 +115,11 @@ class Parallelism:
             dist.all_reduce(sq[1:2])
         if self.ep > 1:
             dist.all_reduce(sq[2:3], group=self.mesh["ep"].get_group())
-        total = math.sqrt(float(sq.sum()))
-        coef = max_norm / (total + 1e-6)
-        if coef < 1.0:
-            for g in grads:
-                g.mul_(coef)
-        return total
+        total = sq.sum().sqrt()
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)  # (on the device: no host read)
+        for g in grads:
+            g.mul_(coef.to(g.dtype))
+        return total.float()
 
     # ---------------------------------------------------------------- state dicts
     def sharded_state(self, module: nn.Module) -> dict[str, torch.Tensor]:

@@ -2,10 +2,43 @@
 tasks' matching code) with torch.profiler."""
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 import time
 from collections import defaultdict
+from typing import Iterator
 
 from torch.profiler import ProfilerActivity, profile
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+@contextlib.contextmanager
+def quiet_profile(activities=(ProfilerActivity.CPU,)) -> Iterator[profile]:
+    """``torch.profiler.profile`` without the lines its native tracer prints to stderr when it
+    starts and stops (``USDT ... profiler_start``, and on a machine without a GPU ``ERROR ...
+    gpuGetDeviceCount failed``): they say nothing about the measurement. Only the start and the
+    stop are silenced; what the profiled code prints is kept."""
+    prof = profile(activities=list(activities))
+    with _native_stderr_silenced():
+        prof.__enter__()
+    try:
+        yield prof
+    finally:
+        with _native_stderr_silenced():
+            prof.__exit__(None, None, None)
 
 
 def profile_steps(trainer, steps: int = 5, warmup: int = 2) -> tuple[dict[str, float], float]:
@@ -15,7 +48,7 @@ def profile_steps(trainer, steps: int = 5, warmup: int = 2) -> tuple[dict[str, f
     for _ in range(warmup):
         trainer.train_step()
     t0 = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with quiet_profile() as prof:
         for _ in range(steps):
             trainer.train_step()
     wall = (time.perf_counter() - t0) * 1e3 / steps

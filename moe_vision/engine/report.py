@@ -8,6 +8,7 @@ from typing import Mapping, Sequence
 
 from ..io_utils import atomic_path
 from ..moe import ExpertUsage
+from ..plotting import pyplot, save_figure
 
 
 def write_json(path: Path, obj) -> Path:
@@ -32,10 +33,7 @@ def write_run_reports(out_dir: Path, metrics: dict, chance: dict, usage: ExpertU
 
 def plot_usage(usage: ExpertUsage, path: Path) -> Path:
     """One heatmap per MoE layer: tasks x experts, colour = selection frequency."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     freq = usage.frequency().numpy()
     L = len(usage.layers)
     cols = min(4, max(1, L))
@@ -52,10 +50,7 @@ def plot_usage(usage: ExpertUsage, path: Path) -> Path:
         ax.set_xticks(range(freq.shape[-1]), range(freq.shape[-1]), fontsize=6)
         ax.set_xlabel("expert", fontsize=7)
     fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="selection frequency")
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def usage_summary(usage: ExpertUsage) -> list[str]:
@@ -177,3 +172,16 @@ def parse_run_groups(items: list[str]) -> dict[str, list[Path]]:
             raise ValueError(f"group {current!r}: {pattern!r} matches no run directory")
         groups[current] += [Path(m) for m in matches]
     return groups
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Drop the records after ``step`` from a JSON-lines log (a run resumed from that step's
+    checkpoint repeats them), so the log reads as one uninterrupted run."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(line + "\n" for line in kept))

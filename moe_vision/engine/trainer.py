@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import os
 import random
 import time
 from pathlib import Path
@@ -16,24 +17,34 @@ import torch
 from torch.profiler import record_function
 from tqdm import tqdm
 
-from ..cli import progress_bar
+from ..progress import progress_bar
 from ..data import InfiniteBatches, TaskSampler, collate
 from ..data.synthetic import SyntheticConfig, generate, is_complete
 from ..models import save_model
 from ..moe import ExpertUsage
 from ..pretrain.transfer import init_from_pretrained
 from . import report
+from .balance import GradientBalance
 from .builders import (build_dataset, build_generalist, check_num_classes, drop_missing_optional, resolve_device,
                        resolve_num_classes, run_dir_of, steps_for_epochs)
-from .checkpoint import (latest_checkpoint, load_checkpoint, optimizer_hyperparameters, optimizer_template,
-                         optimizer_tensors, restore_optimizer, save_checkpoint)
+from .checkpoint import (PendingCheckpoint, latest_checkpoint, load_checkpoint, optimizer_hyperparameters,
+                         optimizer_template, optimizer_tensors, restore_optimizer, save_checkpoint, step_folders)
 from .compile import compile_model
 from .distributed import DistContext, init_distributed
 from .evaluate import chance_metrics, evaluate, fixed_subset
 from .optim import LossWeighting, build_optimizer, cosine_with_warmup, set_trainable
 from .stage import check_adapter_tensors, check_stage, freeze_pretrained, frozen_unchanged
 from .parallel import parallelize, shards_model
+from .preemption import StopSignals, TrainingStopped, host_group
 from .step import MultiTaskStep
+from .steplog import NonFiniteLoss, PendingStep, StepLog, write_records
+
+NONFINITE_MODES = ("stop", "skip")
+
+
+def elastic_restart() -> int:
+    """How often torchrun has restarted this job's workers (0: the first start, or no torchrun)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
 
 
 def seed_everything(seed: int) -> None:
@@ -82,6 +93,28 @@ def task_workers(data_cfg: Mapping[str, Any], task: str) -> int:
     entry = (data_cfg.get("tasks") or {}).get(task) or {}
     n = entry.get("num_workers")
     return int(data_cfg.get("num_workers") or 0) if n is None else int(n)
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity, as PyTorch's DataLoader counts them)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # (not on Linux)
+        return os.cpu_count() or 1
+
+
+def cap_workers(workers: Mapping[str, int], cores: int | None = None) -> tuple[dict[str, int], str | None]:
+    """Worker counts no larger than the machine's cores, and one line saying what changed (None
+    when nothing did). More loader processes than cores only compete for them, and PyTorch would
+    warn once per loader; batches do not depend on the worker count (augmentation is seeded per
+    item), so capping changes no result."""
+    cores = cores or usable_cores()
+    capped = {name: min(n, cores) for name, n in workers.items()}
+    over = [f"{name} {n}" for name, n in workers.items() if n > cores]
+    if not over:
+        return capped, None
+    return capped, (f"data loader workers asked for ({', '.join(over)}) exceed the {cores} CPU core(s) here: "
+                    f"using {cores} per loader")
 
 
 class Trainer:
@@ -139,7 +172,9 @@ class Trainer:
             self.model, self.device, self.tcfg.get("compile_mode") or "default",
             self.tcfg.get("compile_backend") or "inductor")
         # Frozen normalisation layers (surgery tools) must not update their running statistics.
-        self.frozen_norms = [m for m in self.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+        # (Per-task statistics, model.task_norm, are updated only by their own task: not listed.)
+        self.frozen_norms = [m for name, m in self.model.named_modules()
+                             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and ".per_task." not in name
                              and not any(p.requires_grad for p in m.parameters())]
         max_train = cfg["data"].get("max_train_images")
         if max_train:  # a low-label budget: a fixed random subset of each task's training split
@@ -168,10 +203,14 @@ class Trainer:
         self.sampler = TaskSampler({t: len(d) for t, d in self.train_sets.items()}, sampling["strategy"],
                                    float(sampling.get("temperature", 2.0)), int(cfg["seed"]),
                                    int(sampling.get("tasks_per_step", 1)))
-        self.workers = int(cfg["data"].get("num_workers", 0))
+        workers, note = cap_workers({"(evaluation)": int(cfg["data"].get("num_workers") or 0),
+                                     **{t: task_workers(cfg["data"], t) for t in self.train_sets}})
+        if note and self.dist.is_main:
+            tqdm.write(note)
+        self.workers = workers.pop("(evaluation)")
         # tasks.*.batch_size is the global batch; each rank loads its own disjoint slice of it.
         self.iters = {t: InfiniteBatches(d, int(cfg["tasks"][t]["batch_size"]), collate, int(cfg["seed"]), t,
-                                         task_workers(cfg["data"], t), rank=self.dist.rank,
+                                         workers[t], rank=self.dist.rank,
                                          world_size=self.dist.world_size,
                                          prefetch_factor=int(cfg["data"].get("prefetch_factor") or 2),
                                          pin_memory=self.device.type == "cuda")
@@ -179,6 +218,11 @@ class Trainer:
         self.weighting = LossWeighting({t: float(cfg["tasks"][t].get("loss_weight", 1.0)) for t in self.tasks},
                                        self.tcfg.get("loss_weighting", "fixed")).to(self.device)
         self.step_module = MultiTaskStep(self.model, self.weighting, self.amp_dtype)
+        self.balance = GradientBalance(self.model, self.tcfg.get("balance") or "none", int(cfg["seed"]))
+        self.step_module.split_by_task = self.balance.per_task
+        if self.balance.per_task and self.dist.enabled:
+            raise ValueError(f"train.balance={self.balance.method} needs each task's gradient on its own, which "
+                             "data parallelism would exchange once per task: use it in one process (or none)")
         dist_cfg = cfg.get("dist") or {}
         # With FSDP or expert parallelism no rank holds the whole model: rank 0 keeps an unsharded
         # copy, refreshed from the gathered state, to evaluate and to write plain model files.
@@ -193,17 +237,35 @@ class Trainer:
                                             float(self.tcfg.get("min_lr_ratio", 0.0)))
         self.param_names = {id(p): n for n, p in self.step_module.named_parameters()}
         self.step = 0
+        self.nonfinite_mode = self.tcfg.get("nonfinite") or "stop"
+        if self.nonfinite_mode not in NONFINITE_MODES:
+            raise ValueError(f"train.nonfinite={self.nonfinite_mode!r}; expected one of {list(NONFINITE_MODES)}")
+        self.nonfinite_skipped: dict[str, int] = {}
+        self.nonfinite_streak = 0
+        if int(self.tcfg.get("keep_checkpoints", 2)) < 1:
+            raise ValueError(f"train.keep_checkpoints={self.tcfg['keep_checkpoints']}: keep at least 1")
+        self.async_checkpoint = bool(self.tcfg.get("async_checkpoint", False))
+        self.pending_checkpoint: PendingCheckpoint | None = None
+        self.host_group = host_group(self.dist)  # small host-side agreements (stop signals, async saves)
 
     # ------------------------------------------------------------------ state
     def state(self) -> dict:
         """What a checkpoint holds besides tensors (identical on every rank)."""
         return {"optimizer_hparams": optimizer_hyperparameters(self.optimizer),
                 "scheduler": self.scheduler.state_dict(), "sampler": self.sampler.state_dict(),
-                "iters": {t: it.state_dict() for t, it in self.iters.items()}}
+                "iters": {t: it.state_dict() for t, it in self.iters.items()},
+                "nonfinite": {"skipped": dict(self.nonfinite_skipped), "streak": self.nonfinite_streak}}
+
+    def newest_checkpoint(self) -> Path | None:
+        """The newest complete, intact checkpoint (a damaged newer one is passed over with one line);
+        rank 0 looks, the others take its answer."""
+        path = latest_checkpoint(self.run_dir, log=tqdm.write) if self.dist.is_main else None
+        return self.dist.broadcast_object(path)
 
     def resume(self) -> bool:
-        """Continue from the latest checkpoint, whatever world size and layout wrote it."""
-        path = latest_checkpoint(self.run_dir)
+        """Continue from the newest complete checkpoint, whatever world size and layout wrote it
+        (False, and a fresh start, when there is none). The run's logs lose the steps after it."""
+        path = self.newest_checkpoint()
         if path is None:
             return False
         model_state = self.par.sharded_state(self.step_module)  # views of the parameters: loaded in place
@@ -215,16 +277,34 @@ class Trainer:
         for t, s in state["iters"].items():
             self.iters[t].load_state_dict(s)
         self.step = int(state["step"])
+        nonfinite = state.get("nonfinite") or {}
+        self.nonfinite_skipped.update(nonfinite.get("skipped", {}))
+        self.nonfinite_streak = int(nonfinite.get("streak", 0))
         if self.dist.is_main:
+            for name in ("train_log.jsonl", "val_log.jsonl"):
+                report.truncate_log(self.run_dir / name, self.step)
             tqdm.write(f"resumed from {path} (written by {state['world_size']} rank(s)) at step {self.step}")
         return True
 
     def save(self) -> Path:
-        """A checkpoint of the current step (every rank calls this)."""
+        """A checkpoint of the current step (every rank calls this). With ``train.async_checkpoint``
+        the tensors are written in the background; the previous background save is finished first."""
+        self.finish_checkpoint()
         tensors = {**self.par.sharded_state(self.step_module),
                    **optimizer_tensors(self.optimizer, self.param_names, self.par.as_stored)}
-        return save_checkpoint(self.run_dir, self.step, tensors, self.state(), self.dist,
-                               keep=int(self.tcfg.get("keep_checkpoints", 2)))
+        out = save_checkpoint(self.run_dir, self.step, tensors, self.state(), self.dist,
+                              keep=int(self.tcfg.get("keep_checkpoints", 2)), asynchronous=self.async_checkpoint,
+                              process_group=self.host_group)
+        if isinstance(out, PendingCheckpoint):
+            self.pending_checkpoint = out
+            return out.final
+        return out
+
+    def finish_checkpoint(self) -> None:
+        """Wait for a background checkpoint and make it final (every rank calls this)."""
+        if self.pending_checkpoint is not None:
+            self.pending_checkpoint.finish()
+            self.pending_checkpoint = None
 
     def sync_eval_model(self) -> None:
         """Gather the sharded model into rank 0's unsharded copy (every rank calls this)."""
@@ -240,7 +320,10 @@ class Trainer:
         for m in self.frozen_norms:
             m.eval()
 
-    def train_step(self) -> dict:
+    def train_step(self) -> PendingStep:
+        """One optimizer step. Its figures stay on the device (:class:`PendingStep`): nothing here
+        reads the device on the host, except with ``train.nonfinite=skip``, which must know before
+        the update whether the loss is finite."""
         self._train_mode()
         tasks = next(self.sampler)
         self.optimizer.zero_grad(set_to_none=True)
@@ -248,32 +331,83 @@ class Trainer:
         for task in tasks:
             with record_function(f"data/{task}"):
                 batches.append((task, *next(self.iters[task])))
-        loss, logs, aux, routing = self.runner(batches)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"step {self.step}: loss is {float(loss)} (tasks {tasks}); "
-                                     "lower train.lr or enable train.grad_clip")
+        loss, logs, aux, routing, split = self.runner(batches)
         with record_function("backward"):
-            loss.backward()
+            self.balance.backward(loss, split)
             self.par.finish_gradients()
+        extra = {}
         with record_function("optimizer"):
             clip = float(self.tcfg.get("grad_clip", 0.0))
             grad_norm = self.par.clip_grad_norm(list(self.model.parameters()), clip) if clip > 0 else None
-            self.optimizer.step()
+            bad = self.nonfinite_tasks(loss, logs, grad_norm) if self.nonfinite_mode == "skip" else []
+            if bad:
+                extra = self.skip_step(bad)
+            else:
+                self.nonfinite_streak = 0
+                self.optimizer.step()
             self.scheduler.step()
         self.step += 1
-        loss, logs = self.dist.mean_over_ranks(loss.detach(), logs)  # logs show the global batch's values
-        rec = {"step": self.step, "tasks": tasks, "loss": float(loss), "task_losses": logs,
-               "aux": aux.as_floats(), "lr": self.scheduler.get_last_lr()[0],
-               "grad_norm": float(grad_norm) if grad_norm is not None else None,
-               "dropped_tokens": int(sum(x.dropped_tokens for x in routing))}  # (a host read after the step)
-        return rec
+        dropped = sum((x.dropped_tokens for x in routing), 0)
+        aux_values = {k: v.detach() for k, v in vars(aux).items()}
+        return PendingStep(self.step, tasks, self.scheduler.get_last_lr()[0], loss.detach(), logs, aux_values,
+                           None if grad_norm is None else grad_norm.detach(), dropped, extra)
+
+    def nonfinite_tasks(self, loss, logs, grad_norm) -> list[str]:
+        """``train.nonfinite=skip``: the step's tasks whose loss is not finite (all of them when only
+        the total or the gradient norm is); one host read per step."""
+        tasks = list(logs)
+        values = torch.stack([loss.detach().float(), *(logs[t]["loss"].float() for t in tasks),
+                              (grad_norm if grad_norm is not None else loss.new_zeros(())).detach().float()])
+        finite = torch.isfinite(values).tolist()
+        if all(finite):
+            return []
+        return [t for t, ok in zip(tasks, finite[1:]) if not ok] or tasks
+
+    def skip_step(self, bad: list[str]) -> dict:
+        """No update for this step: counted per task; ``train.max_nonfinite`` in a row stop the run."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.nonfinite_streak += 1
+        for t in bad:
+            self.nonfinite_skipped[t] = self.nonfinite_skipped.get(t, 0) + 1
+        limit = int(self.tcfg.get("max_nonfinite", 10))
+        if self.dist.is_main:
+            tqdm.write(f"step {self.step + 1}: non-finite loss (tasks {', '.join(bad)}): no update "
+                       f"({self.nonfinite_streak} in a row; skipped so far {self.nonfinite_skipped})")
+        if self.nonfinite_streak >= limit:
+            raise FloatingPointError(f"{self.nonfinite_streak} steps in a row up to step {self.step + 1} had a "
+                                     f"non-finite loss (tasks {', '.join(bad)}), train.max_nonfinite={limit}: "
+                                     f"stopping; {self.last_checkpoint_note()}")
+        return {"skipped": True, "nonfinite_tasks": bad}
+
+    def last_checkpoint_note(self) -> str:
+        path = step_folders(self.run_dir)
+        return (f"the last checkpoint is {path[0]} (resume=true continues from it)" if path
+                else "no checkpoint was written yet")
+
+    def flush_log(self, steplog: StepLog, log_file, writer, ema: dict) -> dict | None:
+        """Read the pending steps on the host (every rank: a collective under torchrun), write
+        them (rank 0) and return the newest record. A non-finite step stops the run here with one
+        line naming the step, its tasks and the last checkpoint."""
+        try:
+            records = steplog.flush()
+        except NonFiniteLoss as e:
+            raise FloatingPointError(f"{e}; {self.last_checkpoint_note()}; lower train.lr, enable train.grad_clip "
+                                     "or set train.nonfinite=skip") from None
+        if records and self.dist.is_main:
+            write_records(records, log_file, writer, ema)
+        return records[-1] if records else None
 
     # ------------------------------------------------------------------ run
     def fit(self) -> dict:
+        """Train to ``train.steps``, evaluate, write the run directory; returns the results. On a stop
+        signal: a checkpoint, then :class:`~moe_vision.engine.preemption.TrainingStopped`."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if self.cfg.get("resume"):
+        restart = elastic_restart()
+        if self.cfg.get("resume") or restart:
+            if restart and not self.cfg.get("resume") and self.dist.is_main:
+                tqdm.write(f"torchrun restart {restart}: continuing from the newest complete checkpoint")
             self.resume()
-        elif latest_checkpoint(self.run_dir) is not None:
+        elif step_folders(self.run_dir):
             raise FileExistsError(f"{self.run_dir} already holds a training run; pass resume=true to continue it "
                                   "or choose another output_dir")
         main = self.dist.is_main  # only rank 0 writes logs, reports, pictures and checkpoints
@@ -312,31 +446,45 @@ class Trainer:
         log_path = self.run_dir / "train_log.jsonl"
         t0 = time.time()
         first_step = self.step
-        with open(log_path, "a") if main else contextlib.nullcontext() as log_file:
+        steplog = StepLog(self.dist)
+        with (open(log_path, "a") if main else contextlib.nullcontext()) as log_file, \
+                StopSignals(tqdm.write if main else (lambda m: None)) as signals:
             while self.step < steps:
-                rec = self.train_step()
-                if main:
-                    self._log_step(rec, log_file, writer, ema)
+                steplog.add(self.train_step())
                 bar.update(1)
-                if main and (self.step % log_every == 0 or self.step == steps):
-                    # Images per second over all ranks (every rank loads its slice of the global batch).
-                    ips = global_images * (self.step - first_step) / max(time.time() - t0, 1e-9)
-                    bar.set_postfix_str(" ".join(f"{t}={v:.3f}" for t, v in ema.items()) +
-                                        f" mi={rec['aux']['mutual_information']:.3f} lb={rec['aux']['load_balance']:.2f}"
-                                        f" img/s={ips:.0f} task={','.join(rec['tasks'])}")
+                if self.step % log_every == 0 or self.step == steps:
+                    rec = self.flush_log(steplog, log_file, writer, ema)
+                    if main:  # images per second over all ranks (each loads its slice of the global batch)
+                        ips = global_images * (self.step - first_step) / max(time.time() - t0, 1e-9)
+                        bar.set_postfix_str(" ".join(f"{t}={v:.3f}" for t, v in ema.items()) +
+                                            f" mi={rec['aux']['mutual_information']:.3f}"
+                                            f" lb={rec['aux']['load_balance']:.2f}"
+                                            f" img/s={ips:.0f} task={','.join(rec['tasks'])}")
                 if eval_every and self.step % eval_every == 0 and self.step < steps:
+                    self.flush_log(steplog, log_file, writer, ema)
                     self.sync_eval_model()
                     if main:
                         self.periodic_validation(writer)
                     self.dist.barrier()
                 if ckpt_every and self.step % ckpt_every == 0 and self.step < steps:
+                    self.flush_log(steplog, log_file, writer, ema)  # (nothing non-finite is saved)
                     self.save()
+                stop = signals.agreed(self.dist, self.host_group)
+                if stop and self.step < steps:
+                    self.flush_log(steplog, log_file, writer, ema)
+                    path = self.save()
+                    self.finish_checkpoint()
+                    bar.close()
+                    for it in self.iters.values():
+                        it.close()
+                    raise TrainingStopped(self.step, path, stop)
         bar.close()
         for it in self.iters.values():
             it.close()  # the loader workers are not needed for evaluation
         train_seconds = time.time() - t0
         results: dict = {"train_seconds": train_seconds}
         self.save()
+        self.finish_checkpoint()
         self.sync_eval_model()
         if main:
             save_model(self.eval_model, self.run_dir / "model.safetensors")
@@ -359,15 +507,6 @@ class Trainer:
             raise RuntimeError(f"adapt stage changed {len(check['changed'])} frozen tensor(s), e.g. {check['changed'][:3]}")
         tqdm.write(f"adapt stage: all {check['frozen_tensors']} frozen tensors bit-identical to the pre-trained ones")
         return check
-
-    def _log_step(self, rec: dict, log_file, writer, ema: dict) -> None:
-        log_file.write(json.dumps(rec) + "\n")
-        for task, ls in rec["task_losses"].items():
-            ema[task] = ls["loss"] if task not in ema else 0.9 * ema[task] + 0.1 * ls["loss"]
-            writer.add_scalar(f"loss/{task}", ls["loss"], self.step)
-        for k, v in rec["aux"].items():
-            writer.add_scalar(f"aux/{k}", v, self.step)
-        writer.add_scalar("lr", rec["lr"], self.step)
 
     def periodic_validation(self, writer) -> dict:
         """Metrics on the fixed validation subsets, logged to TensorBoard and ``val_log.jsonl``."""

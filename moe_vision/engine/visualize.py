@@ -5,26 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Mapping, Sequence
 
-import numpy as np
 import torch
 
 from ..data import collate
-from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from ..io_utils import atomic_path
-
-
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def _save(fig, path: Path) -> Path:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    _pyplot().close(fig)
-    return path
+from ..plotting import pyplot, save_figure, to_rgb
 
 
 def _smooth(values: Sequence[float], beta: float = 0.9) -> list[float]:
@@ -39,7 +23,7 @@ def plot_curves(train_rows: Sequence[Mapping], val_rows: Sequence[Mapping], prim
                 path: Path) -> Path:
     """Left: each task's training loss (smoothed, log scale) per step. Right: each task's
     validation metrics per step (the primary metric solid, others dashed)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     tasks = sorted({t for r in train_rows for t in r.get("task_losses", {})})
     for task in tasks:
@@ -61,13 +45,7 @@ def plot_curves(train_rows: Sequence[Mapping], val_rows: Sequence[Mapping], prim
     right.set(xlabel="step", ylabel="validation metric", title="validation (primary metrics solid)")
     right.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    return _save(fig, Path(path))
-
-
-def _to_rgb(image_3HW: torch.Tensor) -> np.ndarray:
-    mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
-    std = torch.tensor(IMAGENET_STD)[:, None, None]
-    return (image_3HW.float().cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+    return save_figure(fig, Path(path))
 
 
 def _class_name(spec, i: int) -> str:
@@ -89,7 +67,7 @@ def plot_predictions(model, datasets: Mapping[str, object], path: Path, per_task
                      device: torch.device | str = "cpu", score_threshold: float = 0.3) -> Path:
     """A grid: per task a row of validation images, each with the prediction beside the ground
     truth (cls: top-1 class and score; det: boxes with labels and scores; seg/depth: maps)."""
-    plt = _pyplot()
+    plt = pyplot()
     was_training = model.training
     model.eval()
     tasks = list(datasets)
@@ -103,7 +81,7 @@ def plot_predictions(model, datasets: Mapping[str, object], path: Path, per_task
         preds = spec.postprocess(model(images.to(device), task), targets)
         for j, (image, target, pred) in enumerate(zip(images, targets, preds)):
             ih, iw = [int(v) for v in target.get("input_size", image.shape[-2:])]
-            rgb = _to_rgb(image[..., :ih, :iw])  # (without the batch's padding)
+            rgb = to_rgb(image[..., :ih, :iw])  # (without the batch's padding)
             a_pred, a_gt = axes[row, 2 * j], axes[row, 2 * j + 1]
             kind = spec.type_name
             if kind == "cls":
@@ -142,4 +120,4 @@ def plot_predictions(model, datasets: Mapping[str, object], path: Path, per_task
         axes[row, 0].set_ylabel(task, fontsize=8)
     fig.tight_layout()
     model.train(was_training)
-    return _save(fig, Path(path))
+    return save_figure(fig, Path(path))

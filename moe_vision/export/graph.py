@@ -73,7 +73,7 @@ class TaskGraph(nn.Module):
                              f"exportable types: {', '.join(RAW_OUTPUTS)}")
         if self.kind == "seg" and self.spec.options.get("mode", "classwise") != "classwise":
             raise ValueError(f"task {task!r}: only class-wise segmentation (mode=classwise) exports")
-        if self.kind == "det" and self.spec.opt("inference", "queries_nms") == "dense_nms":
+        if self.kind == "det" and self.spec.option("inference", "queries_nms") == "dense_nms":
             raise ValueError(f"task {task!r}: inference=dense_nms reads the dense token outputs, which the exported "
                              "graph does not return; export with inference=queries or queries_nms")
 

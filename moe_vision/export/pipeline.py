@@ -27,10 +27,10 @@ def load_source(bundle: str | Path | None, checkpoint: str | Path | None, task: 
     if bool(bundle) == bool(checkpoint):
         raise ValueError("pass exactly one of --bundle DIR or --checkpoint RUN (with --task)")
     if bundle:
-        from ..surgery.bundle import load_bundle
+        from ..surgery.bundle import bundle_task, load_bundle
         model = load_bundle(bundle)
         info = model.bundle_info
-        task = task or info["task"]
+        task = bundle_task(info, task)
         parent_run = Path(info["parent_checkpoint"]).parent / "config.json"
         run_cfg = json.loads(parent_run.read_text()) if parent_run.is_file() else None
         return model, task, run_cfg, {"bundle": str(bundle), "parent_checkpoint": info["parent_checkpoint"]}
@@ -127,7 +127,7 @@ def flops(model, task: str, size: int) -> dict:
 
 
 def latency_table(exported: str | Path, fmt: str, bundle_model, task: str, full_model=None,
-                  batches=(1, 32), repeats: int = 10) -> list[dict]:
+                  batches=(1, 8), repeats: int = 10) -> list[dict]:
     """Rows ``{"model", "batch", "ms", "ms_per_image"}``: the eager full model (if given), the
     eager bundle and the exported bundle, measured back to back in this process."""
     size = int(bundle_model.backbone.config["img_size"])

@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from ..cli import MissingExtra
+from ..errors import MissingExtra
 from .graph import RAW_OUTPUTS, TaskGraph, dense_experts
 
 FORMATS = ("onnx", "torch_export")

@@ -46,14 +46,32 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         raise ValueError(f"checkpoint {path} is not a readable safetensors file ({e})") from None
 
 
+def _model_of(meta: dict[str, str], name) -> torch.nn.Module:
+    if meta.get("format") not in MODEL_FORMATS or "config" not in meta:
+        raise ValueError(f"checkpoint {name} has no moe-vision config in its header "
+                         f"(format={meta.get('format')!r}, expected one of {sorted(MODEL_FORMATS)})")
+    return MODEL_FORMATS[meta["format"]](**json.loads(meta["config"]))
+
+
 def load_model(path: str | Path, map_location: str | torch.device = "cpu"):
     """Rebuild a model (backbone or generalist) from a checkpoint written by :func:`save_model`."""
-    meta = read_metadata(path)
-    if meta.get("format") not in MODEL_FORMATS or "config" not in meta:
-        raise ValueError(f"checkpoint {path} has no moe-vision config in its header "
-                         f"(format={meta.get('format')!r}, expected one of {sorted(MODEL_FORMATS)})")
-    model = MODEL_FORMATS[meta["format"]](**json.loads(meta["config"]))
+    model = _model_of(read_metadata(path), path)
     load_weights(model, path, map_location)
+    return model
+
+
+def load_model_bytes(data: bytes, name: str = "checkpoint", map_location: str | torch.device = "cpu"):
+    """:func:`load_model` from a checkpoint file's bytes (e.g. read from an archive): safetensors
+    only, nothing unpickled."""
+    from safetensors.torch import load as load_bytes
+    try:
+        n = int.from_bytes(data[:8], "little")
+        meta = json.loads(data[8:8 + n]).get("__metadata__") or {}
+        state = load_bytes(data)
+    except (SafetensorError, ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{name} is not a readable safetensors file ({e})") from None
+    model = _model_of(meta, name)
+    check_and_load(model, {k: v.to(map_location) for k, v in state.items()}, name)
     return model
 
 
@@ -63,7 +81,11 @@ _EXPERT_KEY = re.compile(r"\.(experts\.(\d+\.)?(w1|w2|b1|b2)|q_experts\.\w+|o_ex
 def load_weights(model, path: str | Path, map_location: str | torch.device = "cpu") -> None:
     """Load a checkpoint's weights into ``model``, naming the first mismatch clearly."""
     read_metadata(path)
-    state = load_file(str(path), device=str(map_location))
+    check_and_load(model, load_file(str(path), device=str(map_location)), path)
+
+
+def check_and_load(model, state: dict[str, torch.Tensor], path) -> None:
+    """``model.load_state_dict(state)`` after checking keys and shapes, naming the first mismatch."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))

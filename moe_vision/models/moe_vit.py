@@ -22,6 +22,7 @@ from timm.models.vision_transformer import Attention
 from ..moe import AuxLosses, AuxLossWeights, MoEAttention, MoEConfig, MoEMLP, RoutingOutput, check_task
 from ..moe import compute_aux_losses, resolve_blocks
 from .padding import avg_pool, cell_mask, replicate_beyond, valid_cells, zero_beyond
+from .task_norm import TaskBatchNorm2d, check_task_norm
 
 _TASK_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 
@@ -38,7 +39,8 @@ class MoEBlock(nn.Module):
         if moe_attn:
             self.attn = MoEAttention(dim, num_heads, tasks, moe.layer_num_experts.get(f"{name}.attn", moe.attn_num_experts),
                                      moe.attn_top_k, qkv_bias,
-                                     moe.router_mode, moe.renormalize, moe.noisy_gating, layer_name=f"{name}.attn")
+                                     moe.router_mode, moe.renormalize, moe.noisy_gating, layer_name=f"{name}.attn",
+                                     kernel=moe.kernel)
         else:
             self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias)
         self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
@@ -51,7 +53,7 @@ class MoEBlock(nn.Module):
                               moe.layer_num_experts.get(f"{name}.mlp", moe.num_experts), moe.top_k, moe.router_mode,
                               moe.renormalize, moe.noisy_gating, moe.capacity_factor, moe.activation,
                               moe.expert_scale, layer_name=f"{name}.mlp", added_experts=moe.added_experts,
-                              task_added_groups=moe.task_added_groups)
+                              task_added_groups=moe.task_added_groups, kernel=moe.kernel)
         else:
             self.mlp = Mlp(dim, hidden)
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
@@ -96,8 +98,12 @@ class ConvStem(nn.Module):
     which dense heads use as high-resolution detail."""
 
     def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int, depth: int = 1,
-                 width: int | None = None) -> None:
+                 width: int | None = None, tasks: Sequence[str] = (), task_norm: str = "shared") -> None:
         super().__init__()
+        check_task_norm(task_norm)
+
+        def norm(c: int) -> nn.Module:
+            return nn.BatchNorm2d(c) if task_norm == "shared" else TaskBatchNorm2d(c, tasks, task_norm == "affine")
         n = int(math.log2(patch_size))
         if 2 ** n != patch_size:
             raise ValueError(f"stem='conv' needs a power-of-two patch_size, got {patch_size}")
@@ -109,7 +115,7 @@ class ConvStem(nn.Module):
             c_out = max(16, width >> (n - 1 - i))
             for j in range(depth):
                 layers += [nn.Conv2d(c_in if j == 0 else c_out, c_out, 3, 2 if j == 0 else 1, 1, bias=False),
-                           nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+                           norm(c_out), nn.ReLU(inplace=True)]
             c_in = c_out
             self.stage_ends.append(len(layers) - 1)
             self.stage_channels.append(c_out)
@@ -118,14 +124,16 @@ class ConvStem(nn.Module):
         self.grid_size = (img_size // patch_size, img_size // patch_size)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
 
-    def forward(self, x: torch.Tensor, return_stages: bool = False, valid_px_B2: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, return_stages: bool = False, valid_px_B2: torch.Tensor | None = None,
+                task: str | None = None):
         """``valid_px_B2`` (padded batches): after every activation, zeros beyond each image's
-        valid region, so that padding acts like the border of the image alone."""
+        valid region, so that padding acts like the border of the image alone. ``task`` picks the
+        normalisation statistics under ``task_norm`` other than ``shared``."""
         stages, stride = [], 1
         for i, layer in enumerate(self.stem):
             if isinstance(layer, nn.Conv2d):
                 stride *= layer.stride[0]
-            x = layer(x)
+            x = layer(x, task) if isinstance(layer, TaskBatchNorm2d) else layer(x)
             if valid_px_B2 is not None and isinstance(layer, nn.ReLU):
                 x = zero_beyond(x, valid_cells(valid_px_B2, stride))
             if return_stages and i in self.stage_ends:
@@ -146,6 +154,9 @@ class MoEViT(nn.Module):
         stem: ``"patch"`` (timm's patch embedding; needed for upcycling timm checkpoints) or
             ``"conv"`` (:class:`ConvStem`).
         stem_depth, stem_width: convolutions per stage and width of the conv stem.
+        task_norm: the conv stem's BatchNorm: ``shared`` (one set of statistics), ``stats`` (running
+            statistics per task) or ``affine`` (statistics, scale and shift per task); see
+            :mod:`moe_vision.models.task_norm`.
         multiscale: how :meth:`forward_multiscale` builds its maps: ``"spread"`` (one map per scale
             from evenly spaced blocks, shallow to deep) or ``"last"`` (every scale from the last
             block, as ViTDet's simple feature pyramid).
@@ -169,6 +180,7 @@ class MoEViT(nn.Module):
         stem_depth: int = 1,
         stem_width: int | None = None,
         multiscale: str = "spread",
+        task_norm: str = "shared",
     ) -> None:
         super().__init__()
         tasks = list(tasks)
@@ -182,7 +194,7 @@ class MoEViT(nn.Module):
                            embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
                            qkv_bias=qkv_bias, drop_path_rate=drop_path_rate, init_values=init_values,
                            moe=moe_cfg.to_dict(), stem=stem, stem_depth=stem_depth, stem_width=stem_width,
-                           multiscale=multiscale)
+                           multiscale=multiscale, task_norm=task_norm)
         if multiscale not in ("spread", "last"):
             raise ValueError(f"multiscale={multiscale!r}; expected 'spread' or 'last'")
         self.multiscale = multiscale
@@ -194,7 +206,8 @@ class MoEViT(nn.Module):
             self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, flatten=False,
                                           output_fmt="NHWC", strict_img_size=False)
         elif stem == "conv":
-            self.patch_embed = ConvStem(img_size, patch_size, in_chans, embed_dim, stem_depth, stem_width)
+            self.patch_embed = ConvStem(img_size, patch_size, in_chans, embed_dim, stem_depth, stem_width, tasks,
+                                        task_norm)
         else:
             raise ValueError(f"stem={stem!r}; expected 'patch' (timm's patchifying conv) or 'conv'")
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -238,7 +251,7 @@ class MoEViT(nn.Module):
         return list(getattr(self.patch_embed, "stage_channels", []))
 
     def _embed(self, x: torch.Tensor, stem_maps: list | None = None, frame: tuple[int, int] | None = None,
-               valid_px_B2: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+               valid_px_B2: torch.Tensor | None = None, task: str | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
         if x.ndim != 4:
             raise ValueError(f"expected images [B, C, H, W], got shape {tuple(x.shape)}")
         H, W = x.shape[-2:]
@@ -247,7 +260,7 @@ class MoEViT(nn.Module):
             raise ValueError(f"image size {H}x{W} is not divisible by patch size {p}; "
                              f"expected height and width that are multiples of {p}")
         if isinstance(self.patch_embed, ConvStem):
-            x, stages = self.patch_embed(x, return_stages=True, valid_px_B2=valid_px_B2)  # [B, gh, gw, D]
+            x, stages = self.patch_embed(x, return_stages=True, valid_px_B2=valid_px_B2, task=task)  # [B, gh, gw, D]
             if stem_maps is not None:
                 stem_maps.extend(stages)
         else:
@@ -281,7 +294,7 @@ class MoEViT(nn.Module):
         check_task(task, self.tasks)
         if valid_px_B2 is not None and visible_BNv is not None:
             raise ValueError("padded batches (valid_px_B2) and visible-only encoding (visible_BNv) do not mix")
-        x, grid = self._embed(x, stem_maps, frame, valid_px_B2)
+        x, grid = self._embed(x, stem_maps, frame, valid_px_B2, task)
         x = x + self.task_embed[task]
         attn_mask = valid_idx = None
         if valid_px_B2 is not None:  # padded batch: mask padded keys; experts see real tokens only

@@ -18,7 +18,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from .dispatch import TokenDispatcher
-from .grouped import autocast_inputs, grouped_linear
+from .grouped import autocast_inputs, check_kernel, grouped_linear
 from .layer import RoutingOutput
 from .router import TaskRouter
 
@@ -26,16 +26,17 @@ from .router import TaskRouter
 class GroupedLinear(nn.Module):
     """E linear maps ``[E, in, out]`` applied to expert-sorted rows."""
 
-    def __init__(self, num_experts: int, in_features: int, out_features: int, bias: bool = True) -> None:
+    def __init__(self, num_experts: int, in_features: int, out_features: int, bias: bool = True,
+                 kernel: str = "auto") -> None:
         super().__init__()
-        self.num_experts = num_experts
+        self.num_experts, self.kernel = num_experts, check_kernel(kernel)
         self.weight = nn.Parameter(torch.empty(num_experts, in_features, out_features))
         self.bias = nn.Parameter(torch.zeros(num_experts, out_features)) if bias else None
         nn.init.uniform_(self.weight, -1 / math.sqrt(in_features), 1 / math.sqrt(in_features))
 
     def forward(self, x_AI: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         x, w, b = autocast_inputs(x_AI, self.weight, self.bias)
-        return grouped_linear(x, counts_E, w, b)
+        return grouped_linear(x, counts_E, w, b, self.kernel)
 
 
 class MoEAttention(nn.Module):
@@ -53,6 +54,7 @@ class MoEAttention(nn.Module):
         renormalize: bool = True,
         noisy_gating: bool = False,
         layer_name: str = "attn",
+        kernel: str = "auto",
     ) -> None:
         super().__init__()
         if num_heads % top_k:
@@ -65,8 +67,8 @@ class MoEAttention(nn.Module):
         self.router = TaskRouter(dim, num_experts, top_k, tasks, router_mode, renormalize, noisy_gating)
         self.dispatcher = TokenDispatcher(num_experts, capacity_factor=0.0)
         self.kv = nn.Linear(dim, 2 * inner, bias=qkv_bias)
-        self.q_experts = GroupedLinear(num_experts, dim, inner, bias=qkv_bias)
-        self.o_experts = GroupedLinear(num_experts, inner, dim, bias=True)
+        self.q_experts = GroupedLinear(num_experts, dim, inner, bias=qkv_bias, kernel=kernel)
+        self.o_experts = GroupedLinear(num_experts, inner, dim, bias=True, kernel=kernel)
 
     def forward(self, x_BND: torch.Tensor, task: str,
                 attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, RoutingOutput]:

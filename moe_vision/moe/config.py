@@ -29,6 +29,7 @@ class MoEConfig:
     attn_num_experts: int = 8
     attn_top_k: int = 2
     aux_weights: dict = field(default_factory=lambda: {"mutual_information": 0.0, "load_balance": 0.01, "z_loss": 0.001})
+    kernel: str = "auto"  # grouped expert matmuls: auto | grouped_mm | loop (moe_vision.moe.grouped)
     # Written by the surgery tools, rarely by hand:
     layer_num_experts: dict = field(default_factory=dict)  # layer name -> experts (extracted bundles)
     added_experts: list = field(default_factory=list)  # expert groups added by add_task, in order

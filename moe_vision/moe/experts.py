@@ -17,7 +17,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from .grouped import autocast_inputs, grouped_linear
+from .grouped import autocast_inputs, check_kernel, grouped_linear
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": F.gelu,
@@ -36,13 +36,13 @@ def get_activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def grouped_mlp(x_AD: torch.Tensor, counts_E: torch.Tensor, w1_EDH: torch.Tensor, b1_EH: torch.Tensor | None,
-                w2_EHD: torch.Tensor, b2_ED: torch.Tensor | None, act: Callable) -> torch.Tensor:
+                w2_EHD: torch.Tensor, b2_ED: torch.Tensor | None, act: Callable, kernel: str = "auto") -> torch.Tensor:
     """``fc2(act(fc1(x)))`` of every expert on its rows of the expert-sorted buffer: two
-    :func:`~moe_vision.moe.grouped.grouped_linear` operators (``torch._grouped_mm`` on CUDA in half
-    precision, a per-expert loop elsewhere), in autocast's dtype when it is on. Shapes never depend
-    on the counts."""
+    :func:`~moe_vision.moe.grouped.grouped_linear` operators (``kernel``: see
+    :mod:`~moe_vision.moe.grouped`), in autocast's dtype when it is on. Shapes never depend on the
+    counts."""
     x, w1, b1, w2, b2 = autocast_inputs(x_AD, w1_EDH, b1_EH, w2_EHD, b2_ED)
-    return grouped_linear(act(grouped_linear(x, counts_E, w1, b1)), counts_E, w2, b2)
+    return grouped_linear(act(grouped_linear(x, counts_E, w1, b1, kernel)), counts_E, w2, b2, kernel)
 
 
 class GroupedExperts(nn.Module):
@@ -54,6 +54,8 @@ class GroupedExperts(nn.Module):
         hidden: H, hidden width of each expert.
         activation: name of the activation (see :data:`ACTIVATIONS`).
         bias: whether both layers carry a bias.
+        kernel: how the grouped matmuls run (``auto``, ``grouped_mm``, ``loop``; see
+            :mod:`~moe_vision.moe.grouped`).
     """
 
     def __init__(
@@ -63,8 +65,10 @@ class GroupedExperts(nn.Module):
         hidden: int,
         activation: str = "gelu",
         bias: bool = True,
+        kernel: str = "auto",
     ) -> None:
         super().__init__()
+        self.kernel = check_kernel(kernel)
         if num_experts < 1 or dim < 1 or hidden < 1:
             raise ValueError(f"GroupedExperts needs num_experts, dim, hidden >= 1, got {num_experts}, {dim}, {hidden}")
         self.num_experts, self.dim, self.hidden = num_experts, dim, hidden
@@ -91,4 +95,4 @@ class GroupedExperts(nn.Module):
     def forward(self, x_TD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """Run rows sorted by expert; ``counts_E[e]`` consecutive rows belong to expert e
         (:func:`grouped_mlp`)."""
-        return grouped_mlp(x_TD, counts_E, self.w1, self.b1, self.w2, self.b2, self.act)
+        return grouped_mlp(x_TD, counts_E, self.w1, self.b1, self.w2, self.b2, self.act, self.kernel)

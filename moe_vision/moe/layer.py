@@ -83,6 +83,7 @@ class MoEMLP(nn.Module):
         layer_name: str = "moe",
         added_experts: Sequence[int] = (),
         task_added_groups: dict[str, int] | None = None,
+        kernel: str = "auto",
     ) -> None:
         super().__init__()
         self.layer_name = layer_name
@@ -93,9 +94,10 @@ class MoEMLP(nn.Module):
         self.router = TaskRouter(dim, total, top_k, tasks, router_mode, renormalize, noisy_gating,
                                  task_num_experts=task_n)
         self.dispatcher = TokenDispatcher(total, capacity_factor)
-        self.experts = GroupedExperts(num_experts, dim, hidden, activation)
+        self.experts = GroupedExperts(num_experts, dim, hidden, activation, kernel=kernel)
         # Experts added later (add_task) live in separate tensors so the old ones can be frozen.
-        self.added_experts = nn.ModuleList(GroupedExperts(n, dim, hidden, activation) for n in added_experts)
+        self.added_experts = nn.ModuleList(GroupedExperts(n, dim, hidden, activation, kernel=kernel)
+                                           for n in added_experts)
         self.ep_group = None  # set by shard_experts(): this rank then holds only its slice of experts
         # Static-shaped path for export: every expert on every token, combined with the top-k weights
         # (zero for the experts a token did not choose); the same function as the sparse path.
@@ -128,9 +130,9 @@ class MoEMLP(nn.Module):
                else torch.cat([getattr(g, name) for g in groups]))
         return cat("w1"), cat("b1"), cat("w2"), cat("b2")
 
-    def run_experts(self, x_AD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    def run_experts(self, x_RD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """Expert-sorted rows through the experts (each expert's rows are contiguous)."""
-        return grouped_mlp(x_AD, counts_E, *self.expert_weights(), self.experts.act)
+        return grouped_mlp(x_RD, counts_E, *self.expert_weights(), self.experts.act, self.experts.kernel)
 
     def all_experts_dense(self, x_TD: torch.Tensor, idx_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
         """Every expert on every token ``[T, D]``, each token's outputs weighted by its top-k
@@ -156,14 +158,14 @@ class MoEMLP(nn.Module):
             y_TD = self.all_experts_dense(x_TD, r.idx_TK, r.weights_TK) * self.expert_scale
             return y_TD.reshape(shape), None
         plan = self.dispatcher.plan(r.idx_TK, r.weights_TK)
-        x_AD = self.dispatcher.permute(x_TD, plan)
+        x_RD = self.dispatcher.permute(x_TD, plan)
         ex = None
         if self.ep_group is not None:
             ex = ep.exchange_plan(plan.rows_E, self.ep_group)  # (the counts exchange: the one sync here)
-            y_AD = ep.combine_rows(self.experts(ep.dispatch_rows(x_AD, ex), ex.local_counts_L), ex)
+            y_RD = ep.combine_rows(self.experts(ep.dispatch_rows(x_RD, ex), ex.local_counts_L), ex)
         else:
-            y_AD = self.run_experts(x_AD, plan.rows_E)
-        y_TD = self.dispatcher.unpermute(y_AD, plan, T)
+            y_RD = self.run_experts(x_RD, plan.rows_E)
+        y_TD = self.dispatcher.unpermute(y_RD, plan, T)
         if self.expert_scale != 1.0:
             y_TD = y_TD * self.expert_scale
         return y_TD.reshape(shape), RoutingOutput.from_router(self.layer_name, task, r, self.num_experts, plan, ex)

@@ -106,3 +106,22 @@ def compute_aux_losses(routing: Sequence, weights: AuxLossWeights) -> AuxLosses:
     mi = torch.stack(mi_terms).mean()
     total = weights.mutual_information * mi + weights.load_balance * balance + weights.z_loss * z
     return AuxLosses(mi, balance, z, total)
+
+
+def aux_losses_by_task(routing: Sequence, weights: AuxLossWeights) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The weighted auxiliary loss of :func:`compute_aux_losses` (in one process) split into what
+    each task's routing alone contributes (the balance and z losses are means over routing
+    outputs, one per task and layer) and the part that couples the tasks (the MI loss, 0 when its
+    weight is): ``sum(per_task.values()) + coupled == compute_aux_losses(...).total``. Lets a
+    balancing method treat each task's routing losses with that task's gradient, without a
+    separate backward pass through every task's graph."""
+    n = max(1, len(routing))
+    per_task: dict[str, torch.Tensor] = {}
+    for r in routing:
+        term = (weights.load_balance * r.balance_loss + weights.z_loss * r.z_loss) / n
+        per_task[r.task] = per_task[r.task] + term if r.task in per_task else term
+    coupled = torch.zeros(())
+    if weights.mutual_information and routing:
+        coupled = weights.mutual_information * compute_aux_losses(
+            routing, AuxLossWeights(weights.mutual_information, 0.0, 0.0)).mutual_information
+    return per_task, coupled

@@ -63,8 +63,10 @@ class _SumOverRanks(torch.autograd.Function):
         return grad
 
 
-def mean_count_over_ranks(count: float, device: torch.device) -> float:
-    """The mean over ranks of a per-batch count (e.g. boxes), for normalising a summed loss.
+def mean_count_over_ranks(count: float, device: torch.device) -> float | torch.Tensor:
+    """The mean over ranks of a per-batch count (e.g. boxes, known on the host), for normalising a
+    summed loss: a float in one process; under :func:`over_ranks` a 0-d tensor on ``device`` (the
+    all-reduce result is used as it is, never read back, so the step does not wait for it).
 
     A rank's loss is its local sum over (global count / world size); data-parallel gradient
     averaging then gives the global sum over the global count, as in one process.
@@ -72,6 +74,6 @@ def mean_count_over_ranks(count: float, device: torch.device) -> float:
     world = active_world_size()
     if world == 1:
         return float(count)
-    t = torch.tensor([float(count)], dtype=torch.float64, device=device)
+    t = torch.tensor(float(count), dtype=torch.float32, device=device)
     dist.all_reduce(t)
-    return float(t) / world
+    return t / world

@@ -34,6 +34,22 @@ def check_task(task: str, known: Iterable[str]) -> None:
         raise KeyError(f"unknown task {task!r}; this model knows tasks {known}")
 
 
+def top_k_lowest_index(logits_TE: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest logits per row and their indices, best first; equal logits go to the lower
+    expert index. ``torch.topk`` leaves ties to the kernel, and on the CPU its choice changes with
+    the number of columns, so a model with unused experts cut out could pick the other of two tied
+    experts. ``argmax`` returns the first maximum; k rounds of it (each masking the one found)
+    make the choice depend only on the experts' order, which cutting experts out keeps, and
+    export to ONNX (ArgMax) and compile like ``topk``. (k is small: 1 to 4.)"""
+    values, indices, rest_TE = [], [], logits_TE
+    for _ in range(k):
+        idx_T1 = rest_TE.argmax(dim=-1, keepdim=True)
+        values.append(logits_TE.gather(-1, idx_T1))
+        indices.append(idx_T1)
+        rest_TE = rest_TE.scatter(-1, idx_T1, float("-inf"))
+    return torch.cat(values, -1), torch.cat(indices, -1)
+
+
 class TaskRouter(nn.Module):
     """Top-k softmax gating conditioned on the task.
 
@@ -137,7 +153,7 @@ class TaskRouter(nn.Module):
             noise_std = F.softplus(F.linear(x_TD.float(), self.noise[key].weight.float())) + 1e-2
             select_logits = logits_TE + torch.randn_like(logits_TE) * noise_std
         probs_TE = torch.softmax(logits_TE, dim=-1)
-        top_logits_TK, idx_TK = torch.topk(select_logits, self.top_k, dim=-1)
+        top_logits_TK, idx_TK = top_k_lowest_index(select_logits, self.top_k)
         if self.renormalize:
             # Softmax over the chosen logits only: equal to renormalising the top-k probabilities,
             # but independent of the experts not chosen, so a model with unused experts removed

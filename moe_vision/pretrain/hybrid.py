@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from ..data.readers import ADE20KDataset, CocoDetectionDataset, ImageFolderDataset
-from ..tasks.base import Evaluator, Task, classes_present, register_task
+from ..data.labels import classes_present
+from ..tasks.base import Evaluator, Task, register_task
 from .masking import held_out_generator, mask_image, normalised_patches, patchify, random_patch_mask
 from .mim import ask_masked_patches, check_encoder_input, masked_indices, reconstruction_loss, visible_indices
 
@@ -185,7 +186,7 @@ class HybridPretrainingTask(Task):
     def __init__(self, name: str, num_classes: int = 0, loss_weights: dict | None = None, **options) -> None:
         super().__init__(name, num_classes, loss_weights, **options)
         check_encoder_input(name, self.options.setdefault("encoder", "visible"))
-        self.terms = {k for k in self.loss_defaults if self.w(k) > 0}
+        self.terms = {k for k in self.loss_defaults if self.loss_weight(k) > 0}
         if not self.terms:
             raise ValueError(f"tasks.{name}.loss_weights switch off every term; keep at least one of "
                              f"{sorted(self.loss_defaults)}")
@@ -234,7 +235,7 @@ class HybridPretrainingTask(Task):
         if "contrastive" in self.terms:
             z = outputs["z"].reshape(B, VIEWS, -1)
             terms["contrastive"] = info_nce(z[:, 0], z[:, 1], float(self.options.get("temperature", 0.2)))
-        total = sum(self.w(k) * v for k, v in terms.items())
+        total = sum(self.loss_weight(k) * v for k, v in terms.items())
         return {"loss": total, **terms}
 
     def postprocess(self, outputs, targets):

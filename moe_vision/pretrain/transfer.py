@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-# Per-task tensors of the backbone: each MoE layer's router gate and the task embedding.
-_TASK_TENSOR = re.compile(r"^(?P<pre>.*(?:\.router\.gates|\.task_embed|backbone\.task_embed))\.(?P<task>[^.]+)"
+# Per-task tensors of the backbone: each MoE layer's router gate, the task embedding, per-task normalisation.
+_TASK_TENSOR = re.compile(r"^(?P<pre>.*(?:\.router\.gates|\.task_embed|backbone\.task_embed|\.per_task))\.(?P<task>[^.]+)"
                           r"(?P<post>(?:\..*)?)$")
 
 

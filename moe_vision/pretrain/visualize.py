@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from ..data import collate
-from ..engine.visualize import _pyplot, _save, _to_rgb
+from ..plotting import pyplot, save_figure, to_rgb
 from .masking import patchify, unpatchify
 
 
@@ -15,7 +15,7 @@ def plot_reconstructions(model, task: str, dataset, path: Path, count: int = 6) 
     """One row per image. A normalised-pixel prediction is shown in the visible image's units:
     each masked patch gets the predicted pattern scaled to the true patch's mean and spread (the
     target hides exactly those two numbers)."""
-    plt = _pyplot()
+    plt = pyplot()
     was_training = model.training
     model.eval()
     spec = model.spec(task)
@@ -39,9 +39,9 @@ def plot_reconstructions(model, task: str, dataset, path: Path, count: int = 6) 
         recon[mask] = pred.to(recon.dtype)
         for ax, img, title in zip(axes[row], (full, image, unpatchify(recon, p, grid)),
                                   ("input", "masked input", "reconstruction")):
-            ax.imshow(_to_rgb(img))
+            ax.imshow(to_rgb(img))
             ax.set_title(title, fontsize=7)
             ax.set_xticks([]), ax.set_yticks([])
     fig.tight_layout()
     model.train(was_training)
-    return _save(fig, Path(path))
+    return save_figure(fig, Path(path))

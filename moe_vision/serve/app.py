@@ -29,8 +29,8 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
 
-from ..data.readers import ImageTooLarge, decode_image
-from ..surgery.predict import cls_top5, depth_png_array, det_records, predict_batch, seg_png_array
+from ..data.readers import DEFAULT_MAX_PIXELS, ImageTooLarge, decode_image
+from ..inference.predict import cls_top5, depth_png_array, det_records, predict_batch, seg_png_array
 from .routing import routing_maps
 from .source import ServedModel, load_source
 
@@ -104,7 +104,7 @@ class BusyError(RuntimeError):
     pass
 
 
-def create_app(source: ServedModel | str | Path, max_upload_mb: float = 10.0, max_pixels: int = 40_000_000,
+def create_app(source: ServedModel | str | Path, max_upload_mb: float = 10.0, max_pixels: int = DEFAULT_MAX_PIXELS,
                max_queue: int = 4, device: str = "cpu"):
     """The FastAPI app for a run directory, a bundle folder or a loaded :class:`ServedModel`."""
     served = source if isinstance(source, ServedModel) else load_source(source, device)

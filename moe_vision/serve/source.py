@@ -48,7 +48,7 @@ class ServedModel:
 def load_source(path: str | Path, device: str = "cpu") -> ServedModel:
     """Load a run directory or a bundle folder; one clear error if it is neither or is incomplete."""
     from ..engine.builders import load_generalist
-    from ..surgery.bundle import load_bundle
+    from ..surgery.bundle import bundle_tasks, load_bundle
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path} does not exist or is not a folder (expected a run directory or a bundle)")
@@ -58,9 +58,13 @@ def load_source(path: str | Path, device: str = "cpu") -> ServedModel:
         kept = {layer: list(experts) for layer, experts in info["kept_experts"].items()}
         served = ServedModel(model.eval(), "bundle", path, kept_experts=kept)
         usage = info.get("usage_frequency") or {}
-        served.usage = {layer: {info["task"]: list(freq)} for layer, freq in usage.items()}
+        tasks = bundle_tasks(info)
+        if usage and not isinstance(next(iter(usage.values())), dict):  # a one-task bundle of format 1
+            usage = {tasks[0]: usage}
+        served.usage = {layer: {t: list(usage[t][layer]) for t in tasks if layer in usage.get(t, {})}
+                        for layer in info["kept_experts"]}
         parent = Path(info["parent_checkpoint"])
-        served.examples = _examples(parent if parent.is_dir() else parent.parent, [info["task"]])
+        served.examples = _examples(parent if parent.is_dir() else parent.parent, tasks)
         return served
     if not (path / "model.safetensors").is_file():
         raise ValueError(f"{path} is neither a run directory (model.safetensors) nor a bundle (bundle.json)")

@@ -42,10 +42,20 @@ def add_task(model: GeneralistModel, task: str, task_cfg: dict, new_experts: int
         raise RuntimeError(f"internal: keys not placed in the grown model: {result.unexpected_keys[:5]}")
     new_keys = set(result.missing_keys)
     _init_new_experts_from_old(grown, len(groups))
+    _init_task_norm_from_old(grown, model.tasks[0], task)
     for name, p in grown.named_parameters():
         p.requires_grad_(name in new_keys)
     grown.frozen_keys = sorted(set(old_state))
     return grown
+
+
+@torch.no_grad()
+def _init_task_norm_from_old(model: GeneralistModel, old: str, new: str) -> None:
+    """A new task's per-task normalisation (``model.task_norm``) starts as an old task's."""
+    from ..models.task_norm import TaskBatchNorm2d
+    for m in model.modules():
+        if isinstance(m, TaskBatchNorm2d):
+            m.per_task[new].load_state_dict(m.per_task[old].state_dict())
 
 
 @torch.no_grad()

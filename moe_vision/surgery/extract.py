@@ -1,11 +1,12 @@
-"""Cut one task's experts out of a trained generalist into a compact stand-alone model.
+"""Cut one or several tasks' experts out of a trained generalist into a compact stand-alone model.
 
 Legend: E experts in the full layer, E' kept experts, D dim.
 
 Kept: every shared parameter (embeddings, attention, norms, the GLID decoder and queries, shared
-adapters), the kept experts of each MoE layer (stacked weights sliced along E), this task's
-router rows for those experts, its task embedding, adapters, LV-Adapter and head. Dropped: other experts, other tasks' routers,
-task embeddings and heads, and the head's training-only parameters (detection's denoising label
+adapters) once, the kept experts of each MoE layer (stacked weights sliced along E: for several
+tasks, the union of their kept experts), each kept task's router rows for those experts,
+its task embedding, adapters, LV-Adapter and head. Dropped: other experts, other tasks' routers,
+task embeddings and heads, and the heads' training-only parameters (detection's denoising label
 embedding).
 """
 from __future__ import annotations
@@ -28,14 +29,16 @@ _PER_TASK_KEYS = (
     (re.compile(r"^backbone\.task_embed\.([^.]+)$"), ()),
     (re.compile(r"^heads\.([^.]+)\."), ()),
     (re.compile(r"^(?:adapters\.(?:blocks|levels)\.\d+|lv\.texts)\.([^.]+)\."), ("shared",)),  # adapters, texts
+    (re.compile(r"\.per_task\.([^.]+)\."), ()),  # per-task normalisation (model.task_norm)
 )
 
 
-def belongs_elsewhere(key: str, task: str) -> bool:
-    """True for a key owned by another task (its router, embeddings, head, adapters, texts)."""
+def belongs_elsewhere(key: str, tasks: str | list[str]) -> bool:
+    """True for a key owned by a task not in ``tasks`` (its router, embeddings, head, adapters, texts)."""
+    tasks = [tasks] if isinstance(tasks, str) else list(tasks)
     for pattern, also_kept in _PER_TASK_KEYS:
         m = pattern.search(key)
-        if m and m.group(m.lastindex) not in (task, *also_kept):
+        if m and m.group(m.lastindex) not in (*tasks, *also_kept):
             return True
     return False
 
@@ -46,16 +49,36 @@ def moe_layer_of(key: str) -> str | None:
     return m.group(1) if m else None
 
 
-def extract_task(model: GeneralistModel, task: str, kept: dict[str, list[int]]) -> GeneralistModel:
-    """A new :class:`GeneralistModel` for ``task`` alone with ``kept[layer]`` experts per MoE layer."""
-    model.spec(task)  # unknown task -> clear error
+def union_of(kept_per_task: dict[str, dict[str, list[int]]]) -> dict[str, list[int]]:
+    """Per layer, the sorted union of every task's kept experts."""
+    layers = dict.fromkeys(layer for kept in kept_per_task.values() for layer in kept)
+    return {layer: sorted({e for kept in kept_per_task.values() for e in kept.get(layer, [])}) for layer in layers}
+
+
+def extract_task(model: GeneralistModel, task: str | list[str], kept: dict[str, list[int]]) -> GeneralistModel:
+    """A new :class:`GeneralistModel` for ``task`` (a name, or several: one model answering each)
+    with ``kept[layer]`` experts per MoE layer; each task's router chooses among those experts (its
+    rows for them, re-indexed), so a task whose own choices are all kept routes exactly as before."""
+    tasks = [task] if isinstance(task, str) else list(task)
+    if not tasks or len(set(tasks)) != len(tasks):
+        raise ValueError(f"tasks to extract must be distinct and at least one, got {tasks}")
+    for t in tasks:
+        model.spec(t)  # unknown task -> clear error
     layers = model.backbone.moe_layers()
     missing = sorted(set(layers) - set(kept))
     if missing:
         raise ValueError(f"no kept experts given for MoE layer(s) {missing}")
+    if len(tasks) > 1:
+        for name, module in model.backbone.named_modules():
+            seen = {t: module.router.num_experts_for(t) for t in tasks} if name in layers else {}
+            if len(set(seen.values())) > 1:
+                raise ValueError(f"tasks {tasks} choose among different experts in {name} ({seen}: a task added "
+                                 "with add_task sees its new experts, the older ones do not); extract them one at "
+                                 "a time")
     cfg = copy.deepcopy(model.config)
-    cfg["tasks"] = {task: model.spec(task).inference_config()}  # training-only parts (denoising) dropped
-    cfg["backbone"]["tasks"] = [task]
+    # (training-only parts, e.g. detection's denoising, are dropped)
+    cfg["tasks"] = {t: model.spec(t).inference_config() for t in tasks}
+    cfg["backbone"]["tasks"] = tasks
     cfg["backbone"]["moe"]["layer_num_experts"] = {layer: len(kept[layer]) for layer in layers}
     cfg["backbone"]["moe"]["added_experts"] = []  # every kept expert lands in one group
     cfg["backbone"]["moe"]["task_added_groups"] = {}
@@ -71,9 +94,9 @@ def extract_task(model: GeneralistModel, task: str, kept: dict[str, list[int]]) 
             value = torch.cat([value] + [full_state[f"{base.group(1)}.added_experts.{j}.{base.group(2)}"]
                                          for j in range(n_groups)])
         layer = moe_layer_of(key)
-        if belongs_elsewhere(key, task):
+        if belongs_elsewhere(key, tasks):
             continue
-        if any(key.startswith(f"heads.{task}.{name}.") for name in model.spec(task).training_only):
+        if any(key.startswith(f"heads.{t}.{name}.") for t in tasks for name in model.spec(t).training_only):
             continue
         if layer is not None and (_ROUTER.search(key) or _EXPERT_PARAM.search(key)):
             value = value[torch.tensor(kept[layer], dtype=torch.long)]

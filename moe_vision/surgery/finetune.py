@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 
 from ..engine.optim import TRAINABLE, set_trainable as _set_trainable
 from ..engine.trainer import Trainer
-from .bundle import load_bundle
+from .bundle import bundle_task, load_bundle
 from .continual_run import CONFIGS, data_entry
 
 __all__ = ["TRAINABLE", "finetune_bundle", "set_trainable"]
@@ -20,9 +20,11 @@ def set_trainable(model, which: str) -> dict[str, int]:
 
 
 def finetune_bundle(bundle: str | Path, data_dir: str | Path, out: str | Path, trainable: str = "head",
-                    steps: int = 200, lr: float = 5e-4, batch_size: int = 32, log=print) -> dict | None:
+                    steps: int = 200, lr: float = 5e-4, batch_size: int = 32, log=print,
+                    task: str | None = None) -> dict | None:
+    """Fine-tune ``task`` of a bundle (its only task by default) on a dataset in the task's layout."""
     model = load_bundle(bundle)
-    task = model.bundle_info["task"]
+    task = bundle_task(model.bundle_info, task)
     spec = model.spec(task)
     if not Path(data_dir).is_dir():
         raise FileNotFoundError(f"--data {data_dir} is not a folder")

@@ -1,5 +1,6 @@
-"""The extraction pipeline behind ``tools/extract_experts.py``: usage -> selection -> slicing ->
-lossless check -> metrics, parameters, FLOPs and latency of both models -> bundle."""
+"""The extraction pipeline behind ``tools/extract_experts.py``: usage -> selection -> slicing (or
+folding into a dense specialist) -> lossless check -> metrics, parameters, FLOPs and latency of
+both models -> bundle folder with its model card (and an archive)."""
 from __future__ import annotations
 
 import statistics
@@ -10,12 +11,14 @@ import torch
 
 from ..engine import report
 from ..engine.builders import build_dataset, load_generalist
-from ..engine.evaluate import evaluate, iterate_batches
-from ..moe import ExpertUsage
-from ..tasks import GeneralistModel
-from .bundle import sha256_of, write_bundle
+from ..engine.evaluate import chance_metrics, evaluate, fixed_subset, iterate_batches
 from ..engine.optim import parameter_counts
-from .extract import extract_task, flops_per_image
+from ..io_utils import sha256_of
+from ..moe import ExpertUsage
+from ..progress import progress_bar
+from ..tasks import GeneralistModel
+from .bundle import BUNDLE_FORMAT, write_archive, write_bundle
+from .extract import extract_task, flops_per_image, union_of
 from .select import select_layer
 
 
@@ -33,19 +36,20 @@ def task_usage(model: GeneralistModel, task: str, dataset, batch_size: int = 64,
     """Selection counts of ``task``'s routers on ``dataset``, added to ``usage`` (a new one if None)."""
     usage = usage or ExpertUsage(model.backbone.moe_layers(), [task])
     model.eval()
-    for images, _ in iterate_batches(dataset, batch_size, max_batches):
-        usage.update(model(images, task, return_routing=True)[1])
+    for images, targets in iterate_batches(dataset, batch_size, max_batches):
+        usage.update(model(images, task, return_routing=True, targets=targets)[1])
     return usage
 
 
 @torch.no_grad()
 def outputs_identical(full: GeneralistModel, small: GeneralistModel, task: str, dataset, batch_size: int = 64,
                       max_batches: int | None = None) -> tuple[bool, float]:
-    """Whether every output tensor of both models is bit-identical on ``dataset``; and the max difference."""
+    """Whether every output tensor of both models is bit-identical on ``dataset`` (batched, padded and
+    masked as evaluation batches them); and the max difference."""
     full.eval(), small.eval()
     same, worst = True, 0.0
-    for images, _ in iterate_batches(dataset, batch_size, max_batches):
-        a, b = full(images, task), small(images, task)
+    for images, targets in iterate_batches(dataset, batch_size, max_batches):
+        a, b = full(images, task, targets=targets), small(images, task, targets=targets)
         for k, v in a.items():
             if isinstance(v, torch.Tensor):
                 same &= torch.equal(v, b[k])
@@ -66,65 +70,152 @@ def median_call_ms(fn, x: torch.Tensor, repeats: int = 20, warmup: int = 3) -> f
     return statistics.median(times)
 
 
-def latency_ms(model: GeneralistModel, task: str, image_size: int, repeats: int = 20) -> float:
-    """Median milliseconds of one single-image forward pass (after warm-up)."""
+def latency_ms(model: GeneralistModel, task: str, image_size: int, batch: int = 1, repeats: int = 20) -> float:
+    """Median milliseconds of one forward pass of ``batch`` images (after warm-up)."""
     model.eval()
-    return median_call_ms(lambda x: model(x, task), torch.randn(1, 3, image_size, image_size), repeats)
+    return median_call_ms(lambda x: model(x, task), torch.randn(batch, 3, image_size, image_size), repeats)
 
 
-def extract_bundle(checkpoint: str | Path, task: str, out: str | Path, rule: str = "selected",
+def parse_tasks(task: str | list[str]) -> list[str]:
+    """``"det"``, ``"det,seg"`` or a list -> task names (distinct, in order)."""
+    tasks = [t.strip() for t in task.split(",")] if isinstance(task, str) else list(task)
+    if not tasks or any(not t for t in tasks) or len(set(tasks)) != len(tasks):
+        raise ValueError(f"--task {task!r}: expected one task or distinct tasks separated by commas (det,seg)")
+    return tasks
+
+
+def select_experts(usage: ExpertUsage, modules: dict, task: str, rule: str, value: float | None) -> dict:
+    """Per MoE layer, the experts ``task`` keeps under ``rule`` (a task added later chooses among
+    only some of a layer's experts: it keeps among those)."""
+    ti = usage.tasks.index(task)
+    return {layer: select_layer(usage.counts[li, ti, :modules[layer].router.num_experts_for(task)], rule, value,
+                                modules[layer].top_k, layer)
+            for li, layer in enumerate(usage.layers)}
+
+
+def extract_bundle(checkpoint: str | Path, task: str | list[str], out: str | Path, rule: str = "selected",
                    value: float | None = None, data_root: str | None = None, calibration_split: str = "val",
                    eval_split: str = "val", batch_size: int = 64, max_batches: int | None = None,
-                   force: bool = False, log=print) -> dict:
-    """Run the whole extraction and write the bundle; returns ``bundle.json``'s content."""
+                   force: bool = False, log=print, dense: bool = False, distill_steps: int = 0,
+                   distill_split: str = "train", archive: bool = False) -> dict:
+    """Run the whole extraction and write the bundle folder (and with ``archive`` its ``.tar.gz``);
+    returns ``bundle.json``'s content. ``task``: one task, or several (``"det,seg"``) for one bundle
+    answering each. ``dense``: a router-free specialist of one task (:mod:`.densify`), optionally
+    distilled for ``distill_steps`` steps on the ``distill_split`` images (labels unused)."""
     out = Path(out)
     if out.exists() and not force:
         raise FileExistsError(f"{out} already exists; pass --force to replace it")
+    tasks = parse_tasks(task)
+    if dense and len(tasks) > 1:
+        raise ValueError(f"--dense makes a specialist of one task; got {','.join(tasks)}")
+    if distill_steps and not dense:
+        raise ValueError("--distill-steps trains a dense specialist: add --dense")
     full, model_file, run_cfg = load_generalist(checkpoint)
-    full.spec(task)  # unknown task -> lists the known ones
+    for t in tasks:
+        full.spec(t)  # unknown task -> lists the known ones
     if run_cfg is None:
         raise ValueError(f"{model_file} has no config.json beside it; pass the training run directory")
     data_cfg = relocate_data(run_cfg["data"], data_root) if data_root else run_cfg["data"]
-    task_cfg = {**full.spec(task).config(), **run_cfg["tasks"].get(task, {})}
-    calib = build_dataset(task, task_cfg, data_cfg, calibration_split, False)
-    evalset = calib if eval_split == calibration_split else build_dataset(task, task_cfg, data_cfg, eval_split, False)
-    log(f"expert usage of '{task}' on the {calibration_split} split ({len(calib)} images) ...")
-    usage = task_usage(full, task, calib, batch_size, max_batches)
+    task_cfg = {t: {**full.spec(t).config(), **run_cfg["tasks"].get(t, {})} for t in tasks}
+    calib = {t: build_dataset(t, task_cfg[t], data_cfg, calibration_split, False) for t in tasks}
+    evalset = {t: calib[t] if eval_split == calibration_split else build_dataset(t, task_cfg[t], data_cfg, eval_split,
+                                                                                   False) for t in tasks}
     layers = full.backbone.moe_layers()
     modules = {name: m for name, m in full.backbone.named_modules() if name in layers}
-    # A task added later may see only some of a layer's experts: choose among those.
-    kept = {layer: select_layer(usage.counts[li, 0, :modules[layer].router.num_experts_for(task)], rule, value,
-                                modules[layer].top_k, layer)
-            for li, layer in enumerate(usage.layers)}
-    small = extract_task(full, task, kept)
+    usage = ExpertUsage(full.backbone.moe_layers(), tasks)
+    for t in tasks:
+        log(f"expert usage of '{t}' on the {calibration_split} split ({len(calib[t])} images) ...")
+        task_usage(full, t, calib[t], batch_size, max_batches, usage)
+    size = int(full.backbone.config["img_size"])
+    extra: dict = {}
+    if dense:
+        small, kept_per_task, extra = dense_specialist(full, tasks[0], calib[tasks[0]], evalset[tasks[0]], data_cfg,
+                                                       task_cfg[tasks[0]], distill_split, distill_steps, batch_size,
+                                                       max_batches, log)
+        kept = {layer: kept_per_task[tasks[0]][layer]["experts"] for layer in layers}
+        rule, value = "dense", None
+    else:
+        kept_per_task = {t: select_experts(usage, modules, t, rule, value) for t in tasks}
+        kept = union_of(kept_per_task)
+        small = extract_task(full, tasks, kept)
     lossless = None
     if rule == "selected":
-        same, worst = outputs_identical(full, small, task, calib, batch_size, max_batches)
-        lossless = {"identical": same, "max_abs_diff": worst, "split": calibration_split}
-        log(f"lossless check on the {calibration_split} split: outputs "
-            + ("bit-identical to the full model" if same else f"differ (max |diff| {worst:.3g})"))
-    size = int(full.backbone.config["img_size"])
-    metrics = {"full": evaluate(full, {task: evalset}, batch_size, max_batches, progress=False)[task],
-               "bundle": evaluate(small, {task: evalset}, batch_size, max_batches, progress=False)[task]}
+        per_task = {}
+        for t in tasks:
+            same, worst = outputs_identical(full, small, t, calib[t], batch_size, max_batches)
+            per_task[t] = {"identical": same, "max_abs_diff": worst}
+            log(f"lossless check of '{t}' on the {calibration_split} split: outputs "
+                + ("bit-identical to the full model" if same else f"differ (max |diff| {worst:.3g})"))
+        lossless = {"identical": all(v["identical"] for v in per_task.values()),
+                    "max_abs_diff": max(v["max_abs_diff"] for v in per_task.values()), "split": calibration_split,
+                    "per_task": per_task}
+    metrics = {"full": {}, "bundle": {}}
+    for t in tasks:
+        metrics["full"][t] = evaluate(full, {t: evalset[t]}, batch_size, max_batches, progress=False)[t]
+        metrics["bundle"][t] = evaluate(small, {t: evalset[t]}, batch_size, max_batches, progress=False)[t]
+    frequency = usage.frequency()
     info = {
-        "task": task,
+        "format": BUNDLE_FORMAT,
+        "tasks": tasks,
+        **({"task": tasks[0]} if len(tasks) == 1 else {}),
+        "kind": "dense" if dense else "moe",
         "parent_checkpoint": str(model_file),
         "parent_sha256": sha256_of(model_file),
         "kept_experts": kept,
+        "kept_experts_per_task": kept_per_task if not dense else {tasks[0]: kept},
         "num_experts": layers,
         "rule": {"name": rule, "value": value},
         "calibration_split": calibration_split,
         "eval_split": eval_split,
+        "data_root": str(data_cfg["root"]),
+        "classes": {t: list(full.spec(t).options.get("class_names") or []) for t in tasks},
         "params": {"full": parameter_counts(full)["total"], "bundle": parameter_counts(small)["total"]},
-        "flops_per_image": {"full": flops_per_image(full, task, size), "bundle": flops_per_image(small, task, size)},
-        "latency_ms": {"full": latency_ms(full, task, size), "bundle": latency_ms(small, task, size)},
+        "flops_per_image": {"full": {t: flops_per_image(full, t, size) for t in tasks},
+                            "bundle": {t: flops_per_image(small, t, size) for t in tasks}},
+        "latency_ms": {"full": {f"batch{b}": latency_ms(full, tasks[0], size, b) for b in (1, 8)},
+                       "bundle": {f"batch{b}": latency_ms(small, tasks[0], size, b) for b in (1, 8)},
+                       "task": tasks[0]},
         "metrics": metrics,
+        "chance": {t: chance_metrics(full, {t: evalset[t]})[t] for t in tasks},
         "lossless_check": lossless,
-        "usage_frequency": {layer: usage.frequency()[li, 0, :layers[layer]].tolist()
-                            for li, layer in enumerate(usage.layers)},
+        "usage_frequency": {t: {layer: frequency[li, ti, :layers[layer]].tolist()
+                                for li, layer in enumerate(usage.layers)} for ti, t in enumerate(tasks)},
+        **extra,
     }
     write_bundle(out, small, info, force=force)
+    if archive:
+        info["archive"] = str(write_archive(out))
     return info
+
+
+def dense_specialist(full: GeneralistModel, task: str, calib, evalset, data_cfg: dict, task_cfg: dict,
+                     distill_split: str, distill_steps: int, batch_size: int, max_batches: int | None, log):
+    """The folded dense model of ``task`` (distilled when ``distill_steps``), its kept experts and
+    the report of the fold and the distillation."""
+    from .densify import distill, fold, mean_gates, student_gap
+    log(f"mean gate weights of '{task}' on the calibration images ...")
+    gates = mean_gates(full, task, iterate_batches(calib, batch_size, max_batches))
+    dense, kept = fold(full, task, gates)
+    report = {"dense": {"folded": {layer: k for layer, k in kept.items()}}}
+    probe = list(iterate_batches(calib, min(batch_size, 16), 2))
+    report["dense"]["gap_folded"] = student_gap(dense, full, task, probe)
+    if distill_steps:
+        images = build_dataset(task, task_cfg, data_cfg, distill_split, False)
+        batches = list(iterate_batches(fixed_subset(images, 16 * min(distill_steps, 64), 0), 16))
+        report["dense"]["metrics_folded"] = evaluate(dense, {task: evalset}, batch_size, max_batches,
+                                                     progress=False)[task]
+        bar = progress_bar(total=distill_steps, desc="distill", leave=False)
+        losses = distill(dense, full, task, batches, distill_steps,
+                         progress=lambda i, loss: (bar.update(1), bar.set_postfix_str(f"loss={loss:.4f}")))
+        bar.close()
+        report["dense"].update(distill_steps=distill_steps, distill_split=distill_split,
+                               distill_loss_first_last=[losses[0], losses[-1]],
+                               gap_distilled=student_gap(dense, full, task, probe))
+        log(f"distilled {distill_steps} steps on the {distill_split} images: feature and output gap "
+            f"{report['dense']['gap_folded']:.4g} -> {report['dense']['gap_distilled']:.4g}")
+    from .densify import timm_name
+    report["timm"] = timm_name(dense)
+    return dense, {task: {layer: k for layer, k in kept.items()}}, report
 
 
 def run_usage(checkpoint: str | Path, split: str = "val", out: str | Path | None = None, batch_size: int = 64,

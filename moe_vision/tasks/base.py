@@ -24,24 +24,11 @@ from ..moe.reduce import mean_count_over_ranks
 TASK_TYPES: dict[str, type["Task"]] = {}
 
 
-def loss_normaliser(count: float, device: torch.device) -> float:
+def loss_normaliser(count: float, device: torch.device) -> float | torch.Tensor:
     """``max(1, count)`` for normalising a summed loss; under data parallelism the count is the
-    mean over ranks (see :func:`moe_vision.moe.reduce.mean_count_over_ranks`)."""
-    return max(1.0, mean_count_over_ranks(count, device))
-
-
-def classes_present(task_type: str, target, num_classes: int) -> torch.Tensor:
-    """The class indices that occur in one image's label, as a 1-D long tensor: the label of a
-    classification target, the box labels of a detection target, the label-map values of a
-    segmentation target that lie in ``[0, num_classes)`` (so ignore values drop out)."""
-    if task_type == "cls":
-        return torch.as_tensor(target["label"]).long().reshape(1)
-    if task_type == "det":
-        return torch.as_tensor(target["labels"]).long().unique()
-    if task_type == "seg":
-        labels = torch.as_tensor(target["mask"]).long().unique()
-        return labels[(labels >= 0) & (labels < num_classes)]
-    raise ValueError(f"classes_present: task type {task_type!r} has no class labels (expected cls, det or seg)")
+    mean over ranks, a device tensor (see :func:`moe_vision.moe.reduce.mean_count_over_ranks`)."""
+    n = mean_count_over_ranks(count, device)
+    return n.clamp(min=1.0) if isinstance(n, torch.Tensor) else max(1.0, n)
 
 
 def pixel_features(feats, image_size: tuple[int, int]) -> torch.Tensor:
@@ -107,7 +94,7 @@ class Task:
         self.loss_weights = dict(loss_weights or {})
         self.options = options
 
-    def w(self, key: str) -> float:
+    def loss_weight(self, key: str) -> float:
         """Weight of loss term ``key``."""
         return float(self.loss_weights.get(key, self.loss_defaults[key]))
 
@@ -142,6 +129,11 @@ class Task:
 
     def check_decoder(self, num_queries: int) -> None:
         """Raise a clear error if the shared decoder cannot serve this task."""
+
+    def forward_uses_targets(self, training: bool) -> bool:
+        """Whether :meth:`forward` reads the targets (training-only queries such as detection's
+        denoising, or queries built from them); otherwise the model's core never sees them."""
+        return self.queries_from_targets
 
     def visible_patches(self, targets: list[dict] | None, device) -> torch.Tensor | None:
         """Indices ``[B, Nv]`` of the patches the backbone's blocks see (masked image modelling

@@ -146,12 +146,16 @@ def assign_tokens(centres_M2: torch.Tensor, strides_M: torch.Tensor, gt_N4: torc
     area = (gt_N4[:, 2] * gt_N4[:, 3])[None].expand(M, N)
     area = torch.where(inside, area, torch.full_like(area, float("inf")))
     best_area, best = area.min(1)
-    assigned[torch.isfinite(best_area)] = best[torch.isfinite(best_area)]
-    missing = torch.bincount(assigned[assigned >= 0], minlength=N) == 0
-    if missing.any():
-        nearest_N = ((centres_M2[:, None] - gt_N4[None, :, :2]) ** 2).sum(-1).argmin(0)
-        assigned[nearest_N[missing]] = torch.arange(N, device=assigned.device)[missing]
-    return assigned
+    assigned = torch.where(torch.isfinite(best_area), best, assigned)
+    # An object no centre falls into takes its nearest token (no data-dependent branch: every
+    # object's nearest token is computed, and only the missing ones are written).
+    counts_N = torch.zeros(N + 1, dtype=torch.long, device=assigned.device).index_add_(
+        0, assigned + 1, torch.ones_like(assigned))[1:]
+    missing_N = counts_N == 0
+    nearest_N = ((centres_M2[:, None] - gt_N4[None, :, :2]) ** 2).sum(-1).argmin(0)
+    claim_N = torch.where(missing_N, torch.arange(N, device=assigned.device), -1)
+    claimed_M = torch.full_like(assigned, -1).scatter_reduce(0, nearest_N, claim_N, "amax")
+    return torch.where(claimed_M >= 0, claimed_M, assigned)
 
 
 def denoising_mask(num_dn: int, groups: int, num_queries: int, device=None) -> torch.Tensor:
@@ -222,21 +226,25 @@ class DetectionTask(Task):
     loss_defaults = {"class": 2.0, "l1": 5.0, "giou": 2.0, "dense": 1.0, "denoising": 1.0}
     training_only = ("dn_label_embed",)
 
-    def opt(self, key: str, default):
+    def option(self, key: str, default):
+        """The task option ``key`` (``tasks.<name>.<key>``), ``default`` when the config leaves it out."""
         return self.options.get(key, default)
 
     @property
     def dn_groups(self) -> int:
-        return int(self.opt("denoising_groups", 0))
+        return int(self.option("denoising_groups", 0))
 
     def inference_config(self) -> dict:
         return {**self.config(), "denoising_groups": 0}
 
+    def forward_uses_targets(self, training: bool) -> bool:
+        return training and self.dn_groups > 0  # the denoising queries are built from the boxes
+
     def build_head(self, dim: int) -> nn.Module:
-        if self.opt("inference", "queries_nms") not in INFERENCE_MODES:
-            raise ValueError(f"det inference={self.opt('inference', None)!r}; expected one of {list(INFERENCE_MODES)}")
-        if self.opt("class_loss", "varifocal") not in ("varifocal", "focal"):
-            raise ValueError(f"det class_loss={self.opt('class_loss', None)!r}; expected 'varifocal' or 'focal'")
+        if self.option("inference", "queries_nms") not in INFERENCE_MODES:
+            raise ValueError(f"det inference={self.option('inference', None)!r}; expected one of {list(INFERENCE_MODES)}")
+        if self.option("class_loss", "varifocal") not in ("varifocal", "focal"):
+            raise ValueError(f"det class_loss={self.option('class_loss', None)!r}; expected 'varifocal' or 'focal'")
         return DetHead(dim, self.num_classes, denoising=self.dn_groups > 0)
 
     # ------------------------------------------------------------------ forward
@@ -259,7 +267,7 @@ class DetectionTask(Task):
             score_BM = score_BM.masked_fill(~feats.memory_valid_BM, float("-inf"))
         top_BK = score_BM.topk(K, dim=1).indices
         reference = dense_boxes.detach().gather(1, top_BK[..., None].expand(-1, -1, 4))
-        if self.opt("query_content", "learned") == "token":
+        if self.option("query_content", "learned") == "token":
             content = tokens_BMD.detach().gather(1, top_BK[..., None].expand(-1, -1, tokens_BMD.shape[-1]))
         else:
             content = decoder.query_embed[:K].unsqueeze(0).expand(B, -1, -1)
@@ -312,9 +320,9 @@ class DetectionTask(Task):
             labels[b, :len(g)] = torch.as_tensor(t["labels"]).to(device)
             valid[b, :len(g)] = True
         boxes, labels, valid = boxes.repeat(1, G, 1), labels.repeat(1, G), valid.repeat(1, G)
-        flip = torch.rand(labels.shape, device=device) < float(self.opt("dn_label_noise", 0.2))
+        flip = torch.rand(labels.shape, device=device) < float(self.option("dn_label_noise", 0.2))
         noised_labels = torch.where(flip, torch.randint_like(labels, self.num_classes), labels)
-        lam = float(self.opt("dn_box_noise", 0.4))
+        lam = float(self.option("dn_box_noise", 0.4))
         jitter = (torch.rand_like(boxes) * 2 - 1) * lam
         noised = boxes.clone()
         noised[..., :2] += jitter[..., :2] * boxes[..., 2:] / 2
@@ -325,7 +333,7 @@ class DetectionTask(Task):
 
     # ------------------------------------------------------------------ losses
     def _class_loss(self, logits, target) -> torch.Tensor:
-        if self.opt("class_loss", "varifocal") == "focal":
+        if self.option("class_loss", "varifocal") == "focal":
             return focal_loss(logits, (target > 0).to(logits.dtype))
         return varifocal_loss(logits, target)
 
@@ -335,7 +343,7 @@ class DetectionTask(Task):
         target = torch.zeros_like(logits, dtype=torch.float32)
         flat = target.view(-1, target.shape[-1])
         score = paired_iou(pred_boxes.detach(), gt_boxes).clamp(min=0.01) \
-            if self.opt("class_loss", "varifocal") == "varifocal" else torch.ones(len(idx), device=logits.device)
+            if self.option("class_loss", "varifocal") == "varifocal" else torch.ones(len(idx), device=logits.device)
         flat[idx, labels] = score.to(flat.dtype)
         return target
 
@@ -353,8 +361,8 @@ class DetectionTask(Task):
             p = logits_BQC.float().sigmoid().reshape(B * Q, -1)[:, labels]
             cost_class = 0.25 * (1 - p) ** 2 * -(p + 1e-8).log() - 0.75 * p ** 2 * -(1 - p + 1e-8).log()
             boxes = boxes_BQ4.float().reshape(B * Q, 4)
-            cost = (self.w("class") * cost_class + self.w("l1") * torch.cdist(boxes, gt, p=1)
-                    - self.w("giou") * generalized_box_iou(_xyxy(boxes), _xyxy(gt))).reshape(B, Q, -1).cpu()
+            cost = (self.loss_weight("class") * cost_class + self.loss_weight("l1") * torch.cdist(boxes, gt, p=1)
+                    - self.loss_weight("giou") * generalized_box_iou(_xyxy(boxes), _xyxy(gt))).reshape(B, Q, -1).cpu()
             out, start = [], 0
             for b, (_, g) in enumerate(gts):
                 out.append(hungarian_match(cost[b, :, start:start + len(g)]))
@@ -383,7 +391,7 @@ class DetectionTask(Task):
         """One-to-many, matching-free loss of every memory token."""
         logits, boxes = dense["logits"].float(), dense["boxes"].float()
         B, M, _ = logits.shape
-        radius = float(self.opt("dense_radius", 1.5))
+        radius = float(self.option("dense_radius", 1.5))
         idx, labels, gt = [], [], []
         for b, (lab, g) in enumerate(gts):
             assigned = assign_tokens(dense["centres"], dense["strides"], g.to(logits.device), image_size, radius)
@@ -413,38 +421,41 @@ class DetectionTask(Task):
             pred = boxes.reshape(-1, 4)[idx]
             cls = self._class_loss(logits, self._score_targets(logits, idx, labels, pred, gt)) / n
             l1, giou = box_losses(pred, gt)
-            terms.append(self.w("class") * cls + self.w("l1") * l1 / n + self.w("giou") * giou / n)
+            terms.append(self.loss_weight("class") * cls + self.loss_weight("l1") * l1 / n + self.loss_weight("giou") * giou / n)
         return torch.stack(terms).mean()
 
     def _weighted(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.w("class") * terms["class"] + self.w("l1") * terms["l1"] + self.w("giou") * terms["giou"]
+        return self.loss_weight("class") * terms["class"] + self.loss_weight("l1") * terms["l1"] + self.loss_weight("giou") * terms["giou"]
 
-    def loss(self, outputs, targets):
-        """Loss of the final decoder layer alone (one-to-one)."""
+    def _ground_truth(self, outputs, targets):
+        """Per image ``(labels, normalised cxcywh boxes)``, and the box count the losses divide by."""
         size = outputs["image_size"]
         gts = [(torch.as_tensor(t["labels"]).long(), _normalised_cxcywh(t, size)) for t in targets]
-        num_boxes = loss_normaliser(sum(len(g) for _, g in gts), outputs["logits"].device)
+        return gts, loss_normaliser(sum(len(g) for _, g in gts), outputs["logits"].device)
+
+    def _layer_loss(self, outputs, gts, num_boxes) -> dict[str, torch.Tensor]:
         terms = self.set_loss(outputs, gts, num_boxes)
         return {"loss": self._weighted(terms), **terms}
 
+    def loss(self, outputs, targets):
+        """Loss of the final decoder layer alone (one-to-one)."""
+        return self._layer_loss(outputs, *self._ground_truth(outputs, targets))
+
     def total_loss(self, outputs, targets):
         """Final layer + mean of the earlier layers (deep supervision) + the dense token loss +
-        the denoising loss, each term reported."""
-        size = outputs["image_size"]
-        gts = [(torch.as_tensor(t["labels"]).long(), _normalised_cxcywh(t, size)) for t in targets]
-        num_boxes = loss_normaliser(sum(len(g) for _, g in gts), outputs["logits"].device)
-        terms = self.set_loss(outputs, gts, num_boxes)
-        losses = {"loss": self._weighted(terms), **terms}
+        the denoising loss, each term reported (the ground truth is prepared once for all)."""
+        gts, num_boxes = self._ground_truth(outputs, targets)
+        losses = self._layer_loss(outputs, gts, num_boxes)
         aux = outputs.get("aux_outputs") or []
         if aux:
-            losses["aux_layers"] = torch.stack([self._weighted(self.set_loss(o, gts, num_boxes)) for o in aux]).mean()
+            losses["aux_layers"] = torch.stack([self._layer_loss(o, gts, num_boxes)["loss"] for o in aux]).mean()
             losses["loss"] = losses["loss"] + losses["aux_layers"]
-        if "dense" in outputs and self.w("dense") > 0:
-            losses["dense"] = self._weighted(self.dense_loss(outputs["dense"], gts, size))
-            losses["loss"] = losses["loss"] + self.w("dense") * losses["dense"]
+        if "dense" in outputs and self.loss_weight("dense") > 0:
+            losses["dense"] = self._weighted(self.dense_loss(outputs["dense"], gts, outputs["image_size"]))
+            losses["loss"] = losses["loss"] + self.loss_weight("dense") * losses["dense"]
         if "denoising" in outputs:
             losses["denoising"] = self.denoising_loss(outputs["denoising"])
-            losses["loss"] = losses["loss"] + self.w("denoising") * losses["denoising"]
+            losses["loss"] = losses["loss"] + self.loss_weight("denoising") * losses["denoising"]
         return losses
 
     # ------------------------------------------------------------------ inference
@@ -455,7 +466,7 @@ class DetectionTask(Task):
         ``inference=queries``: the decoder's one-to-one predictions, no NMS; ``queries_nms``: the
         same with class-wise NMS at ``nms_iou`` (removes the duplicates a briefly trained
         one-to-one decoder still makes); ``dense_nms``: the dense token predictions + NMS."""
-        mode = self.opt("inference", "queries_nms")
+        mode = self.option("inference", "queries_nms")
         src = outputs["dense"] if mode == "dense_nms" else outputs
         nms = mode != "queries"
         scores_BK, labels_BK, boxes_BK4 = top_detections(src["logits"], src["boxes"],
@@ -471,7 +482,7 @@ class DetectionTask(Task):
             px = torch.minimum(px, px.new_tensor([iw, ih, iw, ih]))
             xyxy = px * px.new_tensor([w / iw, h / ih, w / iw, h / ih])
             if nms:
-                keep = batched_nms(xyxy, scores, c, float(self.opt("nms_iou", 0.6)))[:max_detections]
+                keep = batched_nms(xyxy, scores, c, float(self.option("nms_iou", 0.6)))[:max_detections]
                 xyxy, scores, c = xyxy[keep], scores[keep], c[keep]
             preds.append({"boxes": xyxy.detach().cpu(), "scores": scores.detach().cpu(), "labels": c.cpu()})
         return preds

@@ -9,6 +9,7 @@ level (per task or shared), and a language-prior LV-Adapter per classed task
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping
 
 import torch
@@ -17,12 +18,12 @@ import torch.nn.functional as F
 
 from ..adapters import LanguagePrior, ModelAdapters, language_config, language_losses
 from ..adapters.language import LV_TASK_TYPES
-from ..decoder import PixelDecoder, QueryDecoder
+from ..decoder import DEFAULT_NUM_QUERIES, PixelDecoder, QueryDecoder
 from ..models import MoEViT
 from ..models.checkpoint import register_format
 from .base import Task, build_task
 
-DEFAULT_DECODER = {"dim": 128, "num_queries": 20, "num_layers": 3, "num_heads": 4, "mlp_ratio": 4.0,
+DEFAULT_DECODER = {"dim": 128, "num_queries": DEFAULT_NUM_QUERIES, "num_layers": 3, "num_heads": 4, "mlp_ratio": 4.0,
                    "deep_supervision": True, "stem_skip": False, "box_prior": 0.0, "position_prior": 0.0,
                    "memory": "separate"}
 
@@ -64,6 +65,7 @@ class GeneralistModel(nn.Module):
         self.adapters = ModelAdapters(self.adapter_config, list(self.specs), self.backbone.embed_dim,
                                       len(self.backbone.blocks), len(self.pixel_decoder.lateral)) \
             if self.adapter_config.get("enabled") else None
+        self.compile_options: dict | None = None  # set by compile_core (train.compile)
         self.language_config = language_config(language)
         lv = self.language_config
         lv_tasks = [t for t, s in self.specs.items() if s.type_name in LV_TASK_TYPES] if lv["tasks"] is None \
@@ -105,7 +107,20 @@ class GeneralistModel(nn.Module):
         spec = self.spec(task)
         if images.ndim == 5:  # [B, V, 3, H, W]: several views per image (contrastive pre-training)
             images = images.flatten(0, 1)
+        # The per-image bookkeeping (sizes, padding, which targets the head needs) happens here, on
+        # the host; the tensor work is in forward_core, the part train.compile compiles, which then
+        # sees targets only when the task's forward needs them (no guards on box counts).
         images, frame, valid_px = self.frame_inputs(images, spec, targets, input_sizes)
+        head_targets = targets if spec.forward_uses_targets(self.training) else None
+        core = self.forward_core if self.compile_options is None else compiled_core(**self.compile_options)
+        out, routing = core(images, task, frame, valid_px, head_targets) if self.compile_options is None \
+            else core(self, images, task, frame, valid_px, head_targets)
+        return (out, routing) if return_routing else out
+
+    def forward_core(self, images: torch.Tensor, task: str, frame, valid_px, targets: list[dict] | None):
+        """``(outputs, routing)`` of images already framed (:meth:`frame_inputs`); ``targets`` only
+        for tasks whose forward uses them (:meth:`~moe_vision.tasks.base.Task.forward_uses_targets`)."""
+        spec = self.spec(task)
         stem_maps: list[torch.Tensor] = []
         visible = spec.visible_patches(targets, images.device)
         maps, routing = self.backbone.forward_multiscale(
@@ -119,11 +134,15 @@ class GeneralistModel(nn.Module):
         lv = self.lv if self.lv is not None and task in self.lv.texts else None
         text_CD = lv.inject(feats, task) if lv is not None else None
         deep = self.training and bool(self.decoder_config.get("deep_supervision"))
-        give_targets = self.training or spec.queries_from_targets
-        out = spec.forward(self.heads[task], self.decoder, feats, size, deep, targets if give_targets else None)
+        out = spec.forward(self.heads[task], self.decoder, feats, size, deep, targets)
         if lv is not None:
             out["lv"] = lv.align(spec.type_name, out, feats, text_CD)
-        return (out, routing) if return_routing else out
+        return out, routing
+
+    def compile_core(self, backend: str = "inductor", mode: str | None = None) -> None:
+        """Run :meth:`forward_core` through ``torch.compile`` (the host-side bookkeeping of
+        :meth:`forward` stays eager). A copy of the model (``copy.deepcopy``) compiles its own."""
+        self.compile_options = {"backend": backend, "mode": mode}
 
     def frame_inputs(self, images: torch.Tensor, spec: Task, targets: list[dict] | None,
                      input_sizes: torch.Tensor | None):
@@ -164,3 +183,10 @@ class GeneralistModel(nn.Module):
 
 
 register_format(GeneralistModel.checkpoint_format, GeneralistModel)
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_core(backend: str, mode: str | None):
+    """:meth:`GeneralistModel.forward_core` compiled with these options (one compiled function per
+    option set; dynamo keeps a graph per model instance and task)."""
+    return torch.compile(GeneralistModel.forward_core, backend=backend, mode=mode)

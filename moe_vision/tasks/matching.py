@@ -14,7 +14,10 @@ def hungarian_match(cost_QN: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         empty = torch.zeros(0, dtype=torch.long)
         return empty, empty
     with record_function("matching/hungarian"):
-        q, t = linear_sum_assignment(cost_QN.detach().float().cpu().numpy())
+        # A non-finite cost (a diverged model) still gets an assignment: the loss is non-finite
+        # anyway, and the trainer's check names the step instead of the matcher failing first.
+        cost = cost_QN.detach().float().cpu().nan_to_num(nan=1e8, posinf=1e8, neginf=-1e8)
+        q, t = linear_sum_assignment(cost.numpy())
     return torch.as_tensor(q, dtype=torch.long), torch.as_tensor(t, dtype=torch.long)
 
 

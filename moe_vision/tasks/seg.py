@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from ..decoder import Queries
 from ..decoder.position_queries import CellHead, check_mask_query
+from ..data.labels import classes_present
 from .base import Evaluator, Task, loss_normaliser, register_task, target_size, to_image
 from .matching import hungarian_match, matched_cross_entropy
 
@@ -159,21 +160,25 @@ class SegmentationTask(Task):
         return self.maskformer_loss(outputs, targets)
 
     def classwise_loss(self, outputs, targets):
-        gt = torch.stack([torch.as_tensor(t["mask"]).long() for t in targets]).to(outputs["masks"].device)
+        # The label maps are checked and counted on the host, where they come from, before they
+        # go to the device: the loss never reads the device back.
+        gt = torch.stack([torch.as_tensor(t["mask"]).long() for t in targets])
         self.check_labels(gt)
         logits = canvas_logits(outputs, gt.shape[-2:], self.loss_stride)
         gt = strided_labels(gt, self.loss_stride)
+        num_valid = int((gt != IGNORE).sum())
+        num_present = sum(int(len(classes_present("seg", {"mask": g}, self.num_classes))) for g in gt)
+        gt = gt.to(logits.device)
         valid = (gt != IGNORE).unsqueeze(1)
         # Sums over normalisers (not means) so that data-parallel ranks reproduce the global batch's loss.
-        ce = F.cross_entropy(logits, gt, ignore_index=IGNORE, reduction="sum") / \
-            loss_normaliser(int(valid.sum()), logits.device)
+        ce = F.cross_entropy(logits, gt, ignore_index=IGNORE, reduction="sum") / loss_normaliser(num_valid, logits.device)
         prob = logits.softmax(1) * valid
         onehot = F.one_hot(gt.clamp(max=self.num_classes - 1) * valid[:, 0], self.num_classes).permute(0, 3, 1, 2)
         onehot = onehot * valid
         inter, total = (prob * onehot).sum((2, 3)), prob.sum((2, 3)) + onehot.sum((2, 3))
         present = onehot.sum((2, 3)) > 0
-        dice = (1 - (2 * inter + 1) / (total + 1))[present].sum() / loss_normaliser(int(present.sum()), logits.device)
-        return {"loss": self.w("ce") * ce + self.w("dice") * dice, "ce": ce, "dice": dice}
+        dice = ((1 - (2 * inter + 1) / (total + 1)) * present).sum() / loss_normaliser(num_present, logits.device)
+        return {"loss": self.loss_weight("ce") * ce + self.loss_weight("dice") * dice, "ce": ce, "dice": dice}
 
     def check_labels(self, gt: torch.Tensor) -> None:
         bad = gt[(gt != IGNORE) & ((gt < 0) | (gt >= self.num_classes))]
@@ -199,8 +204,8 @@ class SegmentationTask(Task):
             pred_QP = up.reshape(Q, -1)[:, valid]
             with torch.no_grad():
                 prob = logits[b].softmax(-1)[:, classes]
-                cost = -self.w("class") * prob + self.w("bce") * _bce_cost(pred_QP, gt_NP) \
-                    + self.w("dice") * _dice_cost(pred_QP, gt_NP)
+                cost = -self.loss_weight("class") * prob + self.loss_weight("bce") * _bce_cost(pred_QP, gt_NP) \
+                    + self.loss_weight("dice") * _dice_cost(pred_QP, gt_NP)
             qi, ti = hungarian_match(cost)
             qi, ti = qi.to(logits.device), ti.to(logits.device)
             matched.append((b, qi, classes[ti]))
@@ -209,10 +214,10 @@ class SegmentationTask(Task):
             ps = p.sigmoid()
             dice = dice + (1 - (2 * (ps * g).sum(-1) + 1) / (ps.sum(-1) + g.sum(-1) + 1)).sum()
             n_masks += len(qi)
-        ce = matched_cross_entropy(logits, matched, self.w("no_object"))
+        ce = matched_cross_entropy(logits, matched, self.loss_weight("no_object"))
         n = max(1, n_masks)
         bce, dice = bce / n, dice / n
-        return {"loss": self.w("class") * ce + self.w("bce") * bce + self.w("dice") * dice,
+        return {"loss": self.loss_weight("class") * ce + self.loss_weight("bce") * bce + self.loss_weight("dice") * dice,
                 "ce": ce, "bce": bce, "dice": dice}
 
     def class_scores(self, masks_BQHW: torch.Tensor, logits_BQC: torch.Tensor | None) -> torch.Tensor:

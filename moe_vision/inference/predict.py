@@ -8,6 +8,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from ..data import collate, read_image
+from ..data.readers import DEFAULT_MAX_PIXELS
 from ..tasks import GeneralistModel
 
 
@@ -36,13 +37,21 @@ def predict_batch(model: GeneralistModel, task: str, images: list[torch.Tensor],
     return (preds, routing, tuple(x.shape[-2:])) if return_routing else preds
 
 
+def predict(model: GeneralistModel, task: str, images: list) -> list:
+    """Predictions for image files (paths) or decoded images (uint8 ``[3, H, W]``), each in its own
+    pixels (see :func:`predict_batch`): ``moe_vision.predict(model, "det", ["photo.jpg"])``."""
+    decoded = [read_image(Path(im), max_pixels=DEFAULT_MAX_PIXELS) if isinstance(im, (str, Path)) else im
+               for im in images]
+    return predict_batch(model, task, decoded)
+
+
 @torch.no_grad()
 def predict_image(model: GeneralistModel, task: str, path: str | Path, class_names: list[str] | None = None,
-                  score_threshold: float = 0.3) -> tuple[dict, Image.Image]:
+                  score_threshold: float = 0.3, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[dict, Image.Image]:
     """Predictions for one image file, in its own pixel coordinates, and an overlay picture.
     Class names come from ``class_names``, else from the model's config (recorded at training)."""
     spec = model.spec(task)
-    image = read_image(Path(path))
+    image = read_image(Path(path), max_pixels=max_pixels)
     h, w = image.shape[-2:]
     pred = predict_batch(model, task, [image])[0]
     canvas = Image.fromarray(image.permute(1, 2, 0).numpy()).convert("RGB")
@@ -145,7 +154,7 @@ def _write_png(array: np.ndarray, path: Path) -> None:
 @torch.no_grad()
 def predict_folder(model: GeneralistModel, task: str, paths: list[Path], out: str | Path, batch_size: int = 32,
                    coco_ann: str | Path | None = None, label_offset: int = 0, force: bool = False,
-                   progress: bool = True) -> dict:
+                   progress: bool = True, max_pixels: int | None = DEFAULT_MAX_PIXELS, log=None) -> dict:
     """Batched prediction over image files into standard result files under ``out``:
 
     * det: ``<task>_results.json``, COCO results (``image_id`` from ``coco_ann`` when given, else
@@ -157,13 +166,16 @@ def predict_folder(model: GeneralistModel, task: str, paths: list[Path], out: st
     * cls: ``<task>_predictions.json``, the top-5 classes per file.
 
     Images are resized as in training (aspect ratio kept for det, seg and depth) and batched with
-    padding; every output is in the image's own pixels. A file that cannot be decoded is skipped
-    with a warning naming it (counted in ``skipped``); if none can be read, a ValueError.
+    padding; every output is in the image's own pixels. A file that cannot be decoded, or has more
+    than ``max_pixels`` pixels, is skipped with one line through ``log`` (default: standard error)
+    naming it and why (counted in ``skipped``); if none can be read, a ValueError (for a single
+    input, its own reason).
     Existing results are refused unless ``force``; JSON is written to a temporary file and renamed.
     """
     import json
-    import warnings
-    from ..cli import progress_bar
+    import sys
+    from ..progress import progress_bar
+    log = log or (lambda m: print(m, file=sys.stderr))
     spec = model.spec(task)
     kind = spec.type_name
     if kind not in RESULT_FILES:
@@ -182,15 +194,18 @@ def predict_folder(model: GeneralistModel, task: str, paths: list[Path], out: st
     out.mkdir(parents=True, exist_ok=True)
     names = spec.options.get("class_names")
     results, skipped = [], []
-    bar = progress_bar(total=len(paths), desc=f"predict {task}", disable=not progress, unit="img")
+    bar = progress_bar(total=len(paths), desc=f"predict {task}", disable=not progress, unit="img", delay=0.5)
     for start in range(0, len(paths), batch_size):
         images, kept = [], []
         for p in paths[start:start + batch_size]:
             try:
-                images.append(read_image(p))
+                images.append(read_image(p, max_pixels=max_pixels))
                 kept.append(p)
             except ValueError as e:
-                warnings.warn(f"skipping {e}", stacklevel=2)
+                if len(paths) == 1:
+                    raise
+                bar.clear()
+                log(f"skipped: {e}")
                 skipped.append(str(p))
         bar.update(len(paths[start:start + batch_size]))
         if not images:

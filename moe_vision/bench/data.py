@@ -1,8 +1,15 @@
-"""``tools/bench_data.py``: loader throughput per task next to what a GPU step consumes."""
+"""``tools/bench_data.py``: how fast the data pipeline delivers training images (decode + augment,
+per worker process and for a pool of workers, for each task of an experiment, on real-size JPEG
+fixtures), next to what a GPU training step consumes."""
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
+from typing import Any, Mapping
+
+from ..data.readers import set_decoder
+from ..data.sampler import InfiniteBatches, SeededItems, collate, item_seed
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 # Training-set sizes of the public datasets, for time per epoch (ImageNet-1k, COCO train2017, ADE20K
@@ -12,18 +19,26 @@ REAL_CLASSES = {"cls": 1000, "det": 80}  # for a num_classes left to the data (I
 
 
 def compose_experiment(experiment: str, overrides: list[str], root: Path) -> dict:
+    """The resolved training config of ``experiment`` with its data under ``root``; an experiment
+    that does not exist is one line naming those that do."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
     from ..engine.builders import prepare_config
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        cfg = compose("train", overrides=[f"experiment={experiment}", f"data.root={root}", *overrides])
+    known = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
+    if experiment not in known:
+        raise ValueError(f"--experiment {experiment!r} does not exist; the experiments are {', '.join(known)}")
+    from hydra.errors import HydraException
+    try:
+        with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+            cfg = compose("train", overrides=[f"experiment={experiment}", f"data.root={root}", *overrides])
+    except HydraException as e:
+        raise ValueError(f"overrides {' '.join(overrides)}: {str(e).splitlines()[0]}") from None
     return prepare_config(OmegaConf.to_container(cfg, resolve=True))
 
 
 def data_report(experiment: str, overrides: list[str], fixtures: Path, images: int = 48, workers: int = 2,
                 gpus: int = 1, peak_tflops: float = 989.0, mfu: float = 0.35, cost: bool = True) -> dict:
     """Generate fixtures, time each task's training pipeline, and (``cost``) count the step."""
-    from ..data.bench import loader_rates
     from ..data.fixtures import FixtureSizes, make_real_layout
     from ..engine.builders import build_dataset
     n = max(8, images)
@@ -107,3 +122,49 @@ def format_report(r: dict) -> str:
                          f"bottleneck, ~{c['hours_per_epoch_loader_bound']:.2f} h per epoch; raise the workers above "
                          "(cores permitting)")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- loader rates
+def in_process_rate(dataset, images: int, passes: int = 3) -> float:
+    """Images per second that one process (= one worker) loads: read, decode, augment; the best
+    of ``passes`` passes over the same images (the machine's other work only slows a pass down)."""
+    items = SeededItems(dataset)
+    n = min(images, len(dataset))
+    items[(0, 0)]  # warm up (imports, first-call costs)
+    best = 0.0
+    for _ in range(passes):
+        t0 = time.perf_counter()
+        for i in range(n):
+            items[(item_seed(0, 0, i), i)]
+        best = max(best, n / (time.perf_counter() - t0))
+    return best
+
+
+def pool_rate(dataset, images: int, workers: int, batch_size: int = 8) -> float:
+    """Images per second that ``workers`` DataLoader worker processes deliver (collated, padded
+    batches), after the first batch (worker start-up is not counted)."""
+    it = InfiniteBatches(dataset, min(batch_size, len(dataset)), collate, name="bench", num_workers=workers)
+    next(it)
+    batches = max(1, images // it.batch_size)
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    rate = batches * it.batch_size / (time.perf_counter() - t0)
+    it.close()
+    return rate
+
+
+def loader_rates(datasets: Mapping[str, Any], images: int = 64, workers: int = 2,
+                 decoders: tuple[str, ...] = ("pil", "torchvision")) -> dict[str, dict]:
+    """``{task: {"per_worker": {decoder: img/s}, "pool": img/s with the better decoder, "decoder": ...}}``."""
+    out = {}
+    for task, ds in datasets.items():
+        per = {}
+        for name in decoders:
+            set_decoder(ds, name)
+            per[name] = in_process_rate(ds, images)
+        best = max(per, key=per.get)
+        set_decoder(ds, best)
+        out[task] = {"per_worker": per, "decoder": best,
+                     "pool": pool_rate(ds, images, workers) if workers else per[best], "workers": workers}
+    return out
