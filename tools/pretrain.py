@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from moe_vision.cli import user_errors
 from moe_vision.engine import report
 from moe_vision.engine.builders import command_line_schedule, prepare_config
-from moe_vision.engine.preemption import TrainingStopped, exit_stopped
+from moe_vision.engine.preemption import fit_to_the_end
 from moe_vision.engine.trainer import Trainer
 
 PRETRAIN_TYPES = ("mim", "hybrid")
@@ -39,13 +39,8 @@ def main(cfg: DictConfig) -> None:
                              f"got tasks {other or 'none'}: pass experiment=pretrain_glid or "
                              "experiment=pretrain_hybrid, or use tools/train.py")
         trainer = Trainer(cfg)
-        try:
-            out = trainer.fit()
-        except TrainingStopped as e:
-            trainer.dist.shutdown()
-            exit_stopped(e)
-        trainer.dist.shutdown()
-        if not trainer.dist.is_main:
+        out = fit_to_the_end(trainer)
+        if out is None:
             return
         print(f"\n{trainer.run_dir}: pre-trained {trainer.step} steps in {out['train_seconds']:.0f} s")
         print(report.metrics_table(out["metrics"], out["chance"]))

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from moe_vision.cli import user_errors
 from moe_vision.engine import report
 from moe_vision.engine.builders import command_line_schedule, prepare_config
-from moe_vision.engine.preemption import TrainingStopped, exit_stopped
+from moe_vision.engine.preemption import fit_to_the_end
 from moe_vision.engine.trainer import Trainer
 
 
@@ -32,19 +32,15 @@ def main(cfg: DictConfig) -> None:
         cfg = command_line_schedule(prepare_config(OmegaConf.to_container(cfg, resolve=True)),
                                     list(HydraConfig.get().overrides.task))
         trainer = Trainer(cfg)
-        try:
-            out = trainer.fit()
-        except TrainingStopped as e:
-            trainer.dist.shutdown()
-            exit_stopped(e)
-        trainer.dist.shutdown()
-        if not trainer.dist.is_main:
+        out = fit_to_the_end(trainer)
+        if out is None:
             return
         print(f"\n{trainer.run_dir}: trained {trainer.step} steps in {out['train_seconds']:.0f} s")
         print(report.metrics_table(out["metrics"], out["chance"]))
-        print("expert usage (top experts per task, share of selections):")
-        for line in report.usage_summary(out["usage"]):
-            print("  " + line)
+        usage = report.usage_summary(out["usage"])
+        if usage:  # a dense model has no experts to report
+            print("expert usage (top experts per task, share of selections):")
+            print("\n".join("  " + line for line in usage))
 
 
 if __name__ == "__main__":

@@ -87,3 +87,16 @@ def exit_stopped(e: TrainingStopped) -> None:
     """What a tool does with :class:`TrainingStopped`: one line and :data:`EXIT_PREEMPTED`."""
     print(f"moe-vision: {e}", file=sys.stderr)
     sys.exit(EXIT_PREEMPTED)
+
+
+def fit_to_the_end(trainer) -> dict | None:
+    """``trainer.fit()``, then leave the process group; a stop signal ends the process with
+    :data:`EXIT_PREEMPTED` after the group is left. Returns fit's result on the main process and
+    None on the others (the tools print only there)."""
+    try:
+        out = trainer.fit()
+    except TrainingStopped as e:
+        trainer.dist.shutdown()
+        exit_stopped(e)
+    trainer.dist.shutdown()
+    return out if trainer.dist.is_main else None
