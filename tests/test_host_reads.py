@@ -83,7 +83,7 @@ def test_the_counter_catches_a_host_read_in_the_step(synthetic_root, tmp_path):
 
     def reading_runner(batches):
         out = original(batches)
-        float(out[0])  # what the loop used to do every step
+        float(out[0].detach())  # what the loop used to do every step
         return out
     trainer.runner = reading_runner
     with HostReads() as reads:

@@ -43,7 +43,7 @@ def _losses(run: Path) -> dict[int, float]:
 
 def _tiny_mim_model(encoder: str = "visible"):
     from moe_vision.engine.builders import build_generalist
-    cfg = {"model": {"name": "moe_vit_nano_patch8", "img_size": 32, "moe": {"num_experts": 4}},
+    cfg = {"model": {"name": "moe_vit_nano_patch8", "img_size": 32, "moe": {"num_experts": 4, "mlp_blocks": "all"}},
            "tasks": {"pretrain": {"type": "mim", "patch_size": 8, "mask_ratio": 0.75, "encoder": encoder}},
            "decoder": {"dim": 32, "num_queries": 4, "num_layers": 1, "num_heads": 2}}
     return build_generalist(cfg)
@@ -184,7 +184,7 @@ def test_pretrain_then_finetune_from_it(synthetic_root, tmp_path):
     from moe_vision.engine.builders import build_generalist
     from moe_vision.models import load_model
     from safetensors.torch import load_file
-    cfg = {"model": {"name": "moe_vit_nano_patch8", "img_size": 32, "moe": {"num_experts": 4}},
+    cfg = {"model": {"name": "moe_vit_nano_patch8", "img_size": 32, "moe": {"num_experts": 4, "mlp_blocks": "all"}},
            "tasks": {"cls": {"type": "cls", "num_classes": 13}, "seg": {"type": "seg", "num_classes": 6}},
            "decoder": {"dim": 32, "num_queries": 14, "num_layers": 1, "num_heads": 2}}
     model = build_generalist(cfg)
