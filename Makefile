@@ -55,7 +55,8 @@ gpu-check:
 	PYTHONPATH=/tmp/moe-site:$(CURDIR) PYTHONUNBUFFERED=1 python3 tools/gpu_check.py
 
 # The main job: generate the synthetic benchmark if missing, train the MoE generalist on
-# cls + det + seg, evaluate, print the metrics table (about 11 minutes on 2 CPU cores).
+# cls + det + seg, evaluate, print the metrics table (about 12 minutes on 2 CPU cores, 13 with
+# a fresh environment).
 # make demo SEED=1, make baselines SEED=1: another model initialisation and sampling order
 SEED ?= 0
 
