@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import moe_vision
-from moe_vision.surgery.bundle import bundle_task, load_bundle, read_bundle_info, write_archive
+from moe_vision.surgery.bundle import bundle_task, load_bundle, read_bundle_info
 from moe_vision.surgery.densify import distill, fold, mean_gates, student_gap, timm_model_args, timm_state_dict
 from moe_vision.surgery.extract import extract_task, union_of
 from moe_vision.surgery.pipeline import extract_bundle

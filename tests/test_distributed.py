@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -180,23 +182,31 @@ def _rank_pids(marker: str) -> dict[int, int]:
     return pids
 
 
+def _torchrun_two_ranks(synthetic_root, out: Path, *overrides, launcher_args=()) -> subprocess.Popen:
+    """tools/train.py under ``torchrun --nproc_per_node 2`` in its own session (killable as a group)."""
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             *launcher_args, str(ROOT / "tools" / "train.py"), *TRAIN, *overrides,
+                             f"data.root={synthetic_root}", f"output_dir={out}"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+
+
+def _kill_rank_1_after_the_first_checkpoint(proc: subprocess.Popen, out: Path) -> None:
+    """Wait (at most 120 s) for ``out``'s first complete checkpoint, then SIGKILL rank 1."""
+    deadline = time.time() + 120
+    while not (out / "checkpoints" / "latest").is_file() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    pids = _rank_pids(str(out))
+    assert 1 in pids, "rank 1 not found"
+    os.kill(pids[1], signal.SIGKILL)
+
+
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux /proc to find rank 1")
 def test_a_rank_that_dies_ends_the_run_and_leaves_the_last_checkpoint_intact(synthetic_root, tmp_path):
-    import signal
-    import time
     out = tmp_path / "dies"
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                str(ROOT / "tools" / "train.py"), *TRAIN, "train.steps=100000", "train.ckpt_every=3",
-                "dist.timeout_s=30", f"data.root={synthetic_root}", f"output_dir={out}"]
-    proc = subprocess.Popen(launcher, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    proc = _torchrun_two_ranks(synthetic_root, out, "train.steps=100000", "train.ckpt_every=3", "dist.timeout_s=30")
     try:
-        deadline = time.time() + 120
-        while not (out / "checkpoints" / "latest").is_file() and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.2)
-        pids = _rank_pids(str(out))
-        assert 1 in pids, "rank 1 not found"
-        os.kill(pids[1], signal.SIGKILL)
+        _kill_rank_1_after_the_first_checkpoint(proc, out)
         killed = time.time()
         _, err = proc.communicate(timeout=90)
         assert proc.returncode != 0 and time.time() - killed < 60
@@ -216,11 +226,9 @@ def test_a_rank_that_dies_ends_the_run_and_leaves_the_last_checkpoint_intact(syn
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux /proc to find rank 1")
 def test_torchrun_restarts_after_a_killed_rank_and_ends_with_the_uninterrupted_losses(synthetic_root, tmp_path):
-    """``torchrun --max-restarts 1``: rank 1 is SIGKILLed after the first checkpoint; torchrun restarts
+    """``torchrun --max-restarts``: rank 1 is SIGKILLed after the first checkpoint; torchrun restarts
     both ranks, they continue from the newest complete checkpoint by themselves, and every step's
     loss equals the one-process run's (the log keeps each step once)."""
-    import signal
-    import time
     steps = ["train.steps=9", "train.ckpt_every=3"]
     one = tmp_path / "one"
     r = _train(tmp_path, synthetic_root, one, 1, *steps)
@@ -228,18 +236,9 @@ def test_torchrun_restarts_after_a_killed_rank_and_ends_with_the_uninterrupted_l
     out = tmp_path / "elastic"
     # (--max-restarts 3: on a loaded machine a restarted round can fail to connect once; see
     # pytorch/pytorch#167288)
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             "--max-restarts", "3", str(ROOT / "tools" / "train.py"), *TRAIN, *steps,
-                             f"data.root={synthetic_root}", f"output_dir={out}"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    proc = _torchrun_two_ranks(synthetic_root, out, *steps, launcher_args=("--max-restarts", "3"))
     try:
-        deadline = time.time() + 120
-        while not (out / "checkpoints" / "latest").is_file() and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.1)
-        pids = _rank_pids(str(out))
-        assert 1 in pids, "rank 1 not found"
-        os.kill(pids[1], signal.SIGKILL)
+        _kill_rank_1_after_the_first_checkpoint(proc, out)
         try:
             stdout, err = proc.communicate(timeout=150)
         except subprocess.TimeoutExpired:
