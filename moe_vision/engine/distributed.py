@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
+import time
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -44,12 +46,14 @@ class DistContext:
         torchrun stops the others."""
         if not (self.enabled and dist.is_initialized()):
             return
-        import time
         store = dist.distributed_c10d._get_default_store()
-        key = "moe_vision/finished"
-        store.add(key, 1)
-        while store.add(key, 0) < self.world_size:
-            time.sleep(poll_s)
+        _meet(store, "moe_vision/finished", self.world_size, poll_s)
+        # Without torchrun's agent store, rank 0 hosts the store: it leaves only after every rank
+        # has seen the meeting complete, or a slower rank's last poll finds no server.
+        if self.rank == 0 and not _agent_store_in_use():
+            _meet(store, "moe_vision/left", self.world_size, poll_s)
+        else:
+            store.add("moe_vision/left", 1)
         dist.destroy_process_group()
 
     def barrier(self) -> None:
@@ -87,8 +91,58 @@ def init_distributed(device: torch.device, dist_cfg: Mapping[str, Any] | None = 
     if not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        if rank == 0 and (notice := shared_store_restart_notice()):
+            print(f"moe-vision: {notice}", file=sys.stderr)
+        store = restart_round_store(timeout)
+        if store is None:
+            dist.init_process_group(backend, timeout=timeout)
+        else:
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
     return DistContext(rank, world, local_rank, backend)
+
+
+def _meet(store, key: str, world_size: int, poll_s: float) -> None:
+    """Count this rank in at ``key`` and wait until ``world_size`` ranks have."""
+    store.add(key, 1)
+    while store.add(key, 0) < world_size:
+        time.sleep(poll_s)
+
+
+def _agent_store_in_use() -> bool:
+    return os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+
+
+def restart_round_store(timeout: datetime.timedelta):
+    """The rendezvous store for this process under single-node ``torchrun --max-restarts``, with
+    its keys kept apart per restart round (None elsewhere: torch's own env:// setup is used).
+
+    torchrun's agent keeps one store for the whole job and hands it to every restarted round, so
+    the keys that the previous round's ranks wrote when they connected (their gloo addresses) are
+    still there: a restarted rank could read a dead peer's address and fail with "Connection
+    refused", or hang. Prefixing every key with the restart count keeps each round to its own keys.
+    The count is the same on every rank only when one agent starts them all (one node); on
+    several nodes each agent counts its own restarts, so there the store stays as torch sets it
+    up (set ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` for torchrun: a fresh store per round).
+    """
+    if not _agent_store_in_use() or int(os.environ.get("GROUP_WORLD_SIZE", "1")) != 1:
+        return None
+    client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                           int(os.environ["WORLD_SIZE"]), is_master=False, timeout=timeout)
+    round_ = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    return dist.PrefixStore(f"moe_vision/restart_{round_}", client)
+
+
+def shared_store_restart_notice() -> str | None:
+    """One line for multi-node ``torchrun --max-restarts`` with torch's shared agent store, where
+    a restarted round can read the previous round's addresses (None when that cannot happen)."""
+    if not _agent_store_in_use() or int(os.environ.get("GROUP_WORLD_SIZE", "1")) == 1:
+        return None
+    if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) == 0:
+        return None
+    return ("torchrun restarts on several nodes need TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in "
+            "torchrun's environment (its shared store keeps the previous round's addresses and a "
+            "restarted round can fail to connect); see docs/resilience.md")
 
 
 def current_context() -> DistContext:
