@@ -62,7 +62,7 @@ def test_bf16_training_steps_on_cuda_read_nothing_between_log_steps(synthetic_ro
     from moe_vision.engine.steplog import StepLog
     from moe_vision.engine.trainer import Trainer
     from tests.test_engine import make_cfg
-    from tests.test_host_reads import DETR_MATCHING, HOST_DATA, HostReads
+    from tests.test_host_reads import HOST_DATA, HostReads
     trainer = Trainer(make_cfg(synthetic_root, tmp_path / "run", "device=cuda", "train.precision=bf16",
                                "model.moe.kernel=auto", "train.steps=4", "train.log_every=4"))
     assert trainer.amp_dtype == torch.bfloat16
@@ -71,5 +71,18 @@ def test_bf16_training_steps_on_cuda_read_nothing_between_log_steps(synthetic_ro
     with HostReads() as reads:
         for _ in range(2):
             steps.add(trainer.train_step())
-    assert reads.outside(HOST_DATA | DETR_MATCHING) == {}
+    assert reads.outside(HOST_DATA) == {}  # matcher auto: on the device
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in steps.flush())
+
+
+def test_device_matching_on_cuda_is_as_cheap_as_scipy():
+    from scipy.optimize import linear_sum_assignment
+    from moe_vision.tasks.matching import device_assignment
+    torch.manual_seed(0)
+    cost = torch.rand(6, 9, 40, device="cuda")
+    rows = [9, 0, 3, 9, 1, 5]
+    for b, (queries, objects) in enumerate(device_assignment(cost, rows)):
+        own = cost[b, :rows[b]].double().cpu().numpy()
+        r, c = linear_sum_assignment(own)
+        assert queries.device.type == "cuda" and sorted(objects.tolist()) == list(range(rows[b]))
+        assert own[objects.cpu().numpy(), queries.cpu().numpy()].sum() == pytest.approx(own[r, c].sum(), abs=1e-9)

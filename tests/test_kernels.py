@@ -168,3 +168,4 @@ def test_gpu_check_path_runs_on_the_cpu(tmp_path):
     assert {b["case"] for b in report["benchmark"]} == {"a", "c"} and report["real"]["measured"]["ms_per_step"] > 0
     text = (tmp_path / "gpu.md").read_text()
     assert "device-to-host copies" in text and (tmp_path / "gpu.json").is_file()
+    assert report["matching"][0]["shape"] == "demo" and "| demo | 96 | 6 | 60 |" in text

@@ -9,7 +9,9 @@ H100/H200), written to ``docs/results/gpu.md`` (and ``gpu.json``):
    workers): milliseconds per step, images per second and peak memory, beside the figures
    computed from FLOPs in docs/real_data.md;
 4. a profile of training steps between two log steps: device-to-host copies and synchronisations
-   per step.
+   per step;
+5. detection's one-to-one matching, the device solver against scipy (with the copy it needs), on
+   the demo's shape and on COCO-like ones (``tasks.det.matcher``).
 
 ``tools/gpu_check.py --device cpu --quick`` runs the same path in seconds (for the tests); its
 figures mean nothing.
@@ -68,6 +70,42 @@ def moe_benchmark(device: torch.device, quick: bool, log: Callable[[str], None])
                          "dense_ms": r.times_ms["dense"], "ratio": r.ratio_vs_dense, "target": r.target_ratio,
                          "expert_share": r.expert_share})
             log(f"MoE benchmark case {name} {'compiled' if compiled else 'eager'}: {r.ratio_vs_dense:.2f}x dense")
+    return rows
+
+
+# (name, decoder layers x images, objects per image, queries): the demo's det loss, and COCO-like ones.
+MATCHING_SHAPES = (("demo", 3 * 32, 6, 60), ("coco-16", 6 * 16, 16, 300), ("coco-40", 6 * 16, 40, 300))
+
+
+def matching_benchmark(device: torch.device, quick: bool, log: Callable[[str], None]) -> list[dict]:
+    """Milliseconds per det loss's matching: :func:`device_assignment` (nothing read back) against
+    scipy (the cost copied to the host, then one solve per image), on random costs."""
+    from scipy.optimize import linear_sum_assignment
+    from ..tasks.matching import device_assignment
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    shapes = MATCHING_SHAPES[:1] if quick else MATCHING_SHAPES
+    rows = []
+    for name, problems, objects, queries in shapes:
+        cost = torch.rand(problems, objects, queries, device=device)
+        counts = [objects] * problems
+        times = {}
+        for solver in ("device", "scipy"):
+            best = float("inf")
+            for _ in range(1 if quick else 5):
+                sync()
+                t0 = time.perf_counter()
+                if solver == "device":
+                    device_assignment(cost, counts)
+                    sync()
+                else:
+                    host = cost.double().cpu().numpy()
+                    for c in host:
+                        linear_sum_assignment(c.T)
+                best = min(best, time.perf_counter() - t0)
+            times[solver] = best * 1e3
+        rows.append({"shape": name, "problems": problems, "objects": objects, "queries": queries,
+                     "device_ms": times["device"], "scipy_ms": times["scipy"]})
+        log(f"matching {name}: device {times['device']:.1f} ms, scipy with the copy {times['scipy']:.1f} ms")
     return rows
 
 
@@ -160,7 +198,14 @@ def format_markdown(r: dict) -> str:
               f"| peak memory | {peak} | {comp['memory_gb']:.1f} GB |",
               "", f"Profile of the steps between two log steps: {prof['device_to_host_copies_per_step']:.1f} "
                   f"device-to-host copies and {prof['synchronisations_per_step']:.1f} synchronisations per step "
-                  "(detection's Hungarian matching copies its cost matrix to the host once per decoder layer)."]
+                  "(`tasks.det.matcher=auto`: detection matches on the device while no image has more than "
+                  "`matcher_device_max_objects` objects, otherwise its cost matrices go to the host once per det loss)."]
+    if r.get("matching"):
+        lines += ["", "Detection's one-to-one matching per det loss (random costs; scipy includes the copy):", "",
+                  "| shape | layers x images | objects | queries | device ms | scipy ms |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| {m['shape']} | {m['problems']} | {m['objects']} | {m['queries']} | {m['device_ms']:.1f} | "
+                  f"{m['scipy_ms']:.1f} |" for m in r["matching"]]
     return "\n".join(lines) + "\n"
 
 
@@ -178,6 +223,7 @@ def gpu_check(out: str | Path = ROOT / "docs" / "results" / "gpu.md", device: st
         report["tests"] = cuda_tests(log)
     report["benchmark"] = moe_benchmark(device, quick, log)
     report["real"] = real_recipe(device, steps, quick, log)
+    report["matching"] = matching_benchmark(device, quick, log)
     out = Path(out)
     with atomic_path(out) as tmp:
         tmp.write_text(format_markdown(report))

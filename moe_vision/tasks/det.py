@@ -38,7 +38,7 @@ from torchvision.ops import batched_nms, box_convert, box_iou, generalized_box_i
 
 from ..decoder import Queries
 from .base import Evaluator, Task, loss_normaliser, register_task
-from .matching import hungarian_match
+from .matching import device_assignment, hungarian_match
 
 INFERENCE_MODES = ("queries", "queries_nms", "dense_nms")
 
@@ -347,41 +347,76 @@ class DetectionTask(Task):
         flat[idx, labels] = score.to(flat.dtype)
         return target
 
-    @record_function("matching/det")
-    def match(self, logits_BQC, boxes_BQ4, gts) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Hungarian matching per image: (query indices, ground-truth indices)."""
-        with torch.no_grad():
-            B, Q, _ = logits_BQC.shape
-            labels = torch.cat([lab for lab, _ in gts]).to(logits_BQC.device)
-            gt = torch.cat([g for _, g in gts]).to(logits_BQC.device)
-            if len(gt) == 0:
-                return [(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))] * B
-            # One cost matrix for the whole batch against every image's boxes (DETR's trick), then
-            # one assignment per image on its own columns.
-            p = logits_BQC.float().sigmoid().reshape(B * Q, -1)[:, labels]
-            cost_class = 0.25 * (1 - p) ** 2 * -(p + 1e-8).log() - 0.75 * p ** 2 * -(1 - p + 1e-8).log()
-            boxes = boxes_BQ4.float().reshape(B * Q, 4)
-            cost = (self.loss_weight("class") * cost_class + self.loss_weight("l1") * torch.cdist(boxes, gt, p=1)
-                    - self.loss_weight("giou") * generalized_box_iou(_xyxy(boxes), _xyxy(gt))).reshape(B, Q, -1).cpu()
-            out, start = [], 0
-            for b, (_, g) in enumerate(gts):
-                out.append(hungarian_match(cost[b, :, start:start + len(g)]))
-                start += len(g)
-        return out
+    def matcher(self, gts, num_queries: int, device: torch.device) -> str:
+        """``tasks.det.matcher``: ``device`` (tensor operations, no copy to the host), ``scipy``
+        (the cost matrices go to the host), or ``auto``: device on CUDA while no image of the
+        batch has more than ``matcher_device_max_objects`` objects (the device solver's sequential
+        steps grow with the square of that count), scipy otherwise. Decided on the host from the
+        targets, which are there anyway."""
+        choice = self.option("matcher", "auto")
+        if choice not in ("auto", "scipy", "device"):
+            raise ValueError(f"tasks.{self.name}.matcher={choice!r}: expected auto, scipy or device")
+        most = max((len(g) for _, g in gts), default=0)
+        if most > num_queries:  # more objects than queries: only scipy's rectangular solver
+            return "scipy"
+        if choice == "auto":
+            small = most <= int(self.option("matcher_device_max_objects", 16))
+            return "device" if device.type == "cuda" and small else "scipy"
+        return choice
 
-    def set_loss(self, out, gts, num_boxes: float) -> dict[str, torch.Tensor]:
-        """One-to-one loss of one decoder layer's predictions."""
+    def _match_cost(self, logits_BQC, boxes_BQ4, labels, gt) -> torch.Tensor:
+        """(B, Q, G) cost of every query against every object of the batch (DETR's trick: one
+        matrix for the whole batch, each image then takes its own columns)."""
+        B, Q, _ = logits_BQC.shape
+        p = logits_BQC.float().sigmoid().reshape(B * Q, -1)[:, labels]
+        cost_class = 0.25 * (1 - p) ** 2 * -(p + 1e-8).log() - 0.75 * p ** 2 * -(1 - p + 1e-8).log()
+        boxes = boxes_BQ4.float().reshape(B * Q, 4)
+        return (self.loss_weight("class") * cost_class + self.loss_weight("l1") * torch.cdist(boxes, gt, p=1)
+                - self.loss_weight("giou") * generalized_box_iou(_xyxy(boxes), _xyxy(gt))).reshape(B, Q, -1)
+
+    @record_function("matching/det")
+    def match(self, layers: list[dict], gts) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """One-to-one matching of every decoder layer's predictions (``layers``: outputs with
+        ``logits`` and ``boxes``) at once: per layer, per image (query indices, object indices)
+        on the predictions' device."""
+        with torch.no_grad():
+            B, Q, _ = layers[0]["logits"].shape
+            device = layers[0]["logits"].device
+            counts = [len(g) for _, g in gts]
+            empty = torch.zeros(0, dtype=torch.long, device=device)
+            if sum(counts) == 0:
+                return [[(empty, empty)] * B for _ in layers]
+            labels = torch.cat([lab for lab, _ in gts])
+            gt = torch.cat([g for _, g in gts])
+            cost_LBQG = torch.stack([self._match_cost(o["logits"], o["boxes"], labels, gt) for o in layers])
+            starts = [sum(counts[:b]) for b in range(B)]
+            if self.matcher(gts, Q, device) == "device":
+                # Each image's own columns, padded to the batch's largest count: (L*B, N, Q).
+                most = max(counts)
+                columns = torch.tensor([[s + min(j, max(n - 1, 0)) for j in range(most)] for s, n in zip(starts, counts)],
+                                       device=device)
+                own_LBQN = cost_LBQG.gather(3, columns[None, :, None, :].expand(len(layers), B, Q, most))
+                flat = device_assignment(own_LBQN.transpose(2, 3).reshape(-1, most, Q), counts * len(layers))
+                return [flat[i * B:(i + 1) * B] for i in range(len(layers))]
+            cost = cost_LBQG.cpu()  # the one copy to the host: all layers together
+            return [[tuple(t.to(device) for t in hungarian_match(cost[i, b, :, s:s + n]))
+                     for b, (s, n) in enumerate(zip(starts, counts))] for i in range(len(layers))]
+
+    def set_loss(self, out, gts, num_boxes: float, matches=None) -> dict[str, torch.Tensor]:
+        """One-to-one loss of one decoder layer's predictions (``matches``: from :meth:`match`,
+        computed here when not given)."""
         logits, boxes = out["logits"].float(), out["boxes"].float()
-        matches = self.match(logits, boxes, gts)
+        if matches is None:
+            matches = self.match([out], gts)[0]
         Q = logits.shape[1]
         most = max((len(g) for _, g in gts), default=0)
         if most > Q and not getattr(self, "_warned_queries", False):
             self._warned_queries = True
             warnings.warn(f"det: an image has {most} objects, more objects than queries ({Q}); only {Q} can be "
                           "matched and detected per image: raise decoder.num_queries", stacklevel=2)
-        idx = torch.cat([b * Q + qi.to(logits.device) for b, (qi, _) in enumerate(matches)])
-        labels = torch.cat([gts[b][0][ti] for b, (_, ti) in enumerate(matches)]).to(logits.device)
-        gt = torch.cat([gts[b][1][ti] for b, (_, ti) in enumerate(matches)]).to(logits.device)
+        idx = torch.cat([b * Q + qi for b, (qi, _) in enumerate(matches)])
+        labels = torch.cat([gts[b][0][ti] for b, (_, ti) in enumerate(matches)])
+        gt = torch.cat([gts[b][1][ti] for b, (_, ti) in enumerate(matches)])
         pred = boxes.reshape(-1, 4)[idx]
         cls = self._class_loss(logits, self._score_targets(logits, idx, labels, pred, gt)) / num_boxes
         l1, giou = box_losses(pred, gt)
@@ -428,13 +463,15 @@ class DetectionTask(Task):
         return self.loss_weight("class") * terms["class"] + self.loss_weight("l1") * terms["l1"] + self.loss_weight("giou") * terms["giou"]
 
     def _ground_truth(self, outputs, targets):
-        """Per image ``(labels, normalised cxcywh boxes)``, and the box count the losses divide by."""
-        size = outputs["image_size"]
-        gts = [(torch.as_tensor(t["labels"]).long(), _normalised_cxcywh(t, size)) for t in targets]
-        return gts, loss_normaliser(sum(len(g) for _, g in gts), outputs["logits"].device)
+        """Per image ``(labels, normalised cxcywh boxes)`` on the predictions' device, and the box
+        count the losses divide by."""
+        size, device = outputs["image_size"], outputs["logits"].device
+        gts = [(torch.as_tensor(t["labels"]).long().to(device), _normalised_cxcywh(t, size).to(device))
+               for t in targets]
+        return gts, loss_normaliser(sum(len(g) for _, g in gts), device)
 
-    def _layer_loss(self, outputs, gts, num_boxes) -> dict[str, torch.Tensor]:
-        terms = self.set_loss(outputs, gts, num_boxes)
+    def _layer_loss(self, outputs, gts, num_boxes, matches=None) -> dict[str, torch.Tensor]:
+        terms = self.set_loss(outputs, gts, num_boxes, matches)
         return {"loss": self._weighted(terms), **terms}
 
     def loss(self, outputs, targets):
@@ -445,10 +482,12 @@ class DetectionTask(Task):
         """Final layer + mean of the earlier layers (deep supervision) + the dense token loss +
         the denoising loss, each term reported (the ground truth is prepared once for all)."""
         gts, num_boxes = self._ground_truth(outputs, targets)
-        losses = self._layer_loss(outputs, gts, num_boxes)
         aux = outputs.get("aux_outputs") or []
+        matches = self.match([outputs, *aux], gts)
+        losses = self._layer_loss(outputs, gts, num_boxes, matches[0])
         if aux:
-            losses["aux_layers"] = torch.stack([self._layer_loss(o, gts, num_boxes)["loss"] for o in aux]).mean()
+            losses["aux_layers"] = torch.stack([self._layer_loss(o, gts, num_boxes, m)["loss"]
+                                                for o, m in zip(aux, matches[1:])]).mean()
             losses["loss"] = losses["loss"] + losses["aux_layers"]
         if "dense" in outputs and self.loss_weight("dense") > 0:
             losses["dense"] = self._weighted(self.dense_loss(outputs["dense"], gts, outputs["image_size"]))

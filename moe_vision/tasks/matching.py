@@ -1,4 +1,6 @@
-"""Hungarian matching of queries to ground-truth objects (scipy's linear_sum_assignment)."""
+"""Hungarian matching of queries to ground-truth objects: scipy's ``linear_sum_assignment`` on the
+host, or :func:`device_assignment`, the same shortest-augmenting-path algorithm written with
+tensor operations only, so that matching on a GPU never waits for a copy to the host."""
 from __future__ import annotations
 
 import torch
@@ -19,6 +21,82 @@ def hungarian_match(cost_QN: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cost = cost_QN.detach().float().cpu().nan_to_num(nan=1e8, posinf=1e8, neginf=-1e8)
         q, t = linear_sum_assignment(cost.numpy())
     return torch.as_tensor(q, dtype=torch.long), torch.as_tensor(t, dtype=torch.long)
+
+
+@torch.no_grad()
+def device_assignment(cost_BNQ: torch.Tensor, rows: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Minimum-cost one-to-one assignment of every image's ``rows[b]`` objects (the first rows of
+    ``cost_BNQ[b]``; padding rows beyond are ignored) to ``Q >= max(rows)`` queries, on the cost's
+    device and without reading anything back: the loops run a number of times known on the host
+    (the object counts), finished images idle through masks. Returns (query indices, object
+    indices) per image, sorted by query, as :func:`hungarian_match` does.
+
+    The algorithm is the Jonker-Volgenant shortest augmenting path with dual potentials (the one
+    scipy implements): objects are added one at a time; adding object ``r`` walks at most ``r + 1``
+    alternating steps to a free query. Padding rows of constant cost cannot change the optimum of
+    the real rows, so images with fewer objects share the batch. Optimal like scipy's (the total
+    cost is equal; among equal-cost assignments either may be returned)."""
+    B, N, Q = cost_BNQ.shape
+    if N > Q:
+        raise ValueError(f"device_assignment: {N} objects but only {Q} queries")
+    device = cost_BNQ.device
+    dtype = torch.float64 if device.type != "mps" else torch.float32
+    real = torch.arange(N, device=device)[None, :] < torch.as_tensor(rows, device=device)[:, None]
+    cost = cost_BNQ.detach().to(dtype).nan_to_num(nan=1e8, posinf=1e8, neginf=-1e8)
+    cost = torch.where(real[:, :, None], cost, torch.zeros((), dtype=dtype, device=device))
+    batch = torch.arange(B, device=device)
+    u = cost.new_zeros(B, N)  # object potentials
+    v = cost.new_zeros(B, Q)  # query potentials
+    col4row = torch.full((B, N), -1, dtype=torch.long, device=device)
+    row4col = torch.full((B, Q), -1, dtype=torch.long, device=device)
+    inf = torch.tensor(float("inf"), dtype=dtype, device=device)
+    first = torch.arange(Q, 0, -1, device=device)  # argmax of (mask * first): the lowest index
+    for r in range(N):
+        shortest = cost.new_full((B, Q), float("inf"))
+        path = torch.full((B, Q), -1, dtype=torch.long, device=device)
+        seen_rows = torch.zeros(B, N, dtype=torch.bool, device=device)
+        seen_cols = torch.zeros(B, Q, dtype=torch.bool, device=device)
+        row = torch.full((B,), r, dtype=torch.long, device=device)
+        min_val = cost.new_zeros(B)
+        sink = torch.full((B,), -1, dtype=torch.long, device=device)
+        searching = torch.ones(B, dtype=torch.bool, device=device)
+        for _ in range(r + 1):  # each step either reaches a free query or visits an assigned one
+            seen_rows[batch, row] |= searching
+            reduced = min_val[:, None] + cost[batch, row] - u[batch, row][:, None] - v
+            better = searching[:, None] & ~seen_cols & (reduced < shortest)
+            path = torch.where(better, row[:, None], path)
+            shortest = torch.where(better, reduced, shortest)
+            open_cost = torch.where(seen_cols, inf, shortest)
+            lowest = open_cost.min(dim=1).values
+            tied = open_cost == lowest[:, None]
+            free_tied = tied & (row4col < 0)  # among equal costs prefer a free query: it ends the walk
+            pick = torch.where(free_tied.any(dim=1), (free_tied * first).argmax(dim=1), (tied * first).argmax(dim=1))
+            min_val = torch.where(searching, lowest, min_val)
+            seen_cols[batch, pick] |= searching
+            owner = row4col[batch, pick]
+            reached = searching & (owner < 0)
+            sink = torch.where(reached, pick, sink)
+            row = torch.where(searching & ~reached, owner, row)
+            searching = searching & ~reached
+        # Potentials: keep every reduced cost >= 0 and the assigned pairs' reduced costs at 0.
+        assigned_cost = shortest.gather(1, col4row.clamp(min=0))
+        others = seen_rows & (torch.arange(N, device=device) != r)[None, :]
+        u = u + torch.where(others, min_val[:, None] - assigned_cost, 0)
+        u[:, r] += min_val
+        v = v - torch.where(seen_cols, min_val[:, None] - shortest, 0)
+        # Flip the path from the free query back to object r.
+        col, walking = sink, torch.ones(B, dtype=torch.bool, device=device)
+        for _ in range(r + 1):
+            obj = path[batch, col]
+            row4col[batch, col] = torch.where(walking, obj, row4col[batch, col])
+            previous = col4row[batch, obj]
+            col4row[batch, obj] = torch.where(walking, col, previous)
+            col = torch.where(walking, previous, col)
+            walking = walking & (obj != r)
+    # Sorted by query, all images at once (padding rows sort last); each image keeps its first rows.
+    order = torch.where(real, col4row, Q + torch.arange(N, device=device)).argsort(dim=1)
+    queries = col4row.gather(1, order)
+    return [(queries[b, :n], order[b, :n]) for b, n in enumerate(rows)]
 
 
 def matched_cross_entropy(logits_BQC1: torch.Tensor, matched: list[tuple[int, torch.Tensor, torch.Tensor]],
