@@ -113,13 +113,20 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, names: dict[int, str], l
 
 
 # ---------------------------------------------------------------------------- files
+_SINGLE_PROCESS_NOTICE = "torch.distributed is disabled, unavailable or uninitialized"
+
+
 @contextlib.contextmanager
-def _dcp_calls(ctx: DistContext):
+def _dcp_calls(ctx: DistContext, background: bool = False):
     """DCP warns on every save and load without a process group that it assumes a single process:
-    that is what a single-process run means, so the warning tells a user nothing to act on."""
+    that is what a single-process run means, so the warning tells a user nothing to act on. A save
+    in the background warns from DCP's thread after this block has ended: for that case the filter
+    stays for the process (it matches this message only)."""
+    if background and not ctx.enabled:
+        warnings.filterwarnings("ignore", message=_SINGLE_PROCESS_NOTICE)
     with warnings.catch_warnings():
         if not ctx.enabled:
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+            warnings.filterwarnings("ignore", message=_SINGLE_PROCESS_NOTICE)
         yield
 
 
@@ -211,7 +218,7 @@ def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], 
     torch.save(rng_state(), tmp / f"rng_rank{ctx.rank}.pt")
     if ctx.is_main:
         torch.save({"step": step, "world_size": ctx.world_size, **trainer_state}, tmp / TRAINER_STATE)
-    with _dcp_calls(ctx):
+    with _dcp_calls(ctx, background=asynchronous):
         if asynchronous:
             pending.future = dcp.async_save(tensors, checkpoint_id=str(tmp), no_dist=not ctx.enabled,
                                             process_group=process_group)
