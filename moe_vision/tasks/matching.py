@@ -50,38 +50,34 @@ def device_assignment(cost_BNQ: torch.Tensor, rows: list[int]) -> list[tuple[tor
     col4row = torch.full((B, N), -1, dtype=torch.long, device=device)
     row4col = torch.full((B, Q), -1, dtype=torch.long, device=device)
     inf = torch.tensor(float("inf"), dtype=dtype, device=device)
-    first = torch.arange(Q, 0, -1, device=device)  # argmax of (mask * first): the lowest index
     for r in range(N):
         shortest = cost.new_full((B, Q), float("inf"))
         path = torch.full((B, Q), -1, dtype=torch.long, device=device)
-        seen_rows = torch.zeros(B, N, dtype=torch.bool, device=device)
         seen_cols = torch.zeros(B, Q, dtype=torch.bool, device=device)
         row = torch.full((B,), r, dtype=torch.long, device=device)
         min_val = cost.new_zeros(B)
         sink = torch.full((B,), -1, dtype=torch.long, device=device)
         searching = torch.ones(B, dtype=torch.bool, device=device)
-        for _ in range(r + 1):  # each step either reaches a free query or visits an assigned one
-            seen_rows[batch, row] |= searching
+        # Each step reaches a free query or visits one of the r assigned ones: r + 1 steps suffice,
+        # whichever of several equally cheap queries is taken.
+        for _ in range(r + 1):
             reduced = min_val[:, None] + cost[batch, row] - u[batch, row][:, None] - v
             better = searching[:, None] & ~seen_cols & (reduced < shortest)
             path = torch.where(better, row[:, None], path)
             shortest = torch.where(better, reduced, shortest)
-            open_cost = torch.where(seen_cols, inf, shortest)
-            lowest = open_cost.min(dim=1).values
-            tied = open_cost == lowest[:, None]
-            free_tied = tied & (row4col < 0)  # among equal costs prefer a free query: it ends the walk
-            pick = torch.where(free_tied.any(dim=1), (free_tied * first).argmax(dim=1), (tied * first).argmax(dim=1))
+            lowest, pick = torch.where(seen_cols, inf, shortest).min(dim=1)
             min_val = torch.where(searching, lowest, min_val)
             seen_cols[batch, pick] |= searching
             owner = row4col[batch, pick]
             reached = searching & (owner < 0)
             sink = torch.where(reached, pick, sink)
-            row = torch.where(searching & ~reached, owner, row)
             searching = searching & ~reached
-        # Potentials: keep every reduced cost >= 0 and the assigned pairs' reduced costs at 0.
-        assigned_cost = shortest.gather(1, col4row.clamp(min=0))
-        others = seen_rows & (torch.arange(N, device=device) != r)[None, :]
-        u = u + torch.where(others, min_val[:, None] - assigned_cost, 0)
+            row = torch.where(searching, owner, row)  # on through the visited query's object
+        # Potentials: keep every reduced cost >= 0 and the assigned pairs' reduced costs at 0. The
+        # rows the search went through are those whose query it visited (object r has none yet).
+        assigned = col4row.clamp(min=0)
+        others = (col4row >= 0) & seen_cols.gather(1, assigned)
+        u = u + torch.where(others, min_val[:, None] - shortest.gather(1, assigned), 0)
         u[:, r] += min_val
         v = v - torch.where(seen_cols, min_val[:, None] - shortest, 0)
         # Flip the path from the free query back to object r.
