@@ -291,13 +291,11 @@ def test_two_node_torchrun_restart_with_a_store_per_round(synthetic_root, tmp_pa
     ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``, as docs/resilience.md says for several nodes: rank 1
     is SIGKILLed after the first checkpoint, both agents restart, and the run ends like the
     uninterrupted one (rank 0 hosts each round's store: its exit waits for the other rank)."""
-    import socket
+    from moe_vision.bench.serve_load import free_port
     steps = ["train.steps=9", "train.ckpt_every=3"]
     one = tmp_path / "one"
     assert _train(tmp_path, synthetic_root, one, 1, *steps).returncode == 0
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     out = tmp_path / "two_nodes"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
     agents = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",

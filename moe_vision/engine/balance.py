@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from .transfer import group_of
+from .transfer import shared_groups
 
 BALANCE_METHODS = ("none", "pcgrad", "normalize")
 
@@ -58,11 +58,7 @@ class GradientBalance:
         if method not in BALANCE_METHODS:
             raise ValueError(f"train.balance={method!r}; expected one of {list(BALANCE_METHODS)}")
         self.method = method
-        self.groups: dict[str, list[torch.nn.Parameter]] = {}
-        for name, p in model.named_parameters():
-            group = group_of(name)
-            if group is not None and p.requires_grad:
-                self.groups.setdefault(group, []).append(p)
+        self.groups = shared_groups(model)
         self.generator = torch.Generator().manual_seed(seed)
 
     @property

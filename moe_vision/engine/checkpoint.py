@@ -21,7 +21,6 @@ For several machines, ``run_dir`` must be on a file system all of them share.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import random
 import shutil
@@ -113,21 +112,12 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, names: dict[int, str], l
 
 
 # ---------------------------------------------------------------------------- files
-_SINGLE_PROCESS_NOTICE = "torch.distributed is disabled, unavailable or uninitialized"
-
-
-@contextlib.contextmanager
-def _dcp_calls(ctx: DistContext, background: bool = False):
+def _quiet_single_process(ctx: DistContext) -> None:
     """DCP warns on every save and load without a process group that it assumes a single process:
-    that is what a single-process run means, so the warning tells a user nothing to act on. A save
-    in the background warns from DCP's thread after this block has ended: for that case the filter
-    stays for the process (it matches this message only)."""
-    if background and not ctx.enabled:
-        warnings.filterwarnings("ignore", message=_SINGLE_PROCESS_NOTICE)
-    with warnings.catch_warnings():
-        if not ctx.enabled:
-            warnings.filterwarnings("ignore", message=_SINGLE_PROCESS_NOTICE)
-        yield
+    that is what a single-process run means, so the warning tells a user nothing to act on. The
+    filter stays for the process: a background save warns from DCP's own thread, later."""
+    if not ctx.enabled:
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 
 MANIFEST = "manifest.json"
@@ -218,12 +208,12 @@ def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], 
     torch.save(rng_state(), tmp / f"rng_rank{ctx.rank}.pt")
     if ctx.is_main:
         torch.save({"step": step, "world_size": ctx.world_size, **trainer_state}, tmp / TRAINER_STATE)
-    with _dcp_calls(ctx, background=asynchronous):
-        if asynchronous:
-            pending.future = dcp.async_save(tensors, checkpoint_id=str(tmp), no_dist=not ctx.enabled,
-                                            process_group=process_group)
-            return pending
-        dcp.save(tensors, checkpoint_id=str(tmp), no_dist=not ctx.enabled)
+    _quiet_single_process(ctx)
+    if asynchronous:
+        pending.future = dcp.async_save(tensors, checkpoint_id=str(tmp), no_dist=not ctx.enabled,
+                                        process_group=process_group)
+        return pending
+    dcp.save(tensors, checkpoint_id=str(tmp), no_dist=not ctx.enabled)
     return pending.finish()
 
 
@@ -251,8 +241,8 @@ def load_checkpoint(path: Path, tensors: dict[str, torch.Tensor], ctx: DistConte
         raise ValueError(f"checkpoint {path} does not match the model: missing {missing[:5]} "
                          "(check the model name and tasks)")
     try:
-        with _dcp_calls(ctx):
-            dcp.load(tensors, checkpoint_id=str(path), no_dist=not ctx.enabled)
+        _quiet_single_process(ctx)
+        dcp.load(tensors, checkpoint_id=str(path), no_dist=not ctx.enabled)
         state = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=False)
         rng = path / f"rng_rank{ctx.rank}.pt"
         set_rng_state(torch.load(rng if rng.is_file() else path / "rng_rank0.pt", weights_only=False))

@@ -109,6 +109,11 @@ def _meet(store, key: str, world_size: int, poll_s: float) -> None:
         time.sleep(poll_s)
 
 
+def elastic_restart() -> int:
+    """How often torchrun has restarted this job's workers (0: the first start, or no torchrun)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+
+
 def _agent_store_in_use() -> bool:
     return os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
 
@@ -129,8 +134,7 @@ def restart_round_store(timeout: datetime.timedelta):
         return None
     client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
                            int(os.environ["WORLD_SIZE"]), is_master=False, timeout=timeout)
-    round_ = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
-    return dist.PrefixStore(f"moe_vision/restart_{round_}", client)
+    return dist.PrefixStore(f"moe_vision/restart_{elastic_restart()}", client)
 
 
 def shared_store_restart_notice() -> str | None:

@@ -30,7 +30,7 @@ from .builders import (build_dataset, build_generalist, check_num_classes, drop_
 from .checkpoint import (PendingCheckpoint, latest_checkpoint, load_checkpoint, optimizer_hyperparameters,
                          optimizer_template, optimizer_tensors, restore_optimizer, save_checkpoint, step_folders)
 from .compile import compile_model
-from .distributed import DistContext, init_distributed
+from .distributed import DistContext, elastic_restart, init_distributed
 from .evaluate import chance_metrics, evaluate, fixed_subset
 from .optim import LossWeighting, build_optimizer, cosine_with_warmup, set_trainable
 from .stage import check_adapter_tensors, check_stage, freeze_pretrained, frozen_unchanged
@@ -40,11 +40,6 @@ from .step import MultiTaskStep
 from .steplog import NonFiniteLoss, PendingStep, StepLog, write_records
 
 NONFINITE_MODES = ("stop", "skip")
-
-
-def elastic_restart() -> int:
-    """How often torchrun has restarted this job's workers (0: the first start, or no torchrun)."""
-    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
 
 
 def seed_everything(seed: int) -> None:
@@ -447,6 +442,7 @@ class Trainer:
         t0 = time.time()
         first_step = self.step
         steplog = StepLog(self.dist)
+        stopped: TrainingStopped | None = None
         with (open(log_path, "a") if main else contextlib.nullcontext()) as log_file, \
                 StopSignals(tqdm.write if main else (lambda m: None)) as signals:
             while self.step < steps:
@@ -472,15 +468,14 @@ class Trainer:
                 stop = signals.agreed(self.dist, self.host_group)
                 if stop and self.step < steps:
                     self.flush_log(steplog, log_file, writer, ema)
-                    path = self.save()
+                    stopped = TrainingStopped(self.step, self.save(), stop)
                     self.finish_checkpoint()
-                    bar.close()
-                    for it in self.iters.values():
-                        it.close()
-                    raise TrainingStopped(self.step, path, stop)
+                    break
         bar.close()
         for it in self.iters.values():
             it.close()  # the loader workers are not needed for evaluation
+        if stopped is not None:
+            raise stopped
         train_seconds = time.time() - t0
         results: dict = {"train_seconds": train_seconds}
         self.save()

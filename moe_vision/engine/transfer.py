@@ -45,6 +45,16 @@ def group_of(name: str) -> str | None:
     return None
 
 
+def shared_groups(model: torch.nn.Module) -> dict[str, list[torch.nn.Parameter]]:
+    """The trainable parameters of each shared group, in the model's parameter order."""
+    groups: dict[str, list[torch.nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        group = group_of(name)
+        if group is not None and p.requires_grad:
+            groups.setdefault(group, []).append(p)
+    return groups
+
+
 def task_gradients(model, task: str, batches: list) -> dict[str, torch.Tensor]:
     """The gradient of ``task``'s training loss (mean over ``batches``), flattened per shared
     group ``{group: [P]}``; a group the task does not reach has zeros."""
@@ -53,14 +63,10 @@ def task_gradients(model, task: str, batches: list) -> dict[str, torch.Tensor]:
     for images, targets in batches:
         out = model(images, task, targets=targets)
         (model.task_loss(task, out, targets)["loss"] / len(batches)).backward()
-    flat: dict[str, list[torch.Tensor]] = {}
-    for name, p in model.named_parameters():
-        group = group_of(name)
-        if group is not None and p.requires_grad:
-            g = p.grad if p.grad is not None else torch.zeros_like(p)
-            flat.setdefault(group, []).append(g.detach().reshape(-1).float())
+    flat = {group: torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().reshape(-1).float()
+                              for p in params]) for group, params in shared_groups(model).items()}
     model.zero_grad(set_to_none=True)
-    return {g: torch.cat(v) for g, v in flat.items()}
+    return flat
 
 
 def routing_load(routing: list[RoutingOutput], num_experts: Mapping[str, int]) -> dict[str, dict]:

@@ -41,6 +41,7 @@ from .base import Evaluator, Task, loss_normaliser, register_task
 from .matching import device_assignment, hungarian_match
 
 INFERENCE_MODES = ("queries", "queries_nms", "dense_nms")
+MATCHERS = ("auto", "scipy", "device")
 
 
 def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
@@ -245,6 +246,8 @@ class DetectionTask(Task):
             raise ValueError(f"det inference={self.option('inference', None)!r}; expected one of {list(INFERENCE_MODES)}")
         if self.option("class_loss", "varifocal") not in ("varifocal", "focal"):
             raise ValueError(f"det class_loss={self.option('class_loss', None)!r}; expected 'varifocal' or 'focal'")
+        if self.option("matcher", "auto") not in MATCHERS:
+            raise ValueError(f"tasks.{self.name}.matcher={self.option('matcher', None)!r}: expected auto, scipy or device")
         return DetHead(dim, self.num_classes, denoising=self.dn_groups > 0)
 
     # ------------------------------------------------------------------ forward
@@ -354,8 +357,6 @@ class DetectionTask(Task):
         steps grow with the square of that count), scipy otherwise. Decided on the host from the
         targets, which are there anyway."""
         choice = self.option("matcher", "auto")
-        if choice not in ("auto", "scipy", "device"):
-            raise ValueError(f"tasks.{self.name}.matcher={choice!r}: expected auto, scipy or device")
         most = max((len(g) for _, g in gts), default=0)
         if most > num_queries:  # more objects than queries: only scipy's rectangular solver
             return "scipy"
@@ -391,10 +392,11 @@ class DetectionTask(Task):
             cost_LBQG = torch.stack([self._match_cost(o["logits"], o["boxes"], labels, gt) for o in layers])
             starts = [sum(counts[:b]) for b in range(B)]
             if self.matcher(gts, Q, device) == "device":
-                # Each image's own columns, padded to the batch's largest count: (L*B, N, Q).
+                # Each image's own columns, padded to the batch's largest count: (L*B, N, Q) (the
+                # padding rows read any column: the solver ignores them).
                 most = max(counts)
-                columns = torch.tensor([[s + min(j, max(n - 1, 0)) for j in range(most)] for s, n in zip(starts, counts)],
-                                       device=device)
+                columns = (torch.tensor(starts, device=device)[:, None] + torch.arange(most, device=device)).clamp(
+                    max=len(gt) - 1)
                 own_LBQN = cost_LBQG.gather(3, columns[None, :, None, :].expand(len(layers), B, Q, most))
                 flat = device_assignment(own_LBQN.transpose(2, 3).reshape(-1, most, Q), counts * len(layers))
                 return [flat[i * B:(i + 1) * B] for i in range(len(layers))]

@@ -112,9 +112,8 @@ class GeneralistModel(nn.Module):
         # sees targets only when the task's forward needs them (no guards on box counts).
         images, frame, valid_px = self.frame_inputs(images, spec, targets, input_sizes)
         head_targets = targets if spec.forward_uses_targets(self.training) else None
-        core = self.forward_core if self.compile_options is None else compiled_core(**self.compile_options)
-        out, routing = core(images, task, frame, valid_px, head_targets) if self.compile_options is None \
-            else core(self, images, task, frame, valid_px, head_targets)
+        core = GeneralistModel.forward_core if self.compile_options is None else compiled_core(**self.compile_options)
+        out, routing = core(self, images, task, frame, valid_px, head_targets)
         return (out, routing) if return_routing else out
 
     def forward_core(self, images: torch.Tensor, task: str, frame, valid_px, targets: list[dict] | None):
