@@ -8,6 +8,11 @@ STAMP  := $(VENV)/.installed
 
 STAMP_NOW := $(shell date +%Y%m%d-%H%M%S)
 
+# MKL's strict reproducible mode for every process started here (moe_vision sets it too when
+# imported first; a value already in the environment wins): docs/exactness.md.
+MKL_CBWR ?= AUTO,STRICT
+export MKL_CBWR
+
 # PIP_FIND_LINKS is cleared so pip resolves torch together with torchvision from the registry
 # instead of taking a local CPU-only torch wheel that no torchvision wheel is built against.
 $(STAMP): pyproject.toml
@@ -48,30 +53,36 @@ gpu-wheels: $(STAMP)
 	  --platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
 	PIP_FIND_LINKS= $(PY) -m pip wheel --quiet --quiet --no-deps -w .whl $(GPU_SOURCES)
 
-# On the GPU machine: the wheels of .whl/ (if any) into a private folder, then tools/gpu_check.py
-# (about 8 minutes on an H100/H200), which writes docs/results/gpu.md and gpu.json.
+# On the GPU machine: the wheels of .whl/ (if any) into a private folder, then tools/gpu_check.py,
+# which writes docs/results/gpu.md and gpu.json.
 gpu-check:
 	@if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/moe-site .whl/*.whl; fi
 	PYTHONPATH=/tmp/moe-site:$(CURDIR) PYTHONUNBUFFERED=1 python3 tools/gpu_check.py
 
 # The main job: generate the synthetic benchmark if missing, train the MoE generalist on
-# cls + det + seg, evaluate, print the metrics table (about 12 minutes on 2 CPU cores, 13 with
-# a fresh environment).
+# cls + det + seg, evaluate, print the metrics table (time and machine: docs/results/demo.md).
+# The run is runs/synthetic-s<SEED>-<stamp>; runs/synthetic points at the newest one.
 # make demo SEED=1, make baselines SEED=1: another model initialisation and sampling order
 SEED ?= 0
+
+# $(call latest,RUN,LINK): point runs/LINK at runs/RUN, unless runs/LINK is a folder of its own.
+latest = if [ -L runs/$(2) ] || [ ! -e runs/$(2) ]; then ln -sfn $(1) runs/$(2); \
+	else echo "runs/$(2) is a folder of its own, left as it is; this run is runs/$(1)"; fi
 
 demo: $(STAMP)
 	$(PY) tools/make_synthetic.py
 	$(PY) tools/train.py experiment=synthetic seed=$(SEED) output_dir=runs/synthetic-s$(SEED)-$(STAMP_NOW)
+	@$(call latest,synthetic-s$(SEED)-$(STAMP_NOW),synthetic)
 
-# Dense single-task baselines of the same active compute, and the comparison table
-# against the latest demo run (1200 steps each; at most ~20 minutes in all: 6.5-8 min per
-# task measured with 1 thread on a busy machine).
+# Dense single-task baselines of the same active compute (runs/dense_<task>-s<SEED>-<stamp>, with
+# runs/dense_<task> pointing at the newest), and the comparison table against the newest demo
+# run of the same seed (time and machine: docs/results/timing.md).
 baselines: $(STAMP)
 	$(PY) tools/make_synthetic.py
 	for t in cls det seg; do \
 	  $(PY) tools/train.py experiment=synthetic_single_task single_task=$$t seed=$(SEED) \
 	    output_dir=runs/dense_$$t-s$(SEED)-$(STAMP_NOW) || exit 1; \
+	  $(call latest,dense_$$t-s$(SEED)-$(STAMP_NOW),dense_$$t); \
 	done
 	$(PY) tools/compare.py $$(ls -d runs/synthetic-s$(SEED)-* | tail -1) runs/dense_cls-s$(SEED)-$(STAMP_NOW) \
 	  runs/dense_det-s$(SEED)-$(STAMP_NOW) runs/dense_seg-s$(SEED)-$(STAMP_NOW)

@@ -3,7 +3,11 @@
 A task-conditioned sparse MoE-ViT backbone (:mod:`moe_vision.models`) built on the vision-free
 MoE layer (:mod:`moe_vision.moe`).
 """
-from ._compat import check_torchvision
+from .exactness import use_reproducible_mkl
+
+use_reproducible_mkl()  # before anything below loads torch and runs MKL (see moe_vision/exactness.py)
+
+from ._compat import check_torchvision  # noqa: E402
 
 check_torchvision()
 

@@ -1,3 +1,4 @@
+import moe_vision  # noqa: F401  first: it sets MKL's reproducible mode before torch runs (moe_vision/exactness.py)
 import pytest
 import torch
 

@@ -250,10 +250,12 @@ SCENARIOS = {"all_to_all": scenario_all_to_all, "expert_parallel": scenario_expe
 
 
 def main() -> int:
-    scenario, out = sys.argv[1], Path(sys.argv[2])
+    """``dist_worker.py SCENARIO[,SCENARIO...] OUT.json``: the scenarios in turn, one report."""
+    scenarios, out = sys.argv[1].split(","), Path(sys.argv[2])
     init_distributed(torch.device("cpu"), {"timeout_s": 60})
     report: dict = {}
-    SCENARIOS[scenario](report)
+    for scenario in scenarios:
+        SCENARIOS[scenario](report)
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, report)
     if dist.get_rank() == 0:

@@ -13,11 +13,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.tool_run import run_tool
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_ranks(scenario: str, tmp_path: Path, timeout: int = 180, ranks: int = 2) -> dict:
-    out = tmp_path / f"{scenario}.json"
+    """Run ``tests/dist_worker.py`` scenarios (comma-separated) under torchrun; their merged report."""
+    out = tmp_path / f"{scenario.replace(',', '+')}.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
            str(ROOT / "tests" / "dist_worker.py"), scenario, str(out)]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
@@ -26,13 +29,20 @@ def run_ranks(scenario: str, tmp_path: Path, timeout: int = 180, ranks: int = 2)
     return json.loads(out.read_text())
 
 
-def test_all_to_all_uneven_and_zero_splits_forward_and_backward(tmp_path):
-    rep = run_ranks("all_to_all", tmp_path)
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> dict:
+    """Every 2-rank scenario in one torchrun launch (each launch costs two fresh interpreters)."""
+    return run_ranks("all_to_all,expert_parallel,aux_losses,stop_agreement,strategies",
+                     tmp_path_factory.mktemp("two_ranks"))
+
+
+def test_all_to_all_uneven_and_zero_splits_forward_and_backward(two_ranks):
+    rep = two_ranks
     assert rep["a2a_forward"] == 0.0 and rep["a2a_input_grad"] == 0.0
 
 
-def test_expert_parallel_layer_equals_one_process_even_when_a_rank_gets_no_tokens(tmp_path):
-    rep = run_ranks("expert_parallel", tmp_path)
+def test_expert_parallel_layer_equals_one_process_even_when_a_rank_gets_no_tokens(two_ranks):
+    rep = two_ranks
     for kernel in ("", "gmm_"):  # the loop and torch._grouped_mm on each rank's slice of experts
         for key in ("ep_output", "ep_input_grad", "ep_router_grad", "ep_expert_grad_w1", "ep_expert_grad_b2",
                     "skewed_ep_output", "skewed_ep_input_grad", "skewed_ep_router_grad"):
@@ -41,14 +51,14 @@ def test_expert_parallel_layer_equals_one_process_even_when_a_rank_gets_no_token
     assert rep["rows_received_rank1"] == 0 and rep["rows_received_rank0"] > 0  # the skew really starves rank 1
 
 
-def test_mutual_information_and_balance_losses_are_global_over_ranks(tmp_path):
-    rep = run_ranks("aux_losses", tmp_path)
+def test_mutual_information_and_balance_losses_are_global_over_ranks(two_ranks):
+    rep = two_ranks
     assert rep["mi_loss"] <= 1e-5 and rep["balance_loss"] <= 1e-5 and rep["aux_router_grad_mean_over_ranks"] <= 1e-5
     assert rep["local_mi_differs"] == 1.0  # without the reduction the per-rank value would differ
 
 
-def test_ranks_agree_to_stop_when_only_one_of_them_got_the_signal(tmp_path):
-    rep = run_ranks("stop_agreement", tmp_path)
+def test_ranks_agree_to_stop_when_only_one_of_them_got_the_signal(two_ranks):
+    rep = two_ranks
     assert all(rep[f"rank{r}_{what}"] == 1.0 for r in (0, 1) for what in ("nothing_before", "stops_on_sigusr1"))
 
 
@@ -62,8 +72,7 @@ def test_ep_traffic_tool_measures_close_to_the_formula():
     assert row, r.stdout
     ratio = float(row[0].split("|")[-1])
     assert 0.8 < ratio < 1.2  # random routing is close to uniform; the formula is its expectation
-    alone = subprocess.run([sys.executable, str(ROOT / "tools" / "ep_traffic.py")], cwd=ROOT, capture_output=True,
-                           text=True, timeout=120)
+    alone = run_tool("ep_traffic.py")
     assert alone.returncode == 2 and "run under torchrun" in alone.stderr
 
 
@@ -74,10 +83,10 @@ def test_old_torch_is_refused_for_distributed_work():
     require_distributed_torch("2.14.1+cu130")
 
 
-def test_ddp_and_fsdp2_with_and_without_expert_parallelism_equal_one_process(tmp_path):
+def test_ddp_and_fsdp2_with_and_without_expert_parallelism_equal_one_process(two_ranks):
     """Gradients (steps 1 and 2), global gradient norm and parameters after 2 SGD steps (the second
     clipped), with a task router and head unused in each step."""
-    rep = run_ranks("strategies", tmp_path)
+    rep = two_ranks
     for tag in ("ddp_ep1", "ddp_ep2", "fsdp_ep1", "fsdp_ep2"):
         for what in ("grad_step1", "grad_step2", "grad_norm", "params_after_2_sgd_steps"):
             assert rep[f"{tag}_{what}"] <= 1e-5, (tag, what, rep[f"{tag}_{what}"])
@@ -101,9 +110,12 @@ TRAIN = ["experiment=synthetic", "data.synthetic=null", "data.img_size=32", "mod
 
 
 def _train(tmp_path, root, out, ranks: int, *extra) -> subprocess.CompletedProcess:
-    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)] if ranks > 1 else []
-    return subprocess.run([sys.executable, *launcher, str(ROOT / "tools" / "train.py"), *TRAIN,
-                           f"data.root={root}", f"output_dir={out}", *extra],
+    """tools/train.py on the small generalist: under torchrun with ``ranks`` > 1, else in this process."""
+    args = [*TRAIN, f"data.root={root}", f"output_dir={out}", *extra]
+    if ranks == 1:
+        return run_tool("train.py", *args)
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                           str(ranks), str(ROOT / "tools" / "train.py"), *args],
                           cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 
@@ -112,35 +124,56 @@ def _losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "train_log.jsonl").read_text().splitlines())}
 
 
+def _same_losses(run: Path, reference: Path, steps: list[int]) -> None:
+    got, want = _losses(run), _losses(reference)
+    assert sorted(got) == steps
+    for s in steps:
+        assert got[s] == pytest.approx(want[s], rel=1e-4), (run.name, s, want[s], got[s])
+
+
+def _resume_from_step_2(src: Path, dst: Path, synthetic_root: Path, ranks: int, *extra) -> None:
+    (dst / "checkpoints").mkdir(parents=True)
+    shutil.copytree(src / "checkpoints" / "step_0000002", dst / "checkpoints" / "step_0000002")
+    (dst / "checkpoints" / "latest").write_text("step_0000002")
+    r = _train(dst.parent, synthetic_root, dst, ranks, "resume=true", *extra)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    _same_losses(dst, src, [3, 4])
+
+
 def test_two_rank_training_matches_one_process_and_resumes_across_world_sizes(synthetic_root, tmp_path):
-    """DDP and FSDP2, both with expert parallelism over the 2 ranks, against one process; the
-    model trained with expert parallelism goes through extraction, add_task and predict."""
-    one, ddp_ep, fsdp_ep = tmp_path / "one", tmp_path / "ddp_ep", tmp_path / "fsdp_ep"
-    for out, ranks, extra in ((one, 1, []), (ddp_ep, 2, ["dist.expert_parallel=2"]),
-                              (fsdp_ep, 2, ["dist.strategy=fsdp", "dist.expert_parallel=2"])):
+    """FSDP2 with expert parallelism over the 2 ranks against one process; its checkpoint resumes in
+    one process and the one-process checkpoint on 2 ranks; its model goes through extraction and
+    predict. (DDP with expert parallelism, and add_task under torchrun: the slow test below.)"""
+    one, fsdp_ep = tmp_path / "one", tmp_path / "fsdp_ep"
+    for out, ranks, extra in ((one, 1, []), (fsdp_ep, 2, ["dist.strategy=fsdp", "dist.expert_parallel=2"])):
         r = _train(tmp_path, synthetic_root, out, ranks, *extra)
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    l1 = _losses(one)
-    assert sorted(l1) == [1, 2, 3, 4]
-    for run in (ddp_ep, fsdp_ep):
-        # Same global batch, same loss: only the conv stem's BatchNorm statistics are per rank.
-        ln = _losses(run)
-        assert sorted(ln) == [1, 2, 3, 4]
-        for s in l1:
-            assert ln[s] == pytest.approx(l1[s], rel=1e-4), (run.name, s, l1[s], ln[s])
-        assert (run / "model.safetensors").is_file() and (run / "metrics.json").is_file()
-        ckpt = run / "checkpoints" / "step_0000002"
-        assert (ckpt / "rng_rank1.pt").is_file() and len(list(ckpt.glob("*.distcp"))) == 2  # each rank wrote its shard
-    # The plain model file of an expert-parallel run goes through the surgery tools unchanged.
-    r = subprocess.run([sys.executable, str(ROOT / "tools" / "extract_experts.py"), "--task", "det", "--checkpoint",
-                        str(ddp_ep), "--out", str(tmp_path / "det"), "--data-root", str(synthetic_root)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    # Same global batch, same loss: only the conv stem's BatchNorm statistics are per rank.
+    _same_losses(fsdp_ep, one, [1, 2, 3, 4])
+    assert (fsdp_ep / "model.safetensors").is_file() and (fsdp_ep / "metrics.json").is_file()
+    ckpt = fsdp_ep / "checkpoints" / "step_0000002"
+    assert (ckpt / "rng_rank1.pt").is_file() and len(list(ckpt.glob("*.distcp"))) == 2  # each rank wrote its shard
+    # The plain model file of a sharded, expert-parallel run goes through the surgery tools unchanged.
+    r = run_tool("extract_experts.py", "--task", "det", "--checkpoint", fsdp_ep, "--out", tmp_path / "det",
+                 "--data-root", synthetic_root)
     assert r.returncode == 0 and "bit-identical" in r.stdout, r.stderr[-2000:]
     image = next((synthetic_root / "det" / "val").rglob("*.png"))
-    r = subprocess.run([sys.executable, str(ROOT / "tools" / "predict.py"), "--bundle", str(tmp_path / "det"),
-                        "--out", str(tmp_path / "pred"), str(image)], cwd=ROOT, capture_output=True, text=True,
-                       timeout=120)
+    r = run_tool("predict.py", "--bundle", tmp_path / "det", "--out", tmp_path / "pred", image)
     assert r.returncode == 0 and any((tmp_path / "pred").iterdir()), r.stderr[-2000:]
+    # Step-2 checkpoints resume at the other world size and layout: steps 3-4 continue alike.
+    _resume_from_step_2(fsdp_ep, tmp_path / "fsdp_ep_on_1", synthetic_root, 1)
+    _resume_from_step_2(one, tmp_path / "one_on_2", synthetic_root, 2, "dist.strategy=fsdp", "dist.expert_parallel=2")
+
+
+@pytest.mark.slow
+def test_ddp_with_expert_parallelism_trains_like_one_process_and_add_task_runs_data_parallel(synthetic_root, tmp_path):
+    one, ddp_ep = tmp_path / "one", tmp_path / "ddp_ep"
+    for out, ranks, extra in ((one, 1, []), (ddp_ep, 2, ["dist.expert_parallel=2"])):
+        r = _train(tmp_path, synthetic_root, out, ranks, *extra)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    _same_losses(ddp_ep, one, [1, 2, 3, 4])
+    assert len(list((ddp_ep / "checkpoints" / "step_0000002").glob("*.distcp"))) == 2
+    _resume_from_step_2(ddp_ep, tmp_path / "ddp_ep_on_1", synthetic_root, 1)
     # add_task runs data parallel too; the old tasks stay bit-identical.
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         str(ROOT / "tools" / "add_task.py"), "--checkpoint", str(ddp_ep), "--task", "depth",
@@ -149,19 +182,6 @@ def test_two_rank_training_matches_one_process_and_resumes_across_world_sizes(sy
                        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("old tasks' outputs bit-identical") == 1  # only rank 0 reports
-    # A step-2 checkpoint written by 2 ranks with expert parallelism resumes in one process, and one
-    # written by one process resumes on 2 ranks with FSDP2 + expert parallelism: steps 3-4 continue alike.
-    for src, ranks, extra in ((ddp_ep, 1, []), (one, 2, ["dist.strategy=fsdp", "dist.expert_parallel=2"])):
-        resumed = tmp_path / f"resume_{src.name}_on_{ranks}"
-        (resumed / "checkpoints").mkdir(parents=True)
-        shutil.copytree(src / "checkpoints" / "step_0000002", resumed / "checkpoints" / "step_0000002")
-        (resumed / "checkpoints" / "latest").write_text("step_0000002")
-        r = _train(tmp_path, synthetic_root, resumed, ranks, "resume=true", *extra)
-        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-        lr = _losses(resumed)
-        assert sorted(lr) == [3, 4]
-        for s in (3, 4):
-            assert lr[s] == pytest.approx(_losses(src)[s], rel=1e-4), (src.name, ranks, s)
 
 
 def _rank_pids(marker: str, var: str = "LOCAL_RANK") -> dict[int, int]:

@@ -1,7 +1,11 @@
-"""The docs cannot drift from the code: every fenced shell command in README.md and docs/ that runs
-`python tools/...` (also under torchrun) or `make` names a tool, flags, config keys and targets
-that exist (argparse tools: their --help; Hydra tools: the overrides compose; make: the Makefile)."""
+"""The docs cannot drift from the code: every fenced shell command in README.md and docs/ (and
+every command in a tool's docstring) that runs `python tools/...` (also under torchrun) or `make`
+names a tool, flags, config keys and targets that exist (argparse tools: their --help; Hydra
+tools: the overrides compose; make: the Makefile); every run folder the docs name is one that a
+documented command or the Makefile creates; every figure has a results page."""
+import ast
 import contextlib
+import fnmatch
 import io
 import re
 import runpy
@@ -36,10 +40,24 @@ def shell_commands(text: str):
                     command.append(tok)
 
 
+def docstring_commands(source: str):
+    """The command lines of a tool's module docstring (indented lines starting with python,
+    python3 or torchrun; continuations joined)."""
+    doc = ast.get_docstring(ast.parse(source)) or ""
+    lines = [line.strip() for line in doc.replace("\\\n", " ").splitlines()]
+    text = "\n".join(line for line in lines if re.match(r"(python3?|torchrun|make)\b", line))
+    return shell_commands(f"```bash\n{text}\n```")
+
+
+TOOLS = sorted((ROOT / "tools").glob("*.py"))
+
+
 def documented():
     out = []
-    for doc in DOCS:
-        for cmd in shell_commands(doc.read_text()):
+    sources = [(doc, doc.read_text(), shell_commands) for doc in DOCS]
+    sources += [(tool, tool.read_text(), docstring_commands) for tool in TOOLS]
+    for doc, text, commands in sources:
+        for cmd in commands(text):
             while cmd and re.match(r"^[A-Z_]+=", cmd[0]):  # VAR=value prefixes
                 cmd = cmd[1:]
             if not cmd:
@@ -181,3 +199,98 @@ def test_docs_speak_plainly():
     for doc in DOCS:
         found = WORKING_WORDS.findall(doc.read_text())
         assert not found, f"{doc.relative_to(ROOT)} uses working words a reader cannot decode: {found}"
+
+
+# ---------------------------------------------------------------- run folders
+RUN_NAME = re.compile(r"(?<![\w.])runs/([\w.+\-<>*${}()]+)")
+PLACEHOLDER = re.compile(r"<[^>]*>|\$+\([^)]*\)|\$+\{[^}]*\}|\$+\w+|\*+")
+
+
+def _pattern(name: str) -> str:
+    """A run folder's name with its placeholders (``<stamp>``, ``$(SEED)``, ``$s``, ``*``) as ``*``."""
+    return PLACEHOLDER.sub("*", name.split("/")[0]).rstrip(".")
+
+
+def _default_output_dir(cmd: list[str]) -> str | None:
+    """Where a Hydra training tool writes when the command sets no ``output_dir``."""
+    i = next(i for i, t in enumerate(cmd) if TOOL.match(t))
+    if Path(cmd[i]).name not in ("train.py", "pretrain.py") or any(t.startswith("output_dir=") for t in cmd):
+        return None
+    from hydra import compose, initialize_config_dir
+    args = [a.strip("[]") for a in cmd[i + 1:] if a not in ("...", "[", "]")]
+    overrides = [a for a in args if "=" in a and not a.startswith("-")]
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        return str(compose("train", overrides=overrides).output_dir)
+
+
+def created_run_folders(commands) -> set[str]:
+    """Patterns of the run folders that the Makefile or a documented command creates."""
+    makefile = (ROOT / "Makefile").read_text()
+    made = {_pattern(m) for m in re.findall(r"runs/([^\s;'\")|]+)", makefile)}
+    made |= {_pattern(m) for m in re.findall(r"\$\(call latest,[^,]+,([^)]+)\)", makefile)}
+    for _, cmd in commands:
+        if cmd[0] == "make":
+            continue
+        for i, tok in enumerate(cmd):
+            value = tok.split("=", 1)[1] if tok.split("=")[0] in ("output_dir", "eval.out") else \
+                (cmd[i + 1] if tok == "--out" and i + 1 < len(cmd) else "")
+            made |= {_pattern(m) for m in RUN_NAME.findall(value)}
+        default = _default_output_dir(cmd)
+        made |= {_pattern(m) for m in RUN_NAME.findall(default or "")}
+    return made
+
+
+def named_run_folders() -> list[tuple[str, str]]:
+    """(where, run folder name) for every ``runs/NAME`` in the docs and the tools' docstrings."""
+    texts = [(str(d.relative_to(ROOT)), d.read_text()) for d in DOCS]
+    texts += [(str(t.relative_to(ROOT)), ast.get_docstring(ast.parse(t.read_text())) or "") for t in TOOLS]
+    return [(where, name) for where, text in texts for name in RUN_NAME.findall(text)]
+
+
+def uncreated(named, made) -> list[str]:
+    out = []
+    for where, name in named:
+        p = _pattern(name)
+        if p and not any(fnmatch.fnmatchcase(p, m) or fnmatch.fnmatchcase(m, p) for m in made):
+            out.append(f"{where}: runs/{name}")
+    return sorted(set(out))
+
+
+def test_every_run_folder_the_docs_name_is_created_by_a_documented_command():
+    made = created_run_folders(COMMANDS)
+    assert {"synthetic", "pretrain_glid"} <= made
+    assert uncreated(named_run_folders(), made) == []
+
+
+def test_the_run_folder_check_catches_a_folder_nothing_creates():
+    made = {"synthetic", "synthetic-s*-*", "seg_glid_s*"}
+    named = [("a.md", "synthetic/model.safetensors"), ("a.md", "synthetic-s0-20261204-234928"),
+             ("a.md", "synthetic-<stamp>"), ("a.md", "seg_glid_s*"), ("b.md", "demo1"), ("b.md", "dense_cls")]
+    assert uncreated(named, made) == ["b.md: runs/demo1", "b.md: runs/dense_cls"]
+
+
+# ---------------------------------------------------------------- figures in the topic pages
+CITED = re.compile(r"et al\.")
+
+
+def untraced_in_page(text: str, pages: dict[str, str]) -> list[str]:
+    """Figures in a docs page's prose that no results page linked from it holds. Settings,
+    thresholds and versions are written as code (`0.75`) and fenced blocks are commands, so both
+    are left out; a line that names its published source (``et al.``) quotes it."""
+    linked = "\n".join(body for name, body in pages.items() if f"results/{name}" in text)
+    prose = re.sub(r"`[^`\n]*`", "", re.sub(r"```.*?```", "", text, flags=re.S))
+    return [f"{m.group(1)!r} in: {line.strip()[:100]}" for line in prose.splitlines() if not CITED.search(line)
+            for m in FIGURE.finditer(line) if m.group(1) not in linked]
+
+
+@pytest.mark.parametrize("page", sorted((ROOT / "docs").glob("*.md")), ids=lambda p: p.name)
+def test_every_figure_of_a_topic_page_is_in_a_results_page_it_links(page):
+    assert untraced_in_page(page.read_text(), results_pages()) == []
+
+
+def test_the_page_check_catches_a_measured_figure_without_a_source():
+    pages = {"x.md": "| step | 1.07 s |"}
+    good = "Measured: 1.07 s per step ([log](results/x.md)); mask ratio `0.75`.\nDeiT-S: 79.8 (Touvron et al.)"
+    assert untraced_in_page(good, pages) == []
+    assert [u.split(" in:")[0] for u in untraced_in_page(good.replace("1.07 s", "1.2 s"), pages)] == ["'1.2 s'"]
+    assert untraced_in_page("about 8 minutes on an H100 (~3.5 min)", pages) == ["'3.5 min' in: about 8 minutes on an H100 (~3.5 min)"]

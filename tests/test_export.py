@@ -3,8 +3,6 @@ PyTorch for every task type (dynamic batch), folder prediction into standard res
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +11,7 @@ import torch
 from moe_vision.export import dense_experts, export_model, task_graph
 from moe_vision.export.runtime import load_runner
 from moe_vision.moe import MoEMLP
+from tests.tool_run import run_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,7 +70,7 @@ def test_bundle_exports_to_onnx_with_parity_and_a_dynamic_batch(tiny_run, task):
 
 
 @needs_onnx
-@pytest.mark.parametrize("kind", ["cls", "depth"])
+@pytest.mark.parametrize("kind", ["cls", pytest.param("depth", marks=pytest.mark.slow)])
 def test_full_model_tasks_export_to_onnx(tmp_path, kind):
     from moe_vision.engine.builders import build_generalist
     from moe_vision.models import save_model
@@ -101,9 +100,9 @@ def test_torch_export_keeps_parity_and_refuses_existing_output(tiny_run):
 
 def test_export_tool_adds_the_latency_rows_to_its_report(tiny_run, tmp_path):
     out = tmp_path / "seg.pt2"
-    subprocess.run([sys.executable, str(ROOT / "tools" / "export.py"), "--bundle", str(tiny_run / "experts" / "seg"),
-                    "--format", "torch_export", "--out", str(out), "--calib-images", "0", "--latency"],
-                   check=True, capture_output=True, text=True)
+    r = run_tool("export.py", "--bundle", tiny_run / "experts" / "seg", "--format", "torch_export", "--out", out,
+                 "--calib-images", "0", "--latency")
+    assert r.returncode == 0, r.stderr[-2000:]
     rows = json.loads(out.with_name("seg.pt2.json").read_text())["latency"]
     assert {(r["model"].split(",")[1].strip(), r["batch"]) for r in rows} >= {("bundle", 1), ("bundle", 8)}
     assert all(r["ms"] > 0 and r["ms_per_image"] == pytest.approx(r["ms"] / r["batch"]) for r in rows)
@@ -135,8 +134,7 @@ def test_folder_prediction_writes_coco_results_and_label_maps(tiny_run, syntheti
         (images / p.name).write_bytes(p.read_bytes())
     (images / "zz_broken.png").write_bytes(b"not a png")
     ann = synthetic_root / "det" / "annotations" / "instances_val.json"
-    run = lambda *args: subprocess.run([sys.executable, str(ROOT / "tools" / "predict.py"), *map(str, args)],
-                                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    run = lambda *args: run_tool("predict.py", *args)
     r = run("--bundle", tiny_run / "experts" / "det", images, "--out", tmp_path / "pred", "--coco-ann", ann,
             "--batch-size", "4")
     assert r.returncode == 2 and "has no image entry" in r.stderr and "zz_broken.png" in r.stderr

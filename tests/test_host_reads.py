@@ -57,7 +57,7 @@ class HostReads:
         return {k: v for k, v in self.counts.items() if (k[1], k[2]) not in allowed}
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["eager", "compiled"])
 def test_no_host_read_between_log_steps_of_the_demo_model(synthetic_root, tmp_path, compiled):
     extra = ["train.compile=true", "train.compile_backend=aot_eager"] if compiled else []
     trainer = Trainer(make_cfg(synthetic_root, tmp_path / "run", "model=moe_vit_demo", "model.img_size=32",

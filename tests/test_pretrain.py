@@ -3,10 +3,8 @@ directory, exact resume), fine-tuning from it (init_from, head-only) and bad inp
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -18,6 +16,7 @@ from moe_vision.pretrain import (UnlabelledImages, images_under, mask_image, nor
 from moe_vision.pretrain.masking import num_masked
 from moe_vision.engine.optim import set_trainable
 from moe_vision.pretrain.transfer import init_from_pretrained
+from tests.tool_run import run_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["data.synthetic=null", "data.img_size=32", "model=moe_vit_nano", "model.img_size=32",
@@ -26,9 +25,7 @@ SMALL = ["data.synthetic=null", "data.img_size=32", "model=moe_vit_nano", "model
          "eval.batch_size=8", "eval.periodic_images=0", "device=cpu"]
 
 
-def _tool(tool: str, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "tools" / tool), *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+_tool = run_tool
 
 
 def _pretrain(root: Path, out: Path, *extra) -> subprocess.CompletedProcess:

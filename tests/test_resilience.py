@@ -17,6 +17,7 @@ from moe_vision.engine.distributed import DistContext
 from moe_vision.engine.preemption import EXIT_PREEMPTED, StopSignals, TrainingStopped
 from moe_vision.engine.trainer import Trainer
 from tests.test_engine import make_cfg
+from tests.tool_run import run_child, run_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -252,27 +253,22 @@ def test_a_decompression_bomb_is_one_line_or_skipped_with_a_count(tiny_run, synt
     bomb = _huge_png(tmp_path / "bomb.png")
     assert bomb.stat().st_size < 2_000_000
     bundle = tiny_run / "experts" / "det"
-    r = subprocess.run([sys.executable, "tools/predict.py", "--bundle", str(bundle), str(bomb), "--out",
-                        str(tmp_path / "p1")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    r = run_child("predict.py", "--bundle", bundle, bomb, "--out", tmp_path / "p1", timeout=120)  # a real process:
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         f"error: image {bomb} has more than 179 megapixels, which PIL refuses to decode (a possible decompression "
         "bomb); the limit is 40 megapixels (--max-megapixels)"]
     big = _huge_png(tmp_path / "big.png", 8000)  # 64 megapixels: under PIL's refusal, over our limit
-    r = subprocess.run([sys.executable, "tools/predict.py", "--bundle", str(bundle), str(big), "--out",
-                        str(tmp_path / "p0")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    r = run_tool("predict.py", "--bundle", bundle, big, "--out", tmp_path / "p0")
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         f"error: image {big} is 8000x8000 pixels; the limit is 40 megapixels (--max-megapixels)"]
     good = next((synthetic_root / "det" / "val").glob("*.png"))
-    r = subprocess.run([sys.executable, "tools/predict.py", "--bundle", str(bundle), str(bomb), str(good), "--out",
-                        str(tmp_path / "p2"), "--max-megapixels", "900.5"], cwd=ROOT, capture_output=True, text=True,
-                       timeout=120)
+    r = run_tool("predict.py", "--bundle", bundle, bomb, good, "--out", tmp_path / "p2", "--max-megapixels", "900.5")
     assert r.returncode == 0 and "skipped 1 unreadable" in r.stdout  # a folder goes on without it
     assert f"skipped: image {bomb} has more than 179 megapixels" in r.stderr
 
 
 def test_bench_data_names_the_experiments_that_exist():
-    r = subprocess.run([sys.executable, "tools/bench_data.py", "--experiment", "nosuch"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=120)
+    r = run_tool("bench_data.py", "--experiment", "nosuch")
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         "error: --experiment 'nosuch' does not exist; the experiments are pretrain_glid, pretrain_hybrid, real, "
         "real_base, synthetic, synthetic_long, synthetic_single_task"]

@@ -5,8 +5,6 @@ import base64
 import io
 import json
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +19,7 @@ from moe_vision.inference.predict import image_files, predict_folder  # noqa: E4
 
 ROOT = Path(__file__).resolve().parents[1]
 from tests.conftest import SERVE_TASKS as TASKS  # noqa: E402
+from tests.tool_run import run_tool  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -140,8 +139,7 @@ def test_the_tool_refuses_a_port_in_use_with_one_line(four_task_run):
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        r = subprocess.run([sys.executable, str(ROOT / "tools/serve.py"), str(four_task_run), "--port", str(port)],
-                           capture_output=True, text=True, timeout=120)
+        r = run_tool("serve.py", four_task_run, "--port", port)
     assert r.returncode == 2 and r.stderr.strip().startswith("error: cannot listen on 127.0.0.1:") \
         and len(r.stderr.strip().splitlines()) == 1, r.stderr
 

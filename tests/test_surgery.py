@@ -124,6 +124,9 @@ def test_extract_bundle_end_to_end_and_bad_inputs(synthetic_root, tmp_path):
     out = tmp_path / "experts" / "det"
     info = extract_bundle(run, "det", out, "selected", log=lambda m: None)
     assert info["lossless_check"]["identical"] is True
+    from moe_vision.exactness import mkl_mode  # what the check ran under is recorded and on the card
+    assert info["lossless_check"]["conditions"] == {"mkl_cbwr": mkl_mode(), "torch": torch.__version__}
+    assert f"torch {torch.__version__}" in (out / "README.md").read_text()
     assert info["params"]["bundle"] <= info["params"]["full"]
     assert set(info["metrics"]["full"]["det"]) == {"mAP", "mAP50"}
     assert info["metrics"]["full"] == info["metrics"]["bundle"]

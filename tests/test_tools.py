@@ -1,19 +1,14 @@
 """Command-line tools: they run, write what they promise and fail with one clear line."""
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from moe_vision.models import build_model, count_parameters
+from tests.tool_run import run_child, run_tool as _run
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _run(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
 def test_benchmark_writes_ratios_json(tmp_path):
@@ -36,7 +31,7 @@ def test_inspect_model_runs_and_rejects_bad_name():
     r = _run("tools/inspect_model.py", "model.moe.num_experts=4", "batch_size=1")
     assert r.returncode == 0, r.stderr
     assert "MoE layers" in r.stdout and "blocks.3.mlp" in r.stdout
-    bad = _run("tools/inspect_model.py", "model.name=vit_nope")
+    bad = run_child("tools/inspect_model.py", "model.name=vit_nope")  # a real process: nothing else on stderr
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == [bad.stderr.strip()]  # one line
     assert "model.name='vit_nope'" in bad.stderr and "moe_vit_nano_patch8" in bad.stderr
@@ -146,7 +141,7 @@ def test_surgery_cli_extract_predict_add_task_finetune(synthetic_root, tmp_path)
     assert rep["train_steps"] == parent_cfg["train"]["steps"] == 2  # the parent's schedule by default
     added_cfg = json.loads((run2 / "config.json").read_text())["tasks"]["depth"]
     assert added_cfg["batch_size"] == min(t["batch_size"] for t in parent_cfg["tasks"].values())
-    assert rep["old_tasks_bit_identical"] is True
+    assert rep["old_tasks_bit_identical"] is True and rep["bit_identical_conditions"]["torch"] == torch.__version__
     assert all(v == 0 for ms in rep["old_metrics_delta"].values() for v in ms.values())
     assert rep["parameters"]["trainable"] < rep["parameters"]["total"]
     r = _run("tools/finetune.py", "--bundle", str(bundle), "--data", str(synthetic_root / "det"), "--steps", "2",

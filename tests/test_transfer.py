@@ -1,8 +1,6 @@
 """Multi-task balance: the transfer diagnosis (gradients per shared group, routing, loss curves
 against dense runs) and the balancing options."""
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +8,7 @@ import torch
 
 from moe_vision.engine.balance import GradientBalance, normalized_sum, pcgrad
 from moe_vision.engine.transfer import SHARED_GROUPS, findings, group_of
+from tests.tool_run import run_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,9 +44,8 @@ def test_diagnose_transfer_prints_a_row_per_shared_group_and_task_pair(tiny_run,
     from tests.test_engine import make_cfg
     dense = tmp_path / "dense_det"
     Trainer(make_cfg(synthetic_root, dense, "+single_task=det", "train.sampling.tasks_per_step=1", "train.steps=2", "eval.periodic_images=0")).fit()
-    r = subprocess.run([sys.executable, "tools/diagnose_transfer.py", str(tiny_run / "run"), "--dense", str(dense),
-                        "--batches", "1", "--out", str(tmp_path / "report")], cwd=ROOT, capture_output=True, text=True,
-                       timeout=300)
+    r = run_tool("diagnose_transfer.py", tiny_run / "run", "--dense", dense, "--batches", "1", "--out",
+                 tmp_path / "report")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     header = next(line for line in lines if line.startswith("group"))
@@ -59,8 +57,7 @@ def test_diagnose_transfer_prints_a_row_per_shared_group_and_task_pair(tiny_run,
     report = json.loads((tmp_path / "report" / "transfer.json").read_text())
     assert set(report["routing"]) == {"cls", "det", "seg"} and "dense_final" in report["curves"]["det"]
     assert (tmp_path / "report" / "transfer_curves.png").is_file()
-    bad = subprocess.run([sys.executable, "tools/diagnose_transfer.py", str(dense)], cwd=ROOT, capture_output=True,
-                         text=True, timeout=300)
+    bad = run_tool("diagnose_transfer.py", dense)
     assert bad.returncode == 2 and "trained one task (det)" in bad.stderr
 
 

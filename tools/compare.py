@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Compare the multi-task MoE run with single-task dense baselines, per task.
 
-    python tools/compare.py runs/synthetic runs/synthetic_dense_cls runs/synthetic_dense_det runs/synthetic_dense_seg
-    python tools/compare.py runs/synthetic runs/synthetic_dense_* --json comparison.json
+    python tools/compare.py runs/synthetic runs/dense_cls runs/dense_det runs/dense_seg      # after make demo, make baselines
+    python tools/compare.py runs/synthetic runs/dense_* --json comparison.json
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Every GPU figure we publish, from one command on one GPU (about 8 minutes on an H100/H200).
+"""Every GPU figure we publish, from one command on one GPU (sized to a few minutes; not yet run on one).
 
     python tools/gpu_check.py                     # (make gpu-check) writes docs/results/gpu.md and gpu.json
     python tools/gpu_check.py --steps 100 --out /tmp/gpu.md

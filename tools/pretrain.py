@@ -4,7 +4,7 @@ configs/train.yaml with a pre-training experiment).
 
     python tools/pretrain.py experiment=pretrain_glid                         # synthetic benchmark images
     python tools/pretrain.py experiment=pretrain_glid data.tasks.pretrain.format=images \\
-        data.tasks.pretrain.root=/path/to/images                              # any folder, searched recursively
+        +data.tasks.pretrain.root=/path/to/images                             # any folder, searched recursively
     python tools/pretrain.py experiment=pretrain_glid resume=true             # continue a killed run
     python tools/pretrain.py experiment=pretrain_hybrid                       # multi-label + MIM + contrastive
     python tools/train.py experiment=synthetic model.init_from=runs/pretrain_glid   # then fine-tune

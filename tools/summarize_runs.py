@@ -2,7 +2,7 @@
 """Mean and half-range of each metric over the seeds of one setting, one group per setting.
 
     python tools/summarize_runs.py scratch='runs/seg_scratch_s*' glid='runs/seg_glid_s*'
-    python tools/summarize_runs.py glid=runs/glid_s0 runs/glid_s1 --json summary.json
+    python tools/summarize_runs.py glid=runs/seg_glid_s0 runs/seg_glid_s1 --json summary.json
 
 A group is NAME=PATTERN: the pattern is expanded here (quote it) or by the shell (then the
 further paths join the group before them). Prints a markdown table: per group, task and metric

@@ -18,15 +18,20 @@ REAL_TRAIN_IMAGES = {"imagefolder": 1_281_167, "coco": 118_287, "ade20k": 20_210
 REAL_CLASSES = {"cls": 1000, "det": 80}  # for a num_classes left to the data (ImageNet-1k, COCO)
 
 
+def check_experiment(experiment: str) -> None:
+    """One line naming the experiments that exist when ``experiment`` is not one of them."""
+    known = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
+    if experiment not in known:
+        raise ValueError(f"--experiment {experiment!r} does not exist; the experiments are {', '.join(known)}")
+
+
 def compose_experiment(experiment: str, overrides: list[str], root: Path) -> dict:
     """The resolved training config of ``experiment`` with its data under ``root``; an experiment
     that does not exist is one line naming those that do."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
     from ..engine.builders import prepare_config
-    known = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
-    if experiment not in known:
-        raise ValueError(f"--experiment {experiment!r} does not exist; the experiments are {', '.join(known)}")
+    check_experiment(experiment)
     from hydra.errors import HydraException
     try:
         with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
@@ -41,6 +46,7 @@ def data_report(experiment: str, overrides: list[str], fixtures: Path, images: i
     """Generate fixtures, time each task's training pipeline, and (``cost``) count the step."""
     from ..data.fixtures import FixtureSizes, make_real_layout
     from ..engine.builders import build_dataset
+    check_experiment(experiment)  # before the fixtures, which take a while
     n = max(8, images)
     make_real_layout(fixtures, FixtureSizes(classes=8, per_class=max(1, n // 8), coco=n, ade=n, nyu=n))
     cfg = compose_experiment(experiment, overrides, fixtures)

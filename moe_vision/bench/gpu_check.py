@@ -1,5 +1,5 @@
-"""``make gpu-check``: every GPU figure we publish, from one command on one GPU (about 8 minutes on an
-H100/H200), written to ``docs/results/gpu.md`` (and ``gpu.json``):
+"""``make gpu-check``: every GPU figure we publish, from one command on one GPU (sized to a few
+minutes; not yet run on one), written to ``docs/results/gpu.md`` (and ``gpu.json``):
 
 1. the CUDA test subset (``pytest -m cuda``: the grouped operator's ``torch._grouped_mm`` path in
    bf16 against the loop, the compiled layer, padding invariance, a bf16 autocast training step);

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from .. import exactness
 from ..data import collate
 from ..engine import report
 from ..engine.builders import build_dataset
@@ -101,6 +102,7 @@ def add_task_run(checkpoint: str | Path, task: str, data_dir: str | Path, out: s
         "new_task_metrics": new_metric,
         "parameters": counts,
         "old_tasks_bit_identical": identical,
+        "bit_identical_conditions": exactness.describe(),
         "probe_images_per_task": {t: int(p.shape[0]) for t, p in probe.items()},
         "train_steps": steps,
     }

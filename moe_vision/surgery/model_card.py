@@ -76,7 +76,8 @@ def model_card(info: dict, name: str = "this bundle") -> str:
         lines += ["", "Lossless check: outputs " + ("bit-identical to the full model" if same else
                                                    f"differ from the full model (max |diff| "
                                                    f"{info['lossless_check']['max_abs_diff']:.3g})")
-                  + f" on the `{info['lossless_check']['split']}` split."]
+                  + f" on the `{info['lossless_check']['split']}` split"
+                  + _conditions(info["lossless_check"].get("conditions")) + "."]
     example = tasks[0]
     lines += ["", "## Load it", "", "```python", "import moe_vision",
               f'model = moe_vision.load_bundle("{name}")        # this folder, or {name}.tar.gz',
@@ -102,3 +103,11 @@ def model_card(info: dict, name: str = "this bundle") -> str:
         lines.append(f"- Rule `{rule}` drops experts the router did choose: outputs differ from the full model "
                      "(see the metrics).")
     return "\n".join(lines) + "\n"
+
+
+def _conditions(conditions: dict | None) -> str:
+    """Where the check ran, in words (the precondition of the bit-for-bit claim: docs/exactness.md)."""
+    if not conditions:
+        return ""
+    mkl = conditions.get("mkl_cbwr")
+    return f" (torch {conditions['torch']}" + (f", MKL_CBWR={mkl}" if mkl else "") + ")"

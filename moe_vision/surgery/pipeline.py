@@ -13,6 +13,7 @@ from ..engine import report
 from ..engine.builders import build_dataset, load_generalist
 from ..engine.evaluate import chance_metrics, evaluate, fixed_subset, iterate_batches
 from ..engine.optim import parameter_counts
+from .. import exactness
 from ..io_utils import sha256_of
 from ..moe import ExpertUsage
 from ..progress import progress_bar
@@ -148,7 +149,7 @@ def extract_bundle(checkpoint: str | Path, task: str | list[str], out: str | Pat
                 + ("bit-identical to the full model" if same else f"differ (max |diff| {worst:.3g})"))
         lossless = {"identical": all(v["identical"] for v in per_task.values()),
                     "max_abs_diff": max(v["max_abs_diff"] for v in per_task.values()), "split": calibration_split,
-                    "per_task": per_task}
+                    "per_task": per_task, "conditions": exactness.describe()}
     metrics = {"full": {}, "bundle": {}}
     for t in tasks:
         metrics["full"][t] = evaluate(full, {t: evalset[t]}, batch_size, max_batches, progress=False)[t]
