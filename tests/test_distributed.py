@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.tool_run import run_tool
 
@@ -106,7 +107,8 @@ TRAIN = ["experiment=synthetic", "data.synthetic=null", "data.img_size=32", "mod
          "decoder.num_layers=1", "decoder.num_heads=2", "tasks.cls.batch_size=4", "tasks.det.batch_size=4",
          "tasks.seg.batch_size=4", "tasks.cls.transforms.scale=null",  # no random augmentation: comparable runs
          "train.steps=4", "train.warmup_steps=1", "train.log_every=1", "train.ckpt_every=2",
-         "train.keep_checkpoints=3", "eval.max_batches=1", "eval.batch_size=8", "eval.periodic_images=0", "device=cpu"]
+         "train.keep_checkpoints=3", "eval.max_batches=1", "eval.batch_size=8", "eval.periodic_images=0", "device=cpu",
+         "train.expert_budget.experts=null"]
 
 
 def _train(tmp_path, root, out, ranks: int, *extra) -> subprocess.CompletedProcess:
@@ -145,11 +147,17 @@ def test_two_rank_training_matches_one_process_and_resumes_across_world_sizes(sy
     one process and the one-process checkpoint on 2 ranks; its model goes through extraction and
     predict. (DDP with expert parallelism, and add_task under torchrun: the slow test below.)"""
     one, fsdp_ep = tmp_path / "one", tmp_path / "fsdp_ep"
-    for out, ranks, extra in ((one, 1, []), (fsdp_ep, 2, ["dist.strategy=fsdp", "dist.expert_parallel=2"])):
+    budget = ["train.expert_budget.experts=2", "train.expert_budget.start=0.25", "train.expert_budget.end=0.5",
+              "train.expert_budget.every=1"]  # every task narrowed to 2 of 4 experts at step 2
+    for out, ranks, extra in ((one, 1, budget), (fsdp_ep, 2, [*budget, "dist.strategy=fsdp", "dist.expert_parallel=2"])):
         r = _train(tmp_path, synthetic_root, out, ranks, *extra)
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     # Same global batch, same loss: only the conv stem's BatchNorm statistics are per rank.
     _same_losses(fsdp_ep, one, [1, 2, 3, 4])
+    from safetensors.torch import load_file
+    masks = [{k: v for k, v in load_file(str(run / "model.safetensors")).items() if ".allowed." in k} for run in (one, fsdp_ep)]
+    assert masks[0] and all(int(v.sum()) == 2 for v in masks[0].values())  # the ranks agreed on one process's masks
+    assert masks[0].keys() == masks[1].keys() and all(torch.equal(masks[0][k], masks[1][k]) for k in masks[0])
     assert (fsdp_ep / "model.safetensors").is_file() and (fsdp_ep / "metrics.json").is_file()
     ckpt = fsdp_ep / "checkpoints" / "step_0000002"
     assert (ckpt / "rng_rank1.pt").is_file() and len(list(ckpt.glob("*.distcp"))) == 2  # each rank wrote its shard
@@ -161,8 +169,9 @@ def test_two_rank_training_matches_one_process_and_resumes_across_world_sizes(sy
     r = run_tool("predict.py", "--bundle", tmp_path / "det", "--out", tmp_path / "pred", image)
     assert r.returncode == 0 and any((tmp_path / "pred").iterdir()), r.stderr[-2000:]
     # Step-2 checkpoints resume at the other world size and layout: steps 3-4 continue alike.
-    _resume_from_step_2(fsdp_ep, tmp_path / "fsdp_ep_on_1", synthetic_root, 1)
-    _resume_from_step_2(one, tmp_path / "one_on_2", synthetic_root, 2, "dist.strategy=fsdp", "dist.expert_parallel=2")
+    _resume_from_step_2(fsdp_ep, tmp_path / "fsdp_ep_on_1", synthetic_root, 1, *budget)
+    _resume_from_step_2(one, tmp_path / "one_on_2", synthetic_root, 2, *budget, "dist.strategy=fsdp",
+                        "dist.expert_parallel=2")
 
 
 @pytest.mark.slow

@@ -24,7 +24,9 @@ def make_cfg(synthetic_root, out, *overrides):
             "decoder.dim=32", "decoder.num_queries=14", "decoder.num_layers=1", "decoder.num_heads=2",
             "tasks.cls.batch_size=4", "tasks.det.batch_size=4", "tasks.seg.batch_size=4",
             "train.steps=4", "train.warmup_steps=1", "train.ckpt_every=2", "train.log_every=1",
-            "eval.batch_size=8", "device=cpu", f"output_dir={out}", *overrides])
+            "eval.batch_size=8", "device=cpu", f"output_dir={out}",
+            "train.expert_budget.experts=null",  # every expert open unless a test sets a budget
+            *overrides])
     return prepare_config(OmegaConf.to_container(cfg, resolve=True))
 
 

@@ -41,6 +41,7 @@ def test_info_lists_tasks_classes_layers_usage_and_examples(client):
     assert len(info["tasks"]["seg"]["classes"]) == 14
     assert set(info["layers"]) == {"blocks.1.mlp", "blocks.3.mlp"}
     assert info["layers"]["blocks.1.mlp"]["experts"] == [0, 1, 2, 3]
+    assert info["allowed"]["blocks.1.mlp"]["det"] == [0, 1, 2, 3]  # no budget: every expert
     assert abs(sum(info["usage"]["blocks.1.mlp"]["det"]) - 1) < 1e-6
     assert {e["task"] for e in info["examples"]} == set(TASKS)
     first = info["examples"][0]
@@ -88,6 +89,7 @@ def test_a_bundle_maps_routing_to_its_kept_experts(tiny_run, synthetic_root):
     c = TestClient(create_app(bundle))
     info = c.get("/info").json()
     assert info["kind"] == "bundle" and list(info["tasks"]) == ["det"] and info["kept_experts"] == kept
+    assert info["allowed"] == {layer: {"det": experts} for layer, experts in kept.items()}  # in the parent's ids
     image = synthetic_root / "det/val/00001.png"
     out = c.post("/predict", files={"file": ("x.png", _image_bytes(image), "image/png")}).json()["tasks"]["det"]
     for m in out["routing"]:

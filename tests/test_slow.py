@@ -5,7 +5,8 @@ import pytest
 @pytest.mark.slow
 def test_demo_recipe_learns_every_task_far_above_chance(tmp_path):
     """The demo's configuration, trained for half its steps on a smaller copy of the benchmark
-    (about 5 minutes on 2 CPU cores): every task's metric is far above its chance level."""
+    (about 5 minutes on 2 CPU cores): every task's metric is far above its chance level, with every
+    task narrowed to its expert budget."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
@@ -21,8 +22,14 @@ def test_demo_recipe_learns_every_task_far_above_chance(tmp_path):
         cfg = compose("train", overrides=["experiment=synthetic", f"data.root={root}", "data.synthetic=null",
                                           "train.steps=500", "train.ckpt_every=0", "train.eval_every=0",
                                           f"output_dir={tmp_path / 'run'}", "device=cpu"])
-    out = Trainer(prepare_config(OmegaConf.to_container(cfg, resolve=True))).fit()
+    trainer = Trainer(prepare_config(OmegaConf.to_container(cfg, resolve=True)))
+    out = trainer.fit()
     metrics, chance = out["metrics"], out["chance"]
-    assert metrics["cls"]["top1"] > 4 * chance["cls"]["top1"]
-    assert metrics["seg"]["mIoU"] > 2 * chance["seg"]["mIoU"]
-    assert metrics["det"]["mAP50"] > 0.1 and chance["det"]["mAP50"] < 0.01
+    # At 500 steps cls is at the start of its rise: top-1 0.30 with the recipe's expert budget and
+    # 0.35 without it (top-5 0.82 and 0.73; 2 threads, 2026-12-06), against chance 0.077.
+    assert metrics["cls"]["top1"] > 3 * chance["cls"]["top1"], metrics
+    assert metrics["seg"]["mIoU"] > 2 * chance["seg"]["mIoU"], metrics
+    assert metrics["det"]["mAP50"] > 0.1 and chance["det"]["mAP50"] < 0.01, metrics
+    # The recipe's expert budget: every task may choose 2 experts per MoE layer, so its bundle is compact.
+    masks = trainer.model.backbone.allowed_experts()
+    assert masks and all(len(experts) == 2 for per_task in masks.values() for experts in per_task.values())

@@ -182,3 +182,25 @@ def test_summarize_runs_means_and_half_ranges_over_seeds(tmp_path):
         seed_summary(parse_run_groups([f"mixed={tmp_path}/glid_s0", str(tmp_path / "other_s0")]))
     with pytest.raises(ValueError, match="comes before any group"):
         parse_run_groups([str(tmp_path / "glid_s0")])
+
+
+def test_compare_takes_the_best_of_a_learning_rate_sweep_and_links_it(tmp_path):
+    moe = _fake_run(tmp_path / "synthetic-s0", {"cls": {"top1": 0.9}, "det": {"mAP": 0.3, "mAP50": 0.5}},
+                    {"cls": {"top1": 0.078}, "det": {"mAP": 0.0, "mAP50": 0.0}})
+    sweep = {("cls", 5e-4): 0.5, ("cls", 1e-3): 0.7, ("cls", 2e-3): 0.6, ("det", 5e-4): 0.2, ("det", 1e-3): 0.1}
+    runs = []
+    for (task, lr), v in sweep.items():
+        run = _fake_run(tmp_path / f"dense_{task}-lr{lr:g}-s0", {task: {"top1": v} if task == "cls" else
+                                                                {"mAP": v, "mAP50": 0.9 - v}})
+        (run / "config.json").write_text(json.dumps({"train": {"lr": lr}}))
+        runs.append(run)
+    (tmp_path / "dense_cls").symlink_to("dense_cls-lr0.0005-s0")  # an older link is replaced
+    r = _run("tools/compare.py", moe, *runs, "--link-best", "--json", tmp_path / "c.json")
+    assert r.returncode == 0, r.stderr
+    assert "cls: best of 3 runs by top1 (lr 0.0005: 50.0, lr 0.001: 70.0, lr 0.002: 60.0)" in r.stdout
+    assert "det: best of 2 runs by mAP" in r.stdout  # by mAP, not by the mAP50 that favours the other run
+    assert (tmp_path / "dense_cls").resolve() == (tmp_path / "dense_cls-lr0.001-s0").resolve()
+    assert (tmp_path / "dense_det").resolve() == (tmp_path / "dense_det-lr0.0005-s0").resolve()
+    rows = json.loads((tmp_path / "c.json").read_text())
+    assert {(row["task"], row["metric"], row["single_task_dense"]) for row in rows["rows"]} >= {("cls", "top1", 0.7), ("det", "mAP", 0.2)}
+    assert rows["baselines"]["cls"]["lr"] == 1e-3

@@ -3,15 +3,20 @@
 
     python tools/compare.py runs/synthetic runs/dense_cls runs/dense_det runs/dense_seg      # after make demo, make baselines
     python tools/compare.py runs/synthetic runs/dense_* --json comparison.json
+
+Several baseline runs of one task (a learning-rate sweep, as `make baselines` trains) are a
+sweep: the best of them on its evaluation split (cls top1, det mAP, seg mIoU, depth rmse) is the
+baseline, and the sweep is printed. --link-best points runs/dense_<task> (beside the runs) at it.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from moe_vision.cli import user_errors
-from moe_vision.engine.report import comparison_table, load_run_metrics, write_json
+from moe_vision.engine.report import best_single_task_runs, comparison_table, load_run_metrics, write_json
 
 
 def main() -> int:
@@ -19,19 +24,29 @@ def main() -> int:
     ap.add_argument("multi", type=Path, help="run directory of the multi-task model")
     ap.add_argument("singles", type=Path, nargs="+", help="run directories of single-task baselines")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--link-best", action="store_true", help="point <runs>/dense_<task> at each task's best run")
     args = ap.parse_args()
     with user_errors():
         multi, chance = load_run_metrics(args.multi)
-        singles = {}
-        for run in args.singles:
-            metrics, _ = load_run_metrics(run)
-            if len(metrics) != 1:
-                raise ValueError(f"{run} holds {len(metrics)} tasks {sorted(metrics)}; expected a single-task run")
-            singles.update(metrics)
-        table, rows = comparison_table(multi, singles, chance)
+        best = best_single_task_runs(args.singles)
+        for task, b in best.items():
+            if len(b["sweep"]) > 1:
+                values = ", ".join(f"lr {lr:g}: {100 * v:.1f}" for _, lr, v in b["sweep"])
+                print(f"{task}: best of {len(b['sweep'])} runs by {b['metric']} ({values}): {b['run']}")
+            if args.link_best:
+                link = b["run"].parent / f"dense_{task}"
+                if link.exists() and not link.is_symlink():
+                    print(f"{link} is a folder of its own, left as it is")
+                    continue
+                tmp = link.with_name(link.name + ".tmp")
+                tmp.unlink(missing_ok=True)
+                os.symlink(b["run"].name, tmp)
+                os.replace(tmp, link)
+        table, rows = comparison_table(multi, {t: b["metrics"] for t, b in best.items()}, chance)
         print(table)
         if args.json:
-            write_json(args.json, rows)
+            write_json(args.json, {"rows": rows, "baselines": {t: {"run": str(b["run"]), "lr": b["lr"],
+                                                                   "sweep": b["sweep"]} for t, b in best.items()}})
     return 0
 
 

@@ -4,19 +4,24 @@
     python tools/extract_experts.py --task det --checkpoint runs/synthetic --out experts/det
     python tools/extract_experts.py --task det,seg --checkpoint runs/synthetic --out experts/det-seg
     python tools/extract_experts.py --task det --checkpoint runs/synthetic --out experts/det-top2 --rule top_n --value 2
+    python tools/extract_experts.py --task det --checkpoint runs/synthetic --out experts/det-s2 --rule search --value 2
     python tools/extract_experts.py --task det --checkpoint runs/synthetic --out experts/det-dense --dense --distill-steps 300
     python tools/extract_experts.py --task seg --checkpoint runs/synthetic --out experts/seg --archive --force
 
-Rules: selected (every expert the task's router picked on the calibration data; verified lossless),
-coverage (most used experts up to a share of selections), threshold (experts with at least that
-share), top_n. Several tasks (det,seg): one bundle answering each, with per layer the union of their
-kept experts, each task's router rows and head, the shared decoder once. --dense: a specialist of
-one task with no router and no experts: per layer the top_k experts by mean gate weight, folded
-into one plain MLP (a dense ViT block; timm's ViT loads a patch-stem backbone), then optionally
---distill-steps steps of label-free distillation towards the MoE model on --distill-split images.
-Every bundle folder gets bundle.json and a README.md model card; --archive also writes
-<out>.tar.gz, which moe_vision.load_bundle opens directly. Data comes from the run's config.json
-(override with --data-root).
+Rules: auto (the default: allowed for a model trained with train.expert_budget, else selected),
+allowed (the experts the task's router may choose, its mask: exact on every input), selected (every
+expert the task's router picked on the calibration data; verified lossless), coverage (most used
+experts up to a share of selections), threshold (experts with at least that share), top_n, search
+(per layer the N-expert subset whose output on the calibration images moves least; not exact).
+When an exact bundle would keep most experts, one line says how many the task uses per layer and
+what gives a compact bundle. Several tasks (det,seg): one bundle answering each, with per layer the
+union of their kept experts, each task's router rows and head, the shared decoder once. --dense: a
+specialist of one task with no router and no experts: per layer the top_k experts by mean gate
+weight, folded into one plain MLP (a dense ViT block; timm's ViT loads a patch-stem backbone), then
+optionally --distill-steps steps of label-free distillation towards the MoE model on
+--distill-split images. Every bundle folder gets bundle.json and a README.md model card; --archive
+also writes <out>.tar.gz, which moe_vision.load_bundle opens directly. Data comes from the run's
+config.json (override with --data-root).
 """
 from __future__ import annotations
 
@@ -26,7 +31,7 @@ from pathlib import Path
 
 from moe_vision.cli import user_errors
 from moe_vision.surgery.pipeline import extract_bundle
-from moe_vision.surgery.select import RULES
+from moe_vision.surgery.select import RULES, SEARCH_ERRORS
 
 
 def main() -> int:
@@ -34,8 +39,10 @@ def main() -> int:
     ap.add_argument("--task", required=True, help="a task, or several separated by commas (det,seg)")
     ap.add_argument("--checkpoint", required=True, type=Path, help="training run directory or model .safetensors")
     ap.add_argument("--out", required=True, type=Path, help="bundle folder to write (e.g. experts/det)")
-    ap.add_argument("--rule", default="selected", choices=RULES)
-    ap.add_argument("--value", type=float, default=None, help="threshold / coverage fraction / n for top_n")
+    ap.add_argument("--rule", default="auto", choices=RULES)
+    ap.add_argument("--value", type=float, default=None, help="threshold / coverage fraction / n for top_n and search")
+    ap.add_argument("--search-error", default="output", choices=SEARCH_ERRORS,
+                    help="--rule search: compare the task's outputs (default) or each layer's output")
     ap.add_argument("--dense", action="store_true", help="a router-free dense specialist of one task")
     ap.add_argument("--distill-steps", type=int, default=0, help="--dense: distillation steps (0: fold only)")
     ap.add_argument("--distill-split", default="train", help="--dense: split whose images distillation uses")
@@ -48,18 +55,19 @@ def main() -> int:
     ap.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
     args = ap.parse_args()
     with user_errors():
-        if args.rule != "selected" and args.value is None and not args.dense:
+        if args.rule not in ("auto", "allowed", "selected") and args.value is None and not args.dense:
             raise ValueError(f"--rule {args.rule} needs --value")
         if args.distill_steps < 0:
             raise ValueError(f"--distill-steps {args.distill_steps}: expected 0 or more")
         info = extract_bundle(args.checkpoint, args.task, args.out, args.rule, args.value, args.data_root,
                               args.calibration_split, args.eval_split, args.batch_size, args.max_batches, args.force,
                               dense=args.dense, distill_steps=args.distill_steps, distill_split=args.distill_split,
-                              archive=args.archive)
+                              archive=args.archive, search_error=args.search_error)
     rule = info["rule"]["name"] + (f"={info['rule']['value']:g}" if info["rule"]["value"] is not None else "")
     print(f"\nbundle {args.out} ({info['kind']}) for task(s) {', '.join(info['tasks'])} (rule {rule})")
     for layer, kept in info["kept_experts"].items():
-        print(f"  {layer:<16} kept {len(kept)}/{info['num_experts'][layer]} experts {kept}")
+        shared = "; ".join(f"shares {len(e)} with {u}" for u, e in info.get("overlap", {}).get(layer, {}).items())
+        print(f"  {layer:<16} kept {len(kept)}/{info['num_experts'][layer]} experts {kept}" + (f" ({shared})" if shared else ""))
     p, f, t = info["params"], info["flops_per_image"], info["latency_ms"]
     first = info["tasks"][0]
     print(f"  parameters   {p['full'] / 1e6:.2f}M -> {p['bundle'] / 1e6:.2f}M ({p['bundle'] / p['full']:.0%})")

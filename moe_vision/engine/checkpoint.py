@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from ..io_utils import atomic_path, sha256_of
+from ..models.checkpoint import MASK_KEY
 from .distributed import DistContext
 
 TRAINER_STATE = "trainer.pt"
@@ -236,6 +237,9 @@ def load_checkpoint(path: Path, tensors: dict[str, torch.Tensor], ctx: DistConte
     import torch.distributed.checkpoint as dcp
     path = Path(path)
     saved = _saved_keys(path)
+    # Routers' expert masks (``router.allowed.<task>``) are newer than some checkpoints: a model
+    # resumed from one keeps its masks as they are (every expert allowed).
+    tensors = {k: v for k, v in tensors.items() if k in saved or not MASK_KEY.search(k)}
     missing = sorted(k for k in tensors if k not in saved)
     if missing:
         raise ValueError(f"checkpoint {path} does not match the model: missing {missing[:5]} "

@@ -32,7 +32,8 @@ def write_run_reports(out_dir: Path, metrics: dict, chance: dict, usage: ExpertU
 
 
 def plot_usage(usage: ExpertUsage, path: Path) -> Path:
-    """One heatmap per MoE layer: tasks x experts, colour = selection frequency."""
+    """One heatmap per MoE layer: tasks x experts, colour = selection frequency; for a model trained
+    with an expert budget, a frame around each expert a task may choose (what its bundle keeps)."""
     plt = pyplot()
     freq = usage.frequency().numpy()
     L = len(usage.layers)
@@ -49,6 +50,9 @@ def plot_usage(usage: ExpertUsage, path: Path) -> Path:
         ax.set_yticks(range(len(usage.tasks)), usage.tasks, fontsize=7)
         ax.set_xticks(range(freq.shape[-1]), range(freq.shape[-1]), fontsize=6)
         ax.set_xlabel("expert", fontsize=7)
+        for ti, task in enumerate(usage.tasks):
+            for e in (usage.allowed or {}).get(usage.layers[i], {}).get(task, []):
+                ax.add_patch(plt.Rectangle((e - 0.5, ti - 0.5), 1, 1, fill=False, edgecolor="white", lw=1.2))
     fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="selection frequency")
     return save_figure(fig, path, dpi=110)
 
@@ -94,6 +98,31 @@ def load_run_metrics(run_dir: Path) -> tuple[dict, dict]:
     chance_path = run_dir / "chance_metrics.json"
     chance = json.loads(chance_path.read_text()) if chance_path.is_file() else {}
     return json.loads(path.read_text()), chance
+
+
+# The metric that picks the best of several runs of one task (a learning-rate sweep), and whether higher wins.
+SELECTION_METRIC = {"cls": ("top1", True), "det": ("mAP", True), "seg": ("mIoU", True), "depth": ("rmse", False)}
+
+
+def best_single_task_runs(runs: Sequence[Path]) -> dict[str, dict]:
+    """Per task, the best of single-task runs by :data:`SELECTION_METRIC` on their evaluation split:
+    ``{task: {"run", "metrics", "lr", "sweep": [(run, lr, value), ...]}}``."""
+    by_task: dict[str, list] = {}
+    for run in runs:
+        metrics, _ = load_run_metrics(run)
+        if len(metrics) != 1:
+            raise ValueError(f"{run} holds {len(metrics)} tasks {sorted(metrics)}; expected a single-task run")
+        (task, ms), = metrics.items()
+        cfg_path = Path(run) / "config.json"
+        lr = json.loads(cfg_path.read_text())["train"].get("lr") if cfg_path.is_file() else None
+        by_task.setdefault(task, []).append((Path(run), lr, ms))
+    best = {}
+    for task, entries in by_task.items():
+        metric, higher = SELECTION_METRIC.get(task, (next(iter(entries[0][2])), True))
+        run, lr, ms = (max if higher else min)(entries, key=lambda e: e[2][metric])
+        best[task] = {"run": run, "metrics": ms, "lr": lr, "metric": metric,
+                      "sweep": [(str(r), l, m[metric]) for r, l, m in entries]}
+    return best
 
 
 def comparison_table(multi: Mapping[str, Mapping[str, float]], singles: Mapping[str, Mapping[str, float]],

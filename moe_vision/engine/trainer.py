@@ -25,6 +25,7 @@ from ..moe import ExpertUsage
 from ..pretrain.transfer import init_from_pretrained
 from . import report
 from .balance import GradientBalance
+from .expert_budget import ExpertBudget
 from .builders import (build_dataset, build_generalist, check_num_classes, drop_missing_optional, resolve_device,
                        resolve_num_classes, run_dir_of, steps_for_epochs)
 from .checkpoint import (PendingCheckpoint, latest_checkpoint, load_checkpoint, optimizer_hyperparameters,
@@ -214,6 +215,8 @@ class Trainer:
                                        self.tcfg.get("loss_weighting", "fixed")).to(self.device)
         self.step_module = MultiTaskStep(self.model, self.weighting, self.amp_dtype)
         self.balance = GradientBalance(self.model, self.tcfg.get("balance") or "none", int(cfg["seed"]))
+        self.budget = ExpertBudget(self.model, self.tcfg.get("expert_budget"), int(self.tcfg["steps"]),
+                                   reduce=torch.distributed.all_reduce if self.dist.enabled else None)
         self.step_module.split_by_task = self.balance.per_task
         if self.balance.per_task and self.dist.enabled:
             raise ValueError(f"train.balance={self.balance.method} needs each task's gradient on its own, which "
@@ -249,7 +252,8 @@ class Trainer:
         return {"optimizer_hparams": optimizer_hyperparameters(self.optimizer),
                 "scheduler": self.scheduler.state_dict(), "sampler": self.sampler.state_dict(),
                 "iters": {t: it.state_dict() for t, it in self.iters.items()},
-                "nonfinite": {"skipped": dict(self.nonfinite_skipped), "streak": self.nonfinite_streak}}
+                "nonfinite": {"skipped": dict(self.nonfinite_skipped), "streak": self.nonfinite_streak},
+                "expert_budget": self.budget.state_dict()}
 
     def newest_checkpoint(self) -> Path | None:
         """The newest complete, intact checkpoint (a damaged newer one is passed over with one line);
@@ -275,6 +279,7 @@ class Trainer:
         nonfinite = state.get("nonfinite") or {}
         self.nonfinite_skipped.update(nonfinite.get("skipped", {}))
         self.nonfinite_streak = int(nonfinite.get("streak", 0))
+        self.budget.load_state_dict(state.get("expert_budget") or {})
         if self.dist.is_main:
             for name in ("train_log.jsonl", "val_log.jsonl"):
                 report.truncate_log(self.run_dir / name, self.step)
@@ -342,6 +347,7 @@ class Trainer:
                 self.optimizer.step()
             self.scheduler.step()
         self.step += 1
+        self.budget.after_step(self.step, routing)
         dropped = sum((x.dropped_tokens for x in routing), 0)
         aux_values = {k: v.detach() for k, v in vars(aux).items()}
         return PendingStep(self.step, tasks, self.scheduler.get_last_lr()[0], loss.detach(), logs, aux_values,
@@ -538,7 +544,7 @@ class Trainer:
             plot_predictions(self.eval_model, pictured, self.run_dir / "predictions.png", device=self.device)
 
     def final_evaluation(self) -> dict:
-        usage = ExpertUsage(self.eval_model.backbone.moe_layers(), self.tasks)
+        usage = ExpertUsage(self.eval_model.backbone.moe_layers(), self.tasks, self.eval_model.backbone.allowed_experts())
         metrics = evaluate(self.eval_model, self.val_sets, int(self.cfg["eval"]["batch_size"]),
                            self.cfg["eval"].get("max_batches"), self.device, usage=usage, results_dir=self.run_dir,
                            autocast_dtype=self.amp_dtype, num_workers=self.workers)

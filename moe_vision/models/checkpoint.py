@@ -75,6 +75,8 @@ def load_model_bytes(data: bytes, name: str = "checkpoint", map_location: str | 
     return model
 
 
+# Routers' expert masks (``router.allowed.<task>``) did not exist before expert budgets.
+MASK_KEY = re.compile(r"\.router\.allowed\.[^.]+$")
 _EXPERT_KEY = re.compile(r"\.(experts\.(\d+\.)?(w1|w2|b1|b2)|q_experts\.\w+|o_experts\.\w+|gates\.\w+\.weight)$")
 
 
@@ -87,6 +89,8 @@ def load_weights(model, path: str | Path, map_location: str | torch.device = "cp
 def check_and_load(model, state: dict[str, torch.Tensor], path) -> None:
     """``model.load_state_dict(state)`` after checking keys and shapes, naming the first mismatch."""
     expected = model.state_dict()
+    # A checkpoint saved before the masks existed allows every expert, as the model starts.
+    state = {**{k: v for k, v in expected.items() if MASK_KEY.search(k)}, **state}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:

@@ -240,6 +240,16 @@ class MoEViT(nn.Module):
                     out[m.layer_name] = m.num_experts
         return out
 
+    def allowed_experts(self) -> dict[str, dict[str, list[int]]]:
+        """MoE layer name -> task -> the experts the task's router may choose (all of them unless
+        ``train.expert_budget`` narrowed it)."""
+        out = {}
+        for blk in self.blocks:
+            for m in (blk.attn, blk.mlp):
+                if isinstance(m, (MoEAttention, MoEMLP)):
+                    out[m.layer_name] = {t: m.router.allowed_mask(t).nonzero().flatten().tolist() for t in m.router.tasks}
+        return out
+
     def aux_losses(self, routing: Sequence[RoutingOutput]) -> AuxLosses:
         """Weighted auxiliary losses (weights from ``moe.aux_weights``) over a step's routing outputs."""
         return compute_aux_losses(routing, self.aux_weights)

@@ -6,6 +6,11 @@ Two ways of conditioning on the task:
 - ``per_task``: one gate per task in a ``ModuleDict`` keyed by task name; adding a task adds a gate
   and cannot change any other task's routing.
 - ``shared``: one gate for all tasks, fed the token plus a learned per-task embedding.
+
+Each task also has a mask of the experts it may choose (``allowed.<task>``, a bool buffer saved
+with the model, all true unless ``train.expert_budget`` narrowed it): the others get ``-inf``
+logits, so a bundle that keeps only a task's allowed experts routes exactly as the full model on
+every input.
 """
 from __future__ import annotations
 
@@ -99,6 +104,7 @@ class TaskRouter(nn.Module):
         self.gates = nn.ModuleDict()
         self.noise = nn.ModuleDict()
         self.task_embed = nn.ParameterDict()
+        self.allowed = nn.Module()  # allowed.<task>: bool [experts the task's router sees]
         if mode == "shared":
             self.gates["shared"] = self._new_gate()
             if noisy_gating:
@@ -129,6 +135,26 @@ class TaskRouter(nn.Module):
                 self.noise[task] = self._new_gate(zero=True, num_experts=n)
         else:
             self.task_embed[task] = nn.Parameter(torch.zeros(self.dim))
+        self.allowed.register_buffer(task, torch.ones(self.num_experts_for(task), dtype=torch.bool))
+
+    def allowed_mask(self, task: str) -> torch.Tensor:
+        """The experts ``task`` may choose, bool ``[E_task]``."""
+        return getattr(self.allowed, task)
+
+    def set_allowed(self, task: str, mask: torch.Tensor) -> None:
+        """Narrow (or widen) what ``task`` may choose, in place (compiled graphs see the same buffer)."""
+        current = self.allowed_mask(task)
+        if mask.shape != current.shape:
+            raise ValueError(f"an expert mask for {task!r} needs shape {tuple(current.shape)}, got {tuple(mask.shape)}")
+        current.copy_(mask.to(torch.bool))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # Models saved before the masks existed allow every expert.
+        for task in self.tasks:
+            state_dict.setdefault(f"{prefix}allowed.{task}", torch.ones_like(self.allowed_mask(task)))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def num_experts_for(self, task: str) -> int:
         """How many experts (the first n) ``task``'s router chooses among."""
@@ -148,6 +174,7 @@ class TaskRouter(nn.Module):
         # bit-identically. The gate is tiny (D x E), so the cost is negligible.
         gate = self.gates[key]
         logits_TE = F.linear(x_TD.double(), gate.weight.double()).float()
+        logits_TE = logits_TE.masked_fill(~self.allowed_mask(task), float("-inf"))  # unchanged where all allowed
         select_logits = logits_TE
         if self.noisy_gating and self.training:
             noise_std = F.softplus(F.linear(x_TD.float(), self.noise[key].weight.float())) + 1e-2

@@ -17,8 +17,12 @@ class ExpertUsage:
     Layers may have different expert counts; shorter rows are zero-padded to the widest layer.
     """
 
-    def __init__(self, layers: dict[str, int], tasks: Iterable[str]) -> None:
+    def __init__(self, layers: dict[str, int], tasks: Iterable[str],
+                 allowed: dict[str, dict[str, list[int]]] | None = None) -> None:
         self.layers = list(layers)
+        # Per layer and task, the experts the task may choose, kept only when a budget narrowed some.
+        narrowed = allowed and any(len(e) < layers[layer] for layer, per in allowed.items() for e in per.values())
+        self.allowed = {layer: {t: list(e) for t, e in per.items()} for layer, per in allowed.items()} if narrowed else None
         self.num_experts = dict(layers)
         self.tasks = list(tasks)
         L, S, E = len(self.layers), len(self.tasks), max(layers.values(), default=0)
@@ -52,11 +56,12 @@ class ExpertUsage:
             "gate_sums": self.gate_sums.tolist(),
             "tokens": self.tokens.tolist(),
             "frequency": self.frequency().tolist(),
+            **({"allowed": self.allowed} if self.allowed else {}),
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> "ExpertUsage":
-        usage = cls(d["num_experts"], d["tasks"])
+        usage = cls(d["num_experts"], d["tasks"], d.get("allowed"))
         usage.counts = torch.tensor(d["counts"], dtype=torch.float64)
         usage.gate_sums = torch.tensor(d["gate_sums"], dtype=torch.float64)
         usage.tokens = torch.tensor(d["tokens"], dtype=torch.float64)

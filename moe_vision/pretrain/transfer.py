@@ -72,6 +72,9 @@ def init_from_pretrained(model: nn.Module, source: str | Path, init_routers_from
         for name, from_name in copied.items():
             own[name].copy_(src[from_name])
     return {"source": str(path), "loaded": sorted(n for n in copied if n not in routers_from),
-            "routers_from": sorted(routers_from), "new": sorted(n for n in own if n not in copied),
+            "routers_from": sorted(routers_from),
+            # (a task's expert mask, ``router.allowed.<task>``, is routing state: copied when the source
+            # has the same task, else it starts open; not a tensor to report as new)
+            "new": sorted(n for n in own if n not in copied and ".router.allowed." not in n),
             "ignored": sorted(k for k in src if k not in own)}
 

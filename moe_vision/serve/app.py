@@ -2,7 +2,8 @@
 
 - ``GET /``: the page; ``GET /static/...``: its script and style.
 - ``GET /info``: tasks (type, class names), MoE layers with their experts (a bundle's kept ones),
-  the run's average expert usage per layer and task, example images.
+  the experts each task may choose (``allowed``), the run's average expert usage per layer and
+  task, example images.
 - ``GET /examples/{id}``: one of the run's validation images (by number; nothing else on disk is
   reachable).
 - ``POST /predict`` (multipart: ``file`` an image, or ``example`` an id; optional ``task``, else

@@ -28,12 +28,16 @@ class ServedModel:
     def info(self) -> dict:
         """What ``GET /info`` returns."""
         layers = self.model.backbone.moe_layers()
+        allowed = self.model.backbone.allowed_experts()
+        if self.kept_experts:  # a bundle's routers index its kept experts: back to the parent's ids
+            allowed = {l: {t: [self.kept_experts[l][i] for i in e] for t, e in per.items()} for l, per in allowed.items()}
         return {
             "kind": self.kind, "name": self.path.name,
             "tasks": {t: {"type": s.type_name, "classes": self.class_names(t)} for t, s in self.model.specs.items()},
             "layers": {name: {"experts": self.kept_experts[name] if self.kept_experts else list(range(n))}
                        for name, n in layers.items()},
             "kept_experts": self.kept_experts,
+            "allowed": allowed,  # layer -> task -> experts its router may choose (train.expert_budget)
             "usage": self.usage,
             "patch_size": self.model.backbone.patch_size,
             "examples": [{"id": i, "task": t, "name": p.name} for i, (t, p) in enumerate(self.examples)],

@@ -21,7 +21,7 @@ from ..tasks import GeneralistModel
 # State-dict keys of expert-indexed tensors (first dim = E) inside an MoE layer.
 _EXPERT_PARAM = re.compile(r"\.(experts\.(w1|w2|b1|b2)|q_experts\.(weight|bias)|o_experts\.(weight|bias))$")
 _ADDED_GROUP = re.compile(r"^(.*)\.added_experts\.(\d+)\.(w1|w2|b1|b2)$")
-_ROUTER = re.compile(r"\.router\.(gates|noise)\.([^.]+)\.weight$")
+_ROUTER = re.compile(r"\.router\.(?:(?:gates|noise)\.([^.]+)\.weight|allowed\.([^.]+))$")  # rows/entries per expert
 # Keys that belong to one task (the captured name), each with the other names a bundle also keeps.
 _PER_TASK_KEYS = (
     (_ROUTER, ("shared",)),

@@ -93,7 +93,10 @@ def model_card(info: dict, name: str = "this bundle") -> str:
               "- Images are resized as the parent was trained (the input size and resize mode are stored in the "
               "model's config); its metrics come from the evaluation split named above, not from your data.",
               ]
-    if rule.startswith("selected"):
+    if rule.startswith("allowed"):
+        lines.append("- `allowed` keeps every expert the task's router may choose (training narrowed it to them): "
+                     "the bundle answers every input exactly as the full model.")
+    elif rule.startswith("selected") or rule.startswith("auto"):
         lines.append("- `selected` keeps every expert the task's router chose on the calibration split: on other "
                      "images a token may want an expert that was cut (its next choice answers instead).")
     elif dense:

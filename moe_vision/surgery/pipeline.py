@@ -20,7 +20,7 @@ from ..progress import progress_bar
 from ..tasks import GeneralistModel
 from .bundle import BUNDLE_FORMAT, write_archive, write_bundle
 from .extract import extract_task, flops_per_image, union_of
-from .select import select_layer
+from .select import allowed_experts, is_budgeted, search_subsets, select_layer
 
 
 def relocate_data(data_cfg: dict, new_root: str) -> dict:
@@ -85,20 +85,49 @@ def parse_tasks(task: str | list[str]) -> list[str]:
     return tasks
 
 
+def resolve_rule(rule: str, modules: dict, task: str) -> str:
+    """``auto`` is ``allowed`` for a task trained with an expert budget, ``selected`` otherwise."""
+    if rule == "auto":
+        return "allowed" if is_budgeted(modules, task) else "selected"
+    return rule
+
+
+def spread_notice(task: str, kept: dict[str, list[int]], layers: dict[str, int]) -> str | None:
+    """One line for an exact bundle that keeps more than 60% of a task's experts: how many the task
+    uses per layer, and what gives a compact bundle."""
+    used, total = sum(len(k) for k in kept.values()), sum(layers.values())
+    if used <= 0.6 * total:
+        return None
+    per_layer = ", ".join(f"{len(kept[layer])}/{n}" for layer, n in layers.items())
+    return (f"note: '{task}' uses {per_layer} experts per MoE layer, so its exact bundle is not compact; train with "
+            f"train.expert_budget.experts=N for a compact exact one, or pass --rule search --value N "
+            f"(the best N experts per layer by output error; not exact)")
+
+
+def overlap_with_other_tasks(modules: dict, tasks: list[str], kept: dict[str, list[int]], all_tasks: list[str]) -> dict:
+    """Per MoE layer, the kept experts that each other task may also choose (its router's mask)."""
+    others = [t for t in all_tasks if t not in tasks]
+    return {layer: {u: sorted(set(kept[layer]) & set(allowed_experts({layer: m}, u)[layer]))
+                    for u in others if u in m.router.tasks}
+            for layer, m in modules.items()}
+
+
 def select_experts(usage: ExpertUsage, modules: dict, task: str, rule: str, value: float | None) -> dict:
     """Per MoE layer, the experts ``task`` keeps under ``rule`` (a task added later chooses among
     only some of a layer's experts: it keeps among those)."""
+    if rule == "allowed":
+        return allowed_experts(modules, task)
     ti = usage.tasks.index(task)
     return {layer: select_layer(usage.counts[li, ti, :modules[layer].router.num_experts_for(task)], rule, value,
                                 modules[layer].top_k, layer)
             for li, layer in enumerate(usage.layers)}
 
 
-def extract_bundle(checkpoint: str | Path, task: str | list[str], out: str | Path, rule: str = "selected",
+def extract_bundle(checkpoint: str | Path, task: str | list[str], out: str | Path, rule: str = "auto",
                    value: float | None = None, data_root: str | None = None, calibration_split: str = "val",
                    eval_split: str = "val", batch_size: int = 64, max_batches: int | None = None,
                    force: bool = False, log=print, dense: bool = False, distill_steps: int = 0,
-                   distill_split: str = "train", archive: bool = False) -> dict:
+                   distill_split: str = "train", archive: bool = False, search_error: str = "output") -> dict:
     """Run the whole extraction and write the bundle folder (and with ``archive`` its ``.tar.gz``);
     returns ``bundle.json``'s content. ``task``: one task, or several (``"det,seg"``) for one bundle
     answering each. ``dense``: a router-free specialist of one task (:mod:`.densify`), optionally
@@ -136,11 +165,26 @@ def extract_bundle(checkpoint: str | Path, task: str | list[str], out: str | Pat
         kept = {layer: kept_per_task[tasks[0]][layer]["experts"] for layer in layers}
         rule, value = "dense", None
     else:
-        kept_per_task = {t: select_experts(usage, modules, t, rule, value) for t in tasks}
+        per_task_rule = {t: resolve_rule(rule, modules, t) for t in tasks}
+        if rule == "auto":
+            rule = per_task_rule[tasks[0]] if len(set(per_task_rule.values())) == 1 else "auto"
+        kept_per_task = {}
+        for t in tasks:
+            if per_task_rule[t] == "search":
+                log(f"searching {int(value)}-expert subsets of '{t}' on the {calibration_split} split ...")
+                kept_per_task[t] = search_subsets(full, t, list(iterate_batches(calib[t], batch_size, max_batches or 4)),
+                                                  int(value), log, search_error)
+            else:
+                kept_per_task[t] = select_experts(usage, modules, t, per_task_rule[t], value)
         kept = union_of(kept_per_task)
         small = extract_task(full, tasks, kept)
+        for t in tasks:
+            if per_task_rule[t] == "selected":
+                advice = spread_notice(t, kept_per_task[t], layers)
+                if advice:
+                    log(advice)
     lossless = None
-    if rule == "selected":
+    if rule in ("selected", "allowed", "auto"):
         per_task = {}
         for t in tasks:
             same, worst = outputs_identical(full, small, t, calib[t], batch_size, max_batches)
@@ -165,7 +209,7 @@ def extract_bundle(checkpoint: str | Path, task: str | list[str], out: str | Pat
         "kept_experts": kept,
         "kept_experts_per_task": kept_per_task if not dense else {tasks[0]: kept},
         "num_experts": layers,
-        "rule": {"name": rule, "value": value},
+        "rule": {"name": rule, "value": value, **({"error": search_error} if rule == "search" else {})},
         "calibration_split": calibration_split,
         "eval_split": eval_split,
         "data_root": str(data_cfg["root"]),
@@ -179,6 +223,7 @@ def extract_bundle(checkpoint: str | Path, task: str | list[str], out: str | Pat
         "metrics": metrics,
         "chance": {t: chance_metrics(full, {t: evalset[t]})[t] for t in tasks},
         "lossless_check": lossless,
+        "overlap": overlap_with_other_tasks(modules, tasks, kept, full.tasks) if not dense else {},
         "usage_frequency": {t: {layer: frequency[li, ti, :layers[layer]].tolist()
                                 for li, layer in enumerate(usage.layers)} for ti, t in enumerate(tasks)},
         **extra,
@@ -226,7 +271,7 @@ def run_usage(checkpoint: str | Path, split: str = "val", out: str | Path | None
     model, model_file, run_cfg = load_generalist(checkpoint)
     if run_cfg is None:
         raise ValueError(f"{model_file} has no config.json beside it; pass a training run directory")
-    usage = ExpertUsage(model.backbone.moe_layers(), model.tasks)
+    usage = ExpertUsage(model.backbone.moe_layers(), model.tasks, model.backbone.allowed_experts())
     for task in model.tasks:
         task_cfg = {**model.spec(task).config(), **run_cfg["tasks"].get(task, {})}
         task_usage(model, task, build_dataset(task, task_cfg, run_cfg["data"], split, False), batch_size,

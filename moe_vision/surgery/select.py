@@ -1,9 +1,19 @@
-"""Rules that pick, per MoE layer, which experts a task keeps."""
+"""Rules that pick, per MoE layer, which experts a task keeps.
+
+Usage rules read how often the task's router chose each expert on calibration images
+(:func:`select_layer`); ``allowed`` reads the router's mask (:func:`allowed_experts`: the experts
+a budget-trained task may choose at all, exact on every input); ``search`` tries every subset of a
+given size per layer and keeps the one whose layer output moves least (:func:`search_subsets`).
+"""
 from __future__ import annotations
+
+import copy
+import itertools
 
 import torch
 
-RULES = ("threshold", "coverage", "top_n", "selected")
+USAGE_RULES = ("threshold", "coverage", "top_n", "selected")
+RULES = ("auto", "allowed", *USAGE_RULES, "search")
 
 
 def select_layer(counts_E: torch.Tensor, rule: str, value: float | None, top_k: int, layer: str = "") -> list[int]:
@@ -16,8 +26,8 @@ def select_layer(counts_E: torch.Tensor, rule: str, value: float | None, top_k: 
 
     A rule that keeps fewer than ``top_k`` experts raises: the router must still find k experts.
     """
-    if rule not in RULES:
-        raise ValueError(f"unknown selection rule {rule!r}; expected one of {list(RULES)}")
+    if rule not in USAGE_RULES:
+        raise ValueError(f"unknown selection rule {rule!r}; expected one of {list(USAGE_RULES)}")
     counts_E = counts_E.double()
     total = float(counts_E.sum())
     if total == 0:
@@ -40,4 +50,80 @@ def select_layer(counts_E: torch.Tensor, rule: str, value: float | None, top_k: 
     if len(kept) < top_k:
         raise ValueError(f"layer {layer}: rule {rule}={value} keeps {len(kept)} expert(s) {kept}, fewer than "
                          f"top_k={top_k}; loosen the rule (e.g. a lower threshold or higher coverage)")
+    return kept
+
+
+def allowed_experts(modules: dict, task: str) -> dict[str, list[int]]:
+    """Per MoE layer, the experts ``task``'s router may choose (its mask)."""
+    return {layer: torch.nonzero(m.router.allowed_mask(task)).flatten().tolist() for layer, m in modules.items()}
+
+
+def is_budgeted(modules: dict, task: str) -> bool:
+    """Whether ``task``'s routers are narrowed in any layer (a model trained with an expert budget)."""
+    return any(not bool(m.router.allowed_mask(task).all()) for m in modules.values())
+
+
+SEARCH_ERRORS = ("output", "layer")
+
+
+def _float_outputs(out: dict) -> dict[str, torch.Tensor]:
+    return {k: v.float() for k, v in out.items() if isinstance(v, torch.Tensor) and v.is_floating_point()}
+
+
+def _output_error(model, task: str, batches, reference: list[dict]) -> float:
+    """Sum over output tensors of their squared difference from ``reference``, each relative to
+    its own size (a task's outputs differ in scale: class logits against boxes in [0, 1])."""
+    err: dict[str, float] = {}
+    size: dict[str, float] = {}
+    for (images, targets), ref in zip(batches, reference):
+        out = _float_outputs(model(images, task, targets=targets))
+        for k, v in ref.items():
+            err[k] = err.get(k, 0.0) + float((out[k] - v).square().sum())
+            size[k] = size.get(k, 0.0) + float(v.square().sum())
+    return sum(err[k] / max(size[k], 1e-30) for k in err)
+
+
+@torch.no_grad()
+def search_subsets(model, task: str, batches, size: int, log=print, error: str = "output") -> dict[str, list[int]]:
+    """Per MoE layer in forward order (the earlier layers already cut to their choice), the ``size``
+    experts among those the task may choose whose cut changes the least (NAEE's layer-wise
+    enumeration of expert subsets; Lu et al., 2024): with ``error="output"`` the task's outputs on
+    the calibration images (relative squared error, summed over output tensors), with ``"layer"``
+    the layer's own output on its calibration tokens. ``batches``: calibration ``(images, targets)``
+    pairs. Not exact: the bundle differs from the full model where a token's own choices were cut."""
+    if error not in SEARCH_ERRORS:
+        raise ValueError(f"search error {error!r}; expected one of {list(SEARCH_ERRORS)}")
+    probe = copy.deepcopy(model).eval()
+    layers = probe.backbone.moe_layers()
+    modules = {name: m for name, m in probe.backbone.named_modules() if name in layers}
+    batches = list(batches)
+    reference = [_float_outputs(probe(images, task, targets=targets)) for images, targets in batches]
+    kept = {}
+    for layer, module in modules.items():
+        allowed = module.router.allowed_mask(task).clone()
+        if size < module.top_k or size > int(allowed.sum()):
+            raise ValueError(f"--rule search --value {size}: {layer} needs top_k={module.top_k} <= value <= "
+                             f"{int(allowed.sum())} (the experts {task} may choose there)")
+        if error == "layer":
+            inputs = []
+            hook = module.register_forward_hook(lambda mod, args, out: inputs.append(args[0].detach()))
+            for images, targets in batches:
+                probe(images, task, targets=targets)
+            hook.remove()
+            x = torch.cat([t.reshape(-1, t.shape[-1]) for t in inputs])
+            want = module(x, task)[0]
+            scale = want.square().sum().clamp(min=1e-30)
+            measure = lambda: float((module(x, task)[0] - want).square().sum() / scale)
+        else:
+            measure = lambda: _output_error(probe, task, batches, reference)
+        best, best_err = None, float("inf")
+        candidates = list(itertools.combinations(torch.nonzero(allowed).flatten().tolist(), size))
+        for subset in candidates:
+            module.router.set_allowed(task, torch.zeros_like(allowed).index_fill(0, torch.tensor(subset), True))
+            err = measure()
+            if err < best_err:
+                best, best_err = list(subset), err
+        module.router.set_allowed(task, torch.zeros_like(allowed).index_fill(0, torch.tensor(best), True))
+        kept[layer] = best
+        log(f"  {layer}: kept {best} of {len(candidates)} subsets ({error} error {best_err:.4f})")
     return kept

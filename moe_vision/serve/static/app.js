@@ -217,7 +217,9 @@ function drawRouting(card, image, out, task) {
 function usageChart(m, task) {
   const experts = INFO.layers[m.layer].experts;
   const average = ((INFO.usage[m.layer] || {})[task]) || [];
-  const chart = el("canvas", { class: "usage", title: "selections: this image (filled) vs the run's average (outline)" });
+  const allowed = ((INFO.allowed || {})[m.layer] || {})[task] || experts;
+  const chart = el("canvas", { class: "usage", title: "selections: this image (filled) vs the run's average (outline); " +
+                                                   "grey numbers: experts this task may not choose" });
   chart.width = 400; chart.height = 120;
   const ctx = chart.getContext("2d");
   const w = chart.width / experts.length;
@@ -227,7 +229,7 @@ function usageChart(m, task) {
     ctx.fillRect(i * w + 2, chart.height - 14 - here * 100, w / 2 - 3, here * 100);
     ctx.strokeStyle = "#333";
     ctx.strokeRect(i * w + w / 2, chart.height - 14 - avg * 100, w / 2 - 3, avg * 100);
-    ctx.fillStyle = "#333"; ctx.font = "11px system-ui";
+    ctx.fillStyle = allowed.includes(e) ? "#333" : "#bbb"; ctx.font = "11px system-ui";
     ctx.fillText(String(e), i * w + w / 2 - 4, chart.height - 2);
   });
   return chart;

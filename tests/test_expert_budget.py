@@ -1,0 +1,202 @@
+"""Per-task expert subsets: the router's mask, the budget schedule (train.expert_budget), training
+with it (resume, no host reads, add_task), and extraction that reads it (the default, exact and
+compact), the notice for spread routing and the subset search for models trained without one."""
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from moe_vision.engine.expert_budget import ExpertBudget
+from moe_vision.engine.steplog import StepLog
+from moe_vision.engine.trainer import Trainer
+from moe_vision.models import load_model
+from moe_vision.moe import MoEMLP
+from moe_vision.surgery.continual import add_task, bit_identical, outputs_on_probe
+from moe_vision.surgery.pipeline import extract_bundle
+from tests.test_engine import make_cfg
+
+BUDGET = ["train.steps=8", "train.expert_budget.experts=2", "train.expert_budget.start=0.25",
+          "train.expert_budget.end=0.75", "train.expert_budget.every=3", "eval.periodic_images=0"]
+
+
+def _masks(model) -> dict:
+    return {(name, t): m.router.allowed_mask(t).clone() for name, m in model.backbone.named_modules()
+            if hasattr(m, "router") and name in model.backbone.moe_layers() for t in m.router.tasks}
+
+
+def test_a_masked_expert_is_never_chosen_and_a_full_mask_changes_nothing():
+    torch.manual_seed(0)
+    layer = MoEMLP(16, 8, ["a", "b"], num_experts=6, top_k=2)
+    for gate in layer.router.gates.values():
+        torch.nn.init.normal_(gate.weight, std=1.0)
+    x = torch.randn(64, 16)
+    ya, yb = layer(x, "a")[0], layer(x, "b")[0]
+    layer.router.set_allowed("a", torch.ones(6, dtype=torch.bool))
+    assert torch.equal(layer(x, "a")[0], ya)
+    layer.router.set_allowed("a", torch.tensor([False, True, False, True, True, False]))
+    y, r = layer(x, "a")
+    assert set(r.idx_TK.unique().tolist()) <= {1, 3, 4} and not torch.equal(y, ya)
+    probs = torch.softmax(layer.router.gates["a"](x).float(), -1)
+    assert float(r.prob_sum_E.detach()[[0, 2, 5]].abs().max()) == 0 and probs[:, [0, 2, 5]].min() > 0  # masked, not small
+    assert torch.equal(layer(x, "b")[0], yb)  # other tasks route as before
+    with pytest.raises(ValueError, match=r"needs shape \(6,\)"):
+        layer.router.set_allowed("a", torch.ones(5, dtype=torch.bool))
+    # Saved with the layer; a state dict from before the masks existed allows every expert.
+    again = MoEMLP(16, 8, ["a", "b"], num_experts=6, top_k=2)
+    again.load_state_dict(layer.state_dict())
+    assert torch.equal(again.router.allowed_mask("a"), layer.router.allowed_mask("a"))
+    old = {k: v for k, v in layer.state_dict().items() if ".allowed." not in k}
+    again.load_state_dict(old)
+    assert bool(again.router.allowed_mask("a").all())
+
+
+def _routing(layer: str, task: str, weights: dict[int, float]):
+    idx = torch.tensor([[e] for e in weights])
+    w = torch.tensor([[v] for v in weights.values()])
+    return SimpleNamespace(layer=layer, task=task, gate_sums=lambda n: torch.zeros(n).index_add_(0, idx[:, 0], w[:, 0]))
+
+
+def test_the_schedule_narrows_from_every_expert_to_the_budget_by_the_scores():
+    layer = MoEMLP(16, 8, ["a", "b"], num_experts=8, top_k=2, layer_name="blocks.0.mlp")
+    budget = ExpertBudget(layer, {"experts": 2, "start": 0.2, "end": 0.6, "every": 10, "tasks": {"b": 3}}, steps=100)
+    keep = [budget.keep_at(s, 8, 2) for s in range(101)]
+    assert keep[:21] == [8] * 21 and keep[60:] == [2] * 41 and keep == sorted(keep, reverse=True)
+    assert [s for s in range(101) if budget.narrowing(s)] == [30, 40, 50, 60]
+    expected = 8
+    for step in range(1, 101):  # expert 6 is a's favourite, then 2; b prefers 7, 0, 1
+        budget.after_step(step, [_routing("blocks.0.mlp", "a", {6: 0.7, 2: 0.3, step % 8: 0.01}),
+                                 _routing("blocks.0.mlp", "b", {7: 0.5, 0: 0.3, 1: 0.2})])
+        expected = keep[step] if budget.narrowing(step) else expected
+        assert int(layer.router.allowed_mask("a").sum()) == expected, step
+    assert layer.router.allowed_mask("a").nonzero().flatten().tolist() == [2, 6]
+    assert layer.router.allowed_mask("b").nonzero().flatten().tolist() == [0, 1, 7]
+    with pytest.raises(ValueError, match="keeps 1 experts in blocks.0.mlp; expected top_k=2"):
+        ExpertBudget(layer, {"experts": 1}, steps=100)
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['expert'\]"):
+        ExpertBudget(layer, {"expert": 2}, steps=100)
+    layer.router.gates["a"].weight.requires_grad_(False)  # a frozen task is never narrowed
+    assert ("blocks.0.mlp", "a") not in ExpertBudget(layer, {"experts": 2}, steps=100).budget
+
+
+@pytest.fixture(scope="module")
+def budget_run(synthetic_root, tmp_path_factory):
+    run = tmp_path_factory.mktemp("budget") / "run"
+    Trainer(make_cfg(synthetic_root, run, *BUDGET)).fit()
+    return run
+
+
+def test_training_with_a_budget_gives_the_default_bundle_its_experts_exactly(budget_run, tmp_path):
+    model = load_model(budget_run / "model.safetensors")
+    masks = _masks(model)
+    assert masks and all(int(m.sum()) == 2 for m in masks.values())
+    usage = json.loads((budget_run / "expert_usage.json").read_text())
+    assert {(layer, t): e for layer, per in usage["allowed"].items() for t, e in per.items()} == \
+        {k: m.nonzero().flatten().tolist() for k, m in masks.items()}  # what the heatmap frames
+    for li, layer in enumerate(usage["layers"]):
+        for ti, task in enumerate(usage["tasks"]):
+            used = {e for e, c in enumerate(usage["counts"][li][ti]) if c > 0}
+            assert used <= set(masks[(layer, task)].nonzero().flatten().tolist()), (layer, task)
+    info = extract_bundle(budget_run, "det", tmp_path / "det", log=lambda m: None)  # the default rule
+    assert info["rule"]["name"] == "allowed" and info["lossless_check"]["identical"] is True
+    assert all(len(kept) == 2 for kept in info["kept_experts"].values())
+    assert info["params"]["bundle"] < info["params"]["full"]
+    assert set(info["overlap"][next(iter(info["overlap"]))]) == {"cls", "seg"}
+    both = extract_bundle(budget_run, "det,seg", tmp_path / "det-seg", log=lambda m: None)
+    assert both["lossless_check"]["identical"] is True
+
+
+def test_a_budget_run_resumes_exactly_between_two_narrowings(budget_run, synthetic_root, tmp_path):
+    part_cfg = make_cfg(synthetic_root, tmp_path / "part", *BUDGET, "train.ckpt_every=4")
+    first = Trainer(part_cfg)
+    steps = StepLog(first.dist)
+    for _ in range(4):  # narrowings at steps 5 and 6: step 4 holds the scores of steps 3 and 4
+        steps.add(first.train_step())
+    assert first.budget.state_dict() and all(v is not None for v in first.budget.state_dict().values())
+    (tmp_path / "part").mkdir(exist_ok=True)
+    with open(tmp_path / "part" / "train_log.jsonl", "a") as f:
+        f.writelines(json.dumps(rec) + "\n" for rec in steps.flush())
+    first.save()
+    resumed = Trainer({**part_cfg, "resume": True})
+    resumed.fit()
+    losses = lambda run: [json.loads(line)["loss"] for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert losses(tmp_path / "part") == losses(budget_run)  # the uninterrupted run
+    want, got = _masks(load_model(budget_run / "model.safetensors")), _masks(resumed.model)
+    assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_budget_steps_read_nothing_on_the_host(synthetic_root, tmp_path):
+    from tests.test_host_reads import HOST_DATA, HostReads
+    trainer = Trainer(make_cfg(synthetic_root, tmp_path / "run", *BUDGET, "train.expert_budget.every=1",
+                               "train.log_every=8", "model.moe.kernel=grouped_mm", "tasks.det.matcher=device"))
+    steps = StepLog(trainer.dist)
+    steps.add(trainer.train_step())
+    with HostReads() as reads:
+        for _ in range(6):  # steps 2-7: scores every step, a narrowing at each of 3-6
+            steps.add(trainer.train_step())
+    assert reads.outside(HOST_DATA) == {}
+    assert all(int(m.sum()) == 2 for m in _masks(trainer.model).values())
+
+
+def test_a_task_added_later_gets_its_budget_over_old_and_new_experts(budget_run, synthetic_root, tmp_path):
+    from moe_vision.engine.builders import load_generalist
+    full, _, run_cfg = load_generalist(budget_run)
+    x = torch.randn(2, 3, 32, 32)
+    before, old_masks = outputs_on_probe(full, full.tasks, x), _masks(full)
+    grown = add_task(full, "depth", {"type": "depth"}, new_experts=2)
+    cfg = make_cfg(synthetic_root, tmp_path / "grown", *BUDGET, "+task@tasks.depth=depth", "tasks.depth.batch_size=4",
+                   "train.sampling.tasks_per_step=1")
+    cfg["tasks"] = {"depth": cfg["tasks"]["depth"]}
+    Trainer(cfg, model=grown).fit()
+    masks = _masks(grown)
+    assert all(torch.equal(masks[k], old_masks[k]) for k in old_masks)  # frozen tasks keep theirs
+    new = [m for (layer, task), m in masks.items() if task == "depth"]
+    assert new and all(m.numel() == 6 and int(m.sum()) == 2 for m in new)  # 4 old + 2 new experts, budget 2
+    assert bit_identical(before, outputs_on_probe(grown, full.tasks, x))
+
+
+def test_spread_routing_gets_a_notice_and_the_search_finds_the_best_subset(tiny_run, tmp_path):
+    said = []
+    info = extract_bundle(tiny_run / "run", "det", tmp_path / "det", log=said.append)
+    assert info["rule"]["name"] == "selected"
+    spread = sum(len(k) for k in info["kept_experts"].values()) > 0.6 * sum(info["num_experts"].values())
+    notes = [m for m in said if m.startswith("note: 'det' uses")]
+    assert bool(notes) == spread and (not notes or "train.expert_budget.experts=N" in notes[0])
+    found = extract_bundle(tiny_run / "run", "det", tmp_path / "search", rule="search", value=2, log=said.append)
+    assert all(len(k) == 2 for k in found["kept_experts"].values()) and found["lossless_check"] is None
+    assert found["rule"] == {"name": "search", "value": 2, "error": "output"}
+    # The first layer's choice is the subset that moves the task's outputs least, among all of them.
+    from itertools import combinations
+    from moe_vision.engine.builders import build_dataset, load_generalist
+    from moe_vision.engine.evaluate import iterate_batches
+    full, _, cfg = load_generalist(tiny_run / "run")
+    full.eval()
+    first = next(iter(full.backbone.moe_layers()))
+    module = dict(full.backbone.named_modules())[first]
+    batches = list(iterate_batches(build_dataset("det", {**full.spec("det").config(), **cfg["tasks"]["det"]},
+                                                 cfg["data"], "val", False), 64, 4))
+    with torch.no_grad():
+        want = [full(images, "det", targets=targets) for images, targets in batches]
+        errors = {}
+        for subset in combinations(range(module.num_experts), 2):
+            module.router.set_allowed("det", torch.zeros(module.num_experts, dtype=torch.bool).index_fill(
+                0, torch.tensor(subset), True))
+            got = [full(images, "det", targets=targets) for images, targets in batches]
+            keys = [k for k, v in want[0].items() if torch.is_tensor(v) and v.is_floating_point()]
+            errors[subset] = sum(sum(float((g[k] - w[k]).square().sum()) for g, w in zip(got, want))
+                                 / sum(float(w[k].square().sum()) for w in want) for k in keys)
+    assert tuple(found["kept_experts"][first]) == min(errors, key=errors.get)
+
+
+def test_a_checkpoint_saved_before_the_masks_existed_loads_with_every_expert_allowed(tiny_run, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    with safe_open(str(tiny_run / "run" / "model.safetensors"), "pt") as f:
+        meta, keys = f.metadata(), list(f.keys())
+        state = {k: f.get_tensor(k) for k in keys if ".router.allowed." not in k}
+    assert len(state) < len(keys)
+    save_file(state, str(tmp_path / "old.safetensors"), metadata=meta)
+    masks = _masks(load_model(tmp_path / "old.safetensors"))
+    assert masks and all(bool(m.all()) for m in masks.values())
