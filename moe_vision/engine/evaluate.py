@@ -138,7 +138,7 @@ def evaluate_run(cfg: dict) -> dict:
     apply_task_options(model, cfg["eval"].get("task_options") or {})
     datasets = {t: build_dataset(t, {**model.spec(t).config(), **cfg["tasks"].get(t, {})}, cfg["data"],
                                  cfg["eval"].get("split", "val"), False) for t in tasks}
-    usage = ExpertUsage(model.backbone.moe_layers(), tasks, model.backbone.allowed_experts())
+    usage = ExpertUsage.of(model.backbone, tasks)
     metrics = evaluate(model, datasets, int(cfg["eval"]["batch_size"]), cfg["eval"].get("max_batches"), device,
                        usage=usage, results_dir=out_dir, num_workers=int(cfg["data"].get("num_workers") or 0))
     chance = chance_metrics(model, datasets)

@@ -544,7 +544,7 @@ class Trainer:
             plot_predictions(self.eval_model, pictured, self.run_dir / "predictions.png", device=self.device)
 
     def final_evaluation(self) -> dict:
-        usage = ExpertUsage(self.eval_model.backbone.moe_layers(), self.tasks, self.eval_model.backbone.allowed_experts())
+        usage = ExpertUsage.of(self.eval_model.backbone, self.tasks)
         metrics = evaluate(self.eval_model, self.val_sets, int(self.cfg["eval"]["batch_size"]),
                            self.cfg["eval"].get("max_batches"), self.device, usage=usage, results_dir=self.run_dir,
                            autocast_dtype=self.amp_dtype, num_workers=self.workers)

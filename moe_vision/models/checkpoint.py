@@ -89,15 +89,14 @@ def load_weights(model, path: str | Path, map_location: str | torch.device = "cp
 def check_and_load(model, state: dict[str, torch.Tensor], path) -> None:
     """``model.load_state_dict(state)`` after checking keys and shapes, naming the first mismatch."""
     expected = model.state_dict()
-    # A checkpoint saved before the masks existed allows every expert, as the model starts.
-    state = {**{k: v for k, v in expected.items() if MASK_KEY.search(k)}, **state}
-    missing = sorted(set(expected) - set(state))
+    # A checkpoint saved before the masks existed has none: the router fills them in on load.
+    missing = sorted(k for k in set(expected) - set(state) if not MASK_KEY.search(k))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         raise ValueError(f"checkpoint {path} does not match the model: missing keys {missing[:5]}, "
                          f"unexpected keys {unexpected[:5]} (check the model name and tasks)")
     for k, v in expected.items():
-        if state[k].shape != v.shape:
+        if k in state and state[k].shape != v.shape:
             if _EXPERT_KEY.search(k):
                 raise ValueError(
                     f"checkpoint {path}: {k} holds {state[k].shape[0]} experts (shape {tuple(state[k].shape)}), "

@@ -60,6 +60,12 @@ class ExpertUsage:
         }
 
     @classmethod
+    def of(cls, backbone, tasks: Iterable[str]) -> "ExpertUsage":
+        """Empty usage for ``backbone``'s MoE layers (``moe_layers()``) and the experts each task may
+        choose there (``allowed_experts()``)."""
+        return cls(backbone.moe_layers(), tasks, backbone.allowed_experts())
+
+    @classmethod
     def from_dict(cls, d: dict) -> "ExpertUsage":
         usage = cls(d["num_experts"], d["tasks"], d.get("allowed"))
         usage.counts = torch.tensor(d["counts"], dtype=torch.float64)

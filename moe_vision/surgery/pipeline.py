@@ -271,7 +271,7 @@ def run_usage(checkpoint: str | Path, split: str = "val", out: str | Path | None
     model, model_file, run_cfg = load_generalist(checkpoint)
     if run_cfg is None:
         raise ValueError(f"{model_file} has no config.json beside it; pass a training run directory")
-    usage = ExpertUsage(model.backbone.moe_layers(), model.tasks, model.backbone.allowed_experts())
+    usage = ExpertUsage.of(model.backbone, model.tasks)
     for task in model.tasks:
         task_cfg = {**model.spec(task).config(), **run_cfg["tasks"].get(task, {})}
         task_usage(model, task, build_dataset(task, task_cfg, run_cfg["data"], split, False), batch_size,
