@@ -1,6 +1,7 @@
 """Numerical reproducibility: the one place that sets what the toolkit's bit-for-bit checks need.
 
-The toolkit promises bit-identical outputs in three places: a ``selected`` bundle against its full
+The toolkit promises bit-identical outputs in three places: an exact bundle (rule ``allowed``, the
+default for a budget-trained model, or ``selected`` on its calibration images) against its full
 model, old tasks before and after ``add_task``, and a resumed run against an uninterrupted one.
 Each compares two computations of the same numbers that differ in memory layout: weights sliced
 into a new tensor, frozen instead of trainable parameters, a token grid viewed with other strides.
@@ -36,6 +37,7 @@ _BRANCHES = {1: "OFF", 2: "AUTO", 3: "COMPATIBLE", 4: "SSE2", 6: "SSSE3", 7: "SS
              10: "AVX2", 11: "AVX512_MIC", 12: "AVX512", 13: "AVX512_MIC_E1", 14: "AVX512_E1"}
 _STRICT = 0x10000
 _CODES = {name: code for code, name in _BRANCHES.items()}
+UNKNOWN = "unknown"
 
 
 def _mkl_service():
@@ -58,18 +60,26 @@ def _mkl_service():
 
 
 def mkl_mode() -> str | None:
-    """MKL's reproducibility mode as ``MKL_CBWR`` spells it (``"AUTO,STRICT"``, ``"OFF"``, ...), or
-    None where torch runs without MKL (non-x86 builds) or torch is not loaded yet."""
+    """MKL's reproducibility mode as ``MKL_CBWR`` spells it (``"AUTO,STRICT"``, ``"OFF"``, ...);
+    None where torch's build has no MKL (non-x86 builds); ``"unknown"`` where torch uses MKL but its
+    mode cannot be read (torch not loaded yet, or MKL's service functions not found, e.g. a build
+    that does not export them)."""
+    if "torch" not in sys.modules:
+        return UNKNOWN
+    import torch
+    if not torch.backends.mkl.is_available():
+        return None
     service = _mkl_service()
     if service is None:
-        return None
+        return UNKNOWN
     value = service.mkl_serv_cbwr_get(-1)  # MKL_CBWR_ALL: the branch and the strict flag
     name = _BRANCHES.get(value & 0xFFFF, str(value & 0xFFFF))
     return name + (",STRICT" if value & _STRICT else "")
 
 
 def mkl_is_reproducible() -> bool:
-    """Whether the bit-for-bit guarantees' MKL precondition holds (strict mode, or no MKL at all)."""
+    """Whether the bit-for-bit guarantees' MKL precondition is known to hold: strict mode, or no
+    MKL at all. A mode that cannot be read is not taken for strict."""
     mode = mkl_mode()
     return mode is None or mode.endswith(",STRICT")
 

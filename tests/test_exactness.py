@@ -53,6 +53,13 @@ def test_moe_vision_sets_the_strict_mode_keeps_a_users_choice_and_warns_when_too
     assert runs["late"].stdout.strip() == "OFF" and f"{MKL_ENV}={MKL_MODE}" in runs["late"].stderr
 
 
+@needs_mkl
+def test_a_mode_that_cannot_be_read_is_not_taken_for_strict(monkeypatch):
+    import moe_vision.exactness as exactness
+    monkeypatch.setattr(exactness, "_mkl_service", lambda: None)  # e.g. a build without MKL's service calls
+    assert exactness.mkl_mode() == "unknown" and not exactness.mkl_is_reproducible()
+
+
 def test_bit_for_bit_checks_hold_with_operands_in_other_memory_layouts():
     """Every parameter, buffer and the input of the bundle and the grown model at misaligned
     addresses, the input a strided view; the full model ran with trainable, aligned tensors."""

@@ -19,7 +19,8 @@ from moe_vision.surgery.pipeline import extract_bundle
 from tests.test_engine import make_cfg
 
 BUDGET = ["train.steps=8", "train.expert_budget.experts=2", "train.expert_budget.start=0.25",
-          "train.expert_budget.end=0.75", "train.expert_budget.every=3", "eval.periodic_images=0"]
+          "train.expert_budget.end=0.75", "train.expert_budget.every=4", "eval.periodic_images=0"]
+# (4 experts per layer: the one narrowing, at step 6, drops 2 of them by the scores of steps 3-6)
 
 
 def _masks(model) -> dict:
@@ -44,11 +45,17 @@ def test_a_masked_expert_is_never_chosen_and_a_full_mask_changes_nothing():
     assert torch.equal(layer(x, "b")[0], yb)  # other tasks route as before
     with pytest.raises(ValueError, match=r"needs shape \(6,\)"):
         layer.router.set_allowed("a", torch.ones(5, dtype=torch.bool))
-    # Saved with the layer; a state dict from before the masks existed allows every expert.
+    # Saved with the layer; a state dict written before the masks existed (router version 1) allows
+    # every expert; one written since that lacks them is refused by a strict load.
     again = MoEMLP(16, 8, ["a", "b"], num_experts=6, top_k=2)
     again.load_state_dict(layer.state_dict())
     assert torch.equal(again.router.allowed_mask("a"), layer.router.allowed_mask("a"))
-    old = {k: v for k, v in layer.state_dict().items() if ".allowed." not in k}
+    state = layer.state_dict()
+    old = type(state)((k, v) for k, v in state.items() if ".allowed." not in k)
+    old._metadata = {k: dict(v) for k, v in state._metadata.items()}
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\).*router.allowed.a"):
+        again.load_state_dict(old)
+    old._metadata["router"]["version"] = 1
     again.load_state_dict(old)
     assert bool(again.router.allowed_mask("a").all())
 
@@ -59,12 +66,22 @@ def _routing(layer: str, task: str, weights: dict[int, float]):
     return SimpleNamespace(layer=layer, task=task, gate_sums=lambda n: torch.zeros(n).index_add_(0, idx[:, 0], w[:, 0]))
 
 
+def _cfg(**options) -> dict:
+    """A whole ``train.expert_budget`` (every key, as configs/train.yaml gives it) with ``options``."""
+    return {"experts": None, "tasks": {}, "start": 0.1, "end": 0.5, "every": 25, **options}
+
+
+def _layer(tasks=("a", "b"), experts=8, **kw):
+    return MoEMLP(16, 8, list(tasks), num_experts=experts, top_k=2, layer_name="blocks.0.mlp", **kw)
+
+
 def test_the_schedule_narrows_from_every_expert_to_the_budget_by_the_scores():
-    layer = MoEMLP(16, 8, ["a", "b"], num_experts=8, top_k=2, layer_name="blocks.0.mlp")
-    budget = ExpertBudget(layer, {"experts": 2, "start": 0.2, "end": 0.6, "every": 10, "tasks": {"b": 3}}, steps=100)
+    layer = _layer()
+    budget = ExpertBudget({"blocks.0.mlp": layer}, _cfg(experts=2, start=0.2, end=0.6, every=10, tasks={"b": 3}),
+                          steps=100)
     keep = [budget.keep_at(s, 8, 2) for s in range(101)]
     assert keep[:21] == [8] * 21 and keep[60:] == [2] * 41 and keep == sorted(keep, reverse=True)
-    assert [s for s in range(101) if budget.narrowing(s)] == [30, 40, 50, 60]
+    assert [s for s in range(61) if budget.narrowing(s)] == [30, 40, 50, 60]
     expected = 8
     for step in range(1, 101):  # expert 6 is a's favourite, then 2; b prefers 7, 0, 1
         budget.after_step(step, [_routing("blocks.0.mlp", "a", {6: 0.7, 2: 0.3, step % 8: 0.01}),
@@ -73,12 +90,56 @@ def test_the_schedule_narrows_from_every_expert_to_the_budget_by_the_scores():
         assert int(layer.router.allowed_mask("a").sum()) == expected, step
     assert layer.router.allowed_mask("a").nonzero().flatten().tolist() == [2, 6]
     assert layer.router.allowed_mask("b").nonzero().flatten().tolist() == [0, 1, 7]
-    with pytest.raises(ValueError, match="keeps 1 experts in blocks.0.mlp; expected top_k=2"):
-        ExpertBudget(layer, {"experts": 1}, steps=100)
-    with pytest.raises(ValueError, match=r"unknown option\(s\) \['expert'\]"):
-        ExpertBudget(layer, {"expert": 2}, steps=100)
-    layer.router.gates["a"].weight.requires_grad_(False)  # a frozen task is never narrowed
-    assert ("blocks.0.mlp", "a") not in ExpertBudget(layer, {"experts": 2}, steps=100).budget
+    assert budget.unfinished() == {} and not budget.narrowing(70)  # done: no more narrowings
+    assert budget.describe() == ("expert budget: experts kept per MoE layer a 2, b 3 (1 layers), narrowed every 10 "
+                                 "steps from step 20 to 60")
+
+
+def test_a_task_with_no_tokens_in_a_window_is_not_narrowed_by_index():
+    layer = _layer()
+    budget = ExpertBudget({"blocks.0.mlp": layer}, _cfg(experts=2, start=0.0, end=0.4, every=10), steps=100)
+    b_likes = {7: 0.6, 6: 0.4}
+    for step in range(1, 101):  # b gets tokens only in steps 25-29 and after 60
+        seen = 25 <= step < 30 or step > 60
+        budget.after_step(step, [_routing("blocks.0.mlp", "a", {1: 0.5, 3: 0.5}),
+                                 *([_routing("blocks.0.mlp", "b", b_likes)] if seen else [])])
+        if step == 10:  # no token of b yet: its mask stays whole (before: experts 0-5 kept by index)
+            assert bool(layer.router.allowed_mask("b").all())
+    assert layer.router.allowed_mask("b").nonzero().flatten().tolist() == [6, 7]
+    assert layer.router.allowed_mask("a").nonzero().flatten().tolist() == [1, 3]
+    # A task that never gets a token after the window is named, not narrowed by index.
+    late = _layer()
+    budget = ExpertBudget({"blocks.0.mlp": late}, _cfg(experts=2, start=0.0, end=0.4, every=10), steps=100)
+    for step in range(1, 101):
+        budget.after_step(step, [_routing("blocks.0.mlp", "a", {1: 0.5, 3: 0.5})])
+    assert budget.unfinished() == {"b": ["blocks.0.mlp"]} and bool(late.router.allowed_mask("b").all())
+
+
+def test_a_budget_that_cannot_narrow_is_refused_with_one_line():
+    layers = {"blocks.0.mlp": _layer()}
+    refused = [
+        (_cfg(experts=1), "keeps 1 experts in blocks.0.mlp; expected top_k=2"),
+        ({"expert": 2}, r"unknown option\(s\) \['expert'\]; missing option\(s\)"),
+        (_cfg(experts=2, start=0.5, end=0.5), "start=0.5 and end=0.5 of train.steps=100 give steps 50 and 50: no step"),
+        (_cfg(experts=2, start=0.101, end=0.109), "give steps 10 and 10: no step narrows"),
+        (_cfg(experts=2, tasks={"dett": 4}), r"names \['dett'\], which this model does not have; its tasks are"),
+        (_cfg(experts=2.5), "keeps 2.5 experts; expected a whole number"),
+    ]
+    for cfg, message in refused:
+        with pytest.raises(ValueError, match=message):
+            ExpertBudget(layers, cfg, steps=100)
+    with pytest.raises(ValueError, match="needs dropless routing, but model.moe.capacity_factor=1.25"):
+        ExpertBudget({"blocks.0.mlp": _layer(capacity_factor=1.25)}, _cfg(experts=2), steps=100)
+    ExpertBudget({"blocks.0.mlp": _layer(capacity_factor=1.25)}, _cfg(), steps=100)  # no budget: fine
+    frozen = _layer()
+    frozen.router.gates["a"].weight.requires_grad_(False)  # a frozen task is never narrowed, and said so
+    budget = ExpertBudget({"blocks.0.mlp": frozen}, _cfg(experts=2), steps=100)
+    assert ("blocks.0.mlp", "a") not in budget.budget and "frozen, not narrowed: a" in budget.describe()
+    with pytest.raises(ValueError, match="tasks.a=2: a's router is frozen"):
+        ExpertBudget({"blocks.0.mlp": frozen}, _cfg(tasks={"a": 2}), steps=100)
+    frozen.router.gates["b"].weight.requires_grad_(False)
+    with pytest.raises(ValueError, match="every task's router is frozen"):
+        ExpertBudget({"blocks.0.mlp": frozen}, _cfg(experts=2), steps=100)
 
 
 @pytest.fixture(scope="module")
@@ -112,19 +173,30 @@ def test_a_budget_run_resumes_exactly_between_two_narrowings(budget_run, synthet
     part_cfg = make_cfg(synthetic_root, tmp_path / "part", *BUDGET, "train.ckpt_every=4")
     first = Trainer(part_cfg)
     steps = StepLog(first.dist)
-    for _ in range(4):  # narrowings at steps 5 and 6: step 4 holds the scores of steps 3 and 4
+    for _ in range(4):  # the narrowing is at step 6: step 4 holds the scores of steps 3 and 4
         steps.add(first.train_step())
-    assert first.budget.state_dict() and all(v is not None for v in first.budget.state_dict().values())
+    saved = first.budget.state_dict()
+    assert saved["scores"] and all(sum(v) > 0 for v in saved["scores"].values())
     (tmp_path / "part").mkdir(exist_ok=True)
     with open(tmp_path / "part" / "train_log.jsonl", "a") as f:
         f.writelines(json.dumps(rec) + "\n" for rec in steps.flush())
     first.save()
+    probe = Trainer({**part_cfg, "resume": True})
+    assert probe.resume() and probe.budget.state_dict() == saved  # the scores come back as they were
     resumed = Trainer({**part_cfg, "resume": True})
     resumed.fit()
     losses = lambda run: [json.loads(line)["loss"] for line in (run / "train_log.jsonl").read_text().splitlines()]
     assert losses(tmp_path / "part") == losses(budget_run)  # the uninterrupted run
     want, got = _masks(load_model(budget_run / "model.safetensors")), _masks(resumed.model)
     assert all(torch.equal(want[k], got[k]) for k in want)
+    # Without the saved scores the narrowing would see steps 5-6 only and pick other experts.
+    fresh = Trainer(make_cfg(synthetic_root, tmp_path / "fresh", *BUDGET))
+    for _ in range(4):
+        fresh.train_step()
+    fresh.budget.scores.zero_()
+    for _ in range(2):
+        fresh.train_step()
+    assert any(not torch.equal(want[k], m) for k, m in _masks(fresh.model).items())
 
 
 def test_budget_steps_read_nothing_on_the_host(synthetic_root, tmp_path):
@@ -136,7 +208,8 @@ def test_budget_steps_read_nothing_on_the_host(synthetic_root, tmp_path):
     with HostReads() as reads:
         for _ in range(6):  # steps 2-7: scores every step, a narrowing at each of 3-6
             steps.add(trainer.train_step())
-    assert reads.outside(HOST_DATA) == {}
+    # One read in the whole run: at the end of the narrowing phase, which tasks are still above budget.
+    assert reads.outside(HOST_DATA) == {("tolist", "expert_budget.py", "after_step"): 1}
     assert all(int(m.sum()) == 2 for m in _masks(trainer.model).values())
 
 
@@ -197,6 +270,25 @@ def test_a_checkpoint_saved_before_the_masks_existed_loads_with_every_expert_all
         meta, keys = f.metadata(), list(f.keys())
         state = {k: f.get_tensor(k) for k in keys if ".router.allowed." not in k}
     assert len(state) < len(keys)
+    save_file(state, str(tmp_path / "lost.safetensors"), metadata=meta)  # written since: masks expected
+    with pytest.raises(ValueError, match=r"does not match the model: missing keys \['backbone.*router.allowed"):
+        load_model(tmp_path / "lost.safetensors")
+    del meta["router_masks"]  # a file written before the masks existed
     save_file(state, str(tmp_path / "old.safetensors"), metadata=meta)
     masks = _masks(load_model(tmp_path / "old.safetensors"))
     assert masks and all(bool(m.all()) for m in masks.values())
+
+
+def test_a_step_skipped_for_a_non_finite_loss_adds_nothing_to_the_scores(synthetic_root, tmp_path):
+    from tests.test_resilience import _nan_at
+    trainer = Trainer(make_cfg(synthetic_root, tmp_path / "run", *BUDGET, "train.nonfinite=skip",
+                               "train.sampling.tasks_per_step=3"))
+    _nan_at(trainer, "det", {4})
+    for _ in range(3):
+        trainer.train_step()
+    after_3 = trainer.budget.scores.clone()
+    assert float(after_3.sum()) > 0  # step 3 scored (the window starts after step 2)
+    trainer.train_step()  # step 4: det's loss is NaN, no update, and no scores
+    assert trainer.nonfinite_skipped == {"det": 1} and torch.equal(trainer.budget.scores, after_3)
+    trainer.train_step()
+    assert not torch.equal(trainer.budget.scores, after_3)

@@ -204,3 +204,16 @@ def test_compare_takes_the_best_of_a_learning_rate_sweep_and_links_it(tmp_path):
     rows = json.loads((tmp_path / "c.json").read_text())
     assert {(row["task"], row["metric"], row["single_task_dense"]) for row in rows["rows"]} >= {("cls", "top1", 0.7), ("det", "mAP", 0.2)}
     assert rows["baselines"]["cls"]["lr"] == 1e-3
+
+
+def test_compare_names_a_run_without_config_and_prints_depth_errors_in_metres(tmp_path):
+    moe = _fake_run(tmp_path / "grown", {"depth": {"rmse": 0.512, "delta1": 0.8}}, {"depth": {"rmse": 0.9, "delta1": 0.5}})
+    with_cfg = _fake_run(tmp_path / "dense_depth-a", {"depth": {"rmse": 0.6, "delta1": 0.7}})
+    (with_cfg / "config.json").write_text(json.dumps({"train": {"lr": 1e-3}}))
+    no_cfg = _fake_run(tmp_path / "dense_depth-b", {"depth": {"rmse": 0.7, "delta1": 0.75}})
+    r = _run("tools/compare.py", moe, with_cfg, no_cfg)
+    assert r.returncode == 0, r.stderr
+    assert "depth: best of 2 runs by rmse (lr 0.001: 0.600, lr ?: 0.700)" in r.stdout
+    row = next(line for line in r.stdout.splitlines() if line.startswith("depth | rmse"))
+    assert [c.strip() for c in row.split(" | ")[2:]] == ["0.512", "0.600", "-0.088", "0.900"]  # metres, not x100
+    assert "80.0" in next(line for line in r.stdout.splitlines() if "delta1" in line)

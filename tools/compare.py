@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 
 from moe_vision.cli import user_errors
-from moe_vision.engine.report import best_single_task_runs, comparison_table, load_run_metrics, write_json
+from moe_vision.engine.report import (best_single_task_runs, comparison_table, format_metric, load_run_metrics,
+                                     write_json)
 
 
 def main() -> int:
@@ -31,7 +32,8 @@ def main() -> int:
         best = best_single_task_runs(args.singles)
         for task, b in best.items():
             if len(b["sweep"]) > 1:
-                values = ", ".join(f"lr {lr:g}: {100 * v:.1f}" for _, lr, v in b["sweep"])
+                values = ", ".join(f"lr {'?' if lr is None else f'{lr:g}'}: {format_metric(b['metric'], v)}"
+                                   for _, lr, v in b["sweep"])
                 print(f"{task}: best of {len(b['sweep'])} runs by {b['metric']} ({values}): {b['run']}")
             if args.link_best:
                 link = b["run"].parent / f"dense_{task}"

@@ -33,7 +33,9 @@ STRATEGIES = ("ddp", "fsdp")
 EXPERT_PARAM_NAMES = ("w1", "b1", "w2", "b2")
 
 
-def _moe_layers(module: nn.Module):
+def _expert_parallel_layers(module: nn.Module):
+    """(full name, layer) of every MoE MLP inside ``module``: the layers whose experts expert
+    parallelism shards (MoE attention keeps its experts on every rank)."""
     from ..moe import MoEMLP
     return [(name, m) for name, m in module.named_modules() if isinstance(m, MoEMLP)]
 
@@ -166,7 +168,7 @@ def parallelize(step_module: nn.Module, ctx: DistContext, dist_cfg: Mapping[str,
     """
     if not ctx.enabled:
         return step_module, Parallelism(ctx)
-    layers = _moe_layers(step_module)
+    layers = _expert_parallel_layers(step_module)
     strategy, ep = check_parallel_config(dist_cfg, ctx.world_size, [m.num_experts for _, m in layers])
     par = Parallelism(ctx, strategy, ep)
     if ep > 1:

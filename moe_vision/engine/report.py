@@ -100,6 +100,19 @@ def load_run_metrics(run_dir: Path) -> tuple[dict, dict]:
     return json.loads(path.read_text()), chance
 
 
+# Metrics that are not fractions in [0, 1] (depth errors in metres): shown as they are, not in percent.
+ABSOLUTE_METRICS = ("rmse", "absrel")
+
+
+def format_metric(metric: str, value: float | None, signed: bool = False) -> str:
+    """A metric for a table: fractions in percent with one decimal, depth errors in metres (3 decimals)."""
+    if value is None:
+        return "-"
+    if metric in ABSOLUTE_METRICS:
+        return f"{value:+.3f}" if signed else f"{value:.3f}"
+    return f"{100 * value:+.1f}" if signed else f"{100 * value:.1f}"
+
+
 # The metric that picks the best of several runs of one task (a learning-rate sweep), and whether higher wins.
 SELECTION_METRIC = {"cls": ("top1", True), "det": ("mAP", True), "seg": ("mIoU", True), "depth": ("rmse", False)}
 
@@ -127,7 +140,8 @@ def best_single_task_runs(runs: Sequence[Path]) -> dict[str, dict]:
 
 def comparison_table(multi: Mapping[str, Mapping[str, float]], singles: Mapping[str, Mapping[str, float]],
                      chance: Mapping[str, Mapping[str, float]]) -> tuple[str, list[dict]]:
-    """Multi-task model vs single-task baselines, per task and metric, in points (x100)."""
+    """Multi-task model vs single-task baselines, per task and metric: fractions in percent (deltas
+    in points), depth errors in metres."""
     rows = []
     for task, ms in multi.items():
         for m, v in ms.items():
@@ -135,10 +149,13 @@ def comparison_table(multi: Mapping[str, Mapping[str, float]], singles: Mapping[
                 continue
             s = singles[task][m]
             rows.append({"task": task, "metric": m, "multi_task_moe": v, "single_task_dense": s,
-                         "delta_points": 100 * (v - s), "chance": chance.get(task, {}).get(m)})
-    head = ["task", "metric", "MoE multi-task", "dense single-task", "delta (points)", "chance"]
-    body = [[r["task"], r["metric"], f"{100 * r['multi_task_moe']:.1f}", f"{100 * r['single_task_dense']:.1f}",
-             f"{r['delta_points']:+.1f}", "-" if r["chance"] is None else f"{100 * r['chance']:.1f}"] for r in rows]
+                         "delta_points": 100 * (v - s) if m not in ABSOLUTE_METRICS else None,
+                         "delta": v - s, "chance": chance.get(task, {}).get(m)})
+    head = ["task", "metric", "MoE multi-task", "dense single-task", "delta", "chance"]
+    body = [[r["task"], r["metric"] + (" (m)" if r["metric"] == "rmse" else ""),
+             format_metric(r["metric"], r["multi_task_moe"]), format_metric(r["metric"], r["single_task_dense"]),
+             format_metric(r["metric"], r["delta"], signed=True), format_metric(r["metric"], r["chance"])]
+            for r in rows]
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
     lines = [" | ".join(h.ljust(w) for h, w in zip(head, widths)), "-+-".join("-" * w for w in widths)]
     lines += [" | ".join(c.ljust(w) for c, w in zip(b, widths)) for b in body]

@@ -215,8 +215,12 @@ class Trainer:
                                        self.tcfg.get("loss_weighting", "fixed")).to(self.device)
         self.step_module = MultiTaskStep(self.model, self.weighting, self.amp_dtype)
         self.balance = GradientBalance(self.model, self.tcfg.get("balance") or "none", int(cfg["seed"]))
-        self.budget = ExpertBudget(self.model, self.tcfg.get("expert_budget"), int(self.tcfg["steps"]),
-                                   reduce=torch.distributed.all_reduce if self.dist.enabled else None)
+        self.budget = ExpertBudget(self.model.backbone.moe_modules(), self.tcfg.get("expert_budget"),
+                                   int(self.tcfg["steps"]),
+                                   reduce=torch.distributed.all_reduce if self.dist.enabled else None,
+                                   rank=self.dist.rank)
+        if self.budget.describe() and self.dist.is_main:
+            tqdm.write(self.budget.describe())
         self.step_module.split_by_task = self.balance.per_task
         if self.balance.per_task and self.dist.enabled:
             raise ValueError(f"train.balance={self.balance.method} needs each task's gradient on its own, which "
@@ -347,7 +351,7 @@ class Trainer:
                 self.optimizer.step()
             self.scheduler.step()
         self.step += 1
-        self.budget.after_step(self.step, routing)
+        self.budget.after_step(self.step, [] if extra.get("skipped") else routing)  # (no update: no scores)
         dropped = sum((x.dropped_tokens for x in routing), 0)
         aux_values = {k: v.detach() for k, v in vars(aux).items()}
         return PendingStep(self.step, tasks, self.scheduler.get_last_lr()[0], loss.detach(), logs, aux_values,
@@ -484,6 +488,12 @@ class Trainer:
             raise stopped
         train_seconds = time.time() - t0
         results: dict = {"train_seconds": train_seconds}
+        unfinished = self.budget.unfinished()
+        if unfinished and main:
+            results["budget_unfinished"] = unfinished
+            tqdm.write("expert budget not reached (no tokens after the narrowing phase): " + "; ".join(
+                f"{t} in {len(layers)} layer(s), e.g. {layers[0]}" for t, layers in unfinished.items())
+                + "; its exact bundle keeps more experts: start the narrowing earlier or sample the task more")
         self.save()
         self.finish_checkpoint()
         self.sync_eval_model()

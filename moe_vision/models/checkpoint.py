@@ -14,6 +14,9 @@ from ..io_utils import atomic_path
 from .moe_vit import MoEViT
 
 FORMAT = "moe_vision.model/1"
+# Header key of files whose routers' expert masks (``router.allowed.<task>``) are saved: a file
+# without it predates the masks (every expert allowed); with it, a missing mask is an error.
+MASKS_SAVED = "router_masks"
 # Header format tag -> model class rebuilt as ``cls(**config)``; other rooms register theirs
 # (the generalist model lives in moe_vision.tasks, which models/ must not import).
 MODEL_FORMATS: dict[str, type] = {FORMAT: MoEViT}
@@ -28,7 +31,7 @@ def save_model(model, path: str | Path, extra_metadata: dict[str, str] | None = 
     path = Path(path)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     fmt = getattr(model, "checkpoint_format", FORMAT)
-    metadata = {"format": fmt, "config": json.dumps(model.config), **(extra_metadata or {})}
+    metadata = {"format": fmt, "config": json.dumps(model.config), MASKS_SAVED: "1", **(extra_metadata or {})}
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata=metadata)
     return path
@@ -71,7 +74,7 @@ def load_model_bytes(data: bytes, name: str = "checkpoint", map_location: str | 
     except (SafetensorError, ValueError, UnicodeDecodeError) as e:
         raise ValueError(f"{name} is not a readable safetensors file ({e})") from None
     model = _model_of(meta, name)
-    check_and_load(model, {k: v.to(map_location) for k, v in state.items()}, name)
+    check_and_load(model, {k: v.to(map_location) for k, v in state.items()}, name, MASKS_SAVED in meta)
     return model
 
 
@@ -82,15 +85,18 @@ _EXPERT_KEY = re.compile(r"\.(experts\.(\d+\.)?(w1|w2|b1|b2)|q_experts\.\w+|o_ex
 
 def load_weights(model, path: str | Path, map_location: str | torch.device = "cpu") -> None:
     """Load a checkpoint's weights into ``model``, naming the first mismatch clearly."""
-    read_metadata(path)
-    check_and_load(model, load_file(str(path), device=str(map_location)), path)
+    masks_saved = MASKS_SAVED in read_metadata(path)
+    check_and_load(model, load_file(str(path), device=str(map_location)), path, masks_saved)
 
 
-def check_and_load(model, state: dict[str, torch.Tensor], path) -> None:
-    """``model.load_state_dict(state)`` after checking keys and shapes, naming the first mismatch."""
+def check_and_load(model, state: dict[str, torch.Tensor], path, masks_saved: bool = True) -> None:
+    """``model.load_state_dict(state)`` after checking keys and shapes, naming the first mismatch.
+    ``masks_saved=False``: a file written before the routers' expert masks existed; its routers
+    allow every expert."""
     expected = model.state_dict()
-    # A checkpoint saved before the masks existed has none: the router fills them in on load.
-    missing = sorted(k for k in set(expected) - set(state) if not MASK_KEY.search(k))
+    if not masks_saved:
+        state = {**{k: torch.ones_like(v) for k, v in expected.items() if MASK_KEY.search(k)}, **state}
+    missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         raise ValueError(f"checkpoint {path} does not match the model: missing keys {missing[:5]}, "

@@ -231,24 +231,21 @@ class MoEViT(nn.Module):
     def tasks(self) -> list[str]:
         return list(self.task_embed.keys())
 
+    def moe_modules(self) -> dict[str, nn.Module]:
+        """MoE layer name -> the layer (``MoEAttention`` or ``MoEMLP``), in forward order: the one
+        list of a model's MoE layers that the budget, extraction and statistics read."""
+        return {m.layer_name: m for blk in self.blocks for m in (blk.attn, blk.mlp)
+                if isinstance(m, (MoEAttention, MoEMLP))}
+
     def moe_layers(self) -> dict[str, int]:
         """MoE layer name -> expert count, in forward order."""
-        out = {}
-        for blk in self.blocks:
-            for m in (blk.attn, blk.mlp):
-                if isinstance(m, (MoEAttention, MoEMLP)):
-                    out[m.layer_name] = m.num_experts
-        return out
+        return {name: m.num_experts for name, m in self.moe_modules().items()}
 
     def allowed_experts(self) -> dict[str, dict[str, list[int]]]:
         """MoE layer name -> task -> the experts the task's router may choose (all of them unless
         ``train.expert_budget`` narrowed it)."""
-        out = {}
-        for blk in self.blocks:
-            for m in (blk.attn, blk.mlp):
-                if isinstance(m, (MoEAttention, MoEMLP)):
-                    out[m.layer_name] = {t: m.router.allowed_mask(t).nonzero().flatten().tolist() for t in m.router.tasks}
-        return out
+        return {name: {t: m.router.allowed_mask(t).nonzero().flatten().tolist() for t in m.router.tasks}
+                for name, m in self.moe_modules().items()}
 
     def aux_losses(self, routing: Sequence[RoutingOutput]) -> AuxLosses:
         """Weighted auxiliary losses (weights from ``moe.aux_weights``) over a step's routing outputs."""

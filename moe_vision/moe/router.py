@@ -148,11 +148,18 @@ class TaskRouter(nn.Module):
             raise ValueError(f"an expert mask for {task!r} needs shape {tuple(current.shape)}, got {tuple(mask.shape)}")
         current.copy_(mask.to(torch.bool))
 
+    # Version 2 saves the expert masks. A state dict written by version 1 (torch records each
+    # module's version in ``state_dict()._metadata``) predates them: its tasks allow every expert.
+    # A state dict without that record (e.g. read from a safetensors file) must bring its masks
+    # (moe_vision.models.checkpoint fills them for files that predate them), so a strict load
+    # catches a model saved without them.
+    _version = 2
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        # Models saved before the masks existed allow every expert.
-        for task in self.tasks:
-            state_dict.setdefault(f"{prefix}allowed.{task}", torch.ones_like(self.allowed_mask(task)))
+        if local_metadata.get("version") is not None and local_metadata["version"] < 2:
+            for task in self.tasks:
+                state_dict.setdefault(f"{prefix}allowed.{task}", torch.ones_like(self.allowed_mask(task)))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
