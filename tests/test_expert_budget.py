@@ -230,37 +230,122 @@ def test_a_task_added_later_gets_its_budget_over_old_and_new_experts(budget_run,
     assert bit_identical(before, outputs_on_probe(grown, full.tasks, x))
 
 
-def test_spread_routing_gets_a_notice_and_the_search_finds_the_best_subset(tiny_run, tmp_path):
-    said = []
-    info = extract_bundle(tiny_run / "run", "det", tmp_path / "det", log=said.append)
-    assert info["rule"]["name"] == "selected"
-    spread = sum(len(k) for k in info["kept_experts"].values()) > 0.6 * sum(info["num_experts"].values())
-    notes = [m for m in said if m.startswith("note: 'det' uses")]
-    assert bool(notes) == spread and (not notes or "train.expert_budget.experts=N" in notes[0])
-    found = extract_bundle(tiny_run / "run", "det", tmp_path / "search", rule="search", value=2, log=said.append)
-    assert all(len(k) == 2 for k in found["kept_experts"].values()) and found["lossless_check"] is None
-    assert found["rule"] == {"name": "search", "value": 2, "error": "output"}
-    # The first layer's choice is the subset that moves the task's outputs least, among all of them.
-    from itertools import combinations
+def test_the_spread_notice_names_exact_bundles_that_keep_most_experts(tiny_run, tmp_path):
+    from moe_vision.surgery.pipeline import spread_notice
+    layers = {"blocks.1.mlp": 8, "blocks.3.mlp": 8}
+    five = {"blocks.1.mlp": [0, 1, 2, 3, 4], "blocks.3.mlp": [1, 2, 3, 4, 5]}  # 10 of 16: 62.5%
+    half = {"blocks.1.mlp": [0, 1, 2, 3], "blocks.3.mlp": [1, 2, 3, 4, 5]}  # 9 of 16: 56%
+    assert spread_notice("det", "selected", five, layers).startswith("note: 'det' uses 5/8, 5/8 experts per MoE layer")
+    assert spread_notice("det", "selected", half, layers) is None
+    assert "'det' may choose 5/8, 5/8 experts per MoE layer (its router was not narrowed in training)" in \
+        spread_notice("det", "allowed", five, layers)
+    assert spread_notice("det", "top_n", five, layers) is None  # not exact: it says so in its own way
+    said = []  # rule allowed on a model trained without a budget: every expert, and a line that says so
+    info = extract_bundle(tiny_run / "run", "det", tmp_path / "det", rule="allowed", log=said.append)
+    assert info["params"]["bundle"] == info["params"]["full"] - sum(
+        p.numel() for n, p in load_model(tiny_run / "run" / "model.safetensors").named_parameters()
+        if not n.startswith(("heads.det.", "backbone.")) and n.startswith("heads.") or "router.gates.cls" in n
+        or "router.gates.seg" in n or n.startswith("backbone.task_embed.") and not n.endswith(".det")
+        or "dn_label_embed" in n)
+    assert any(m.startswith("note: 'det' may choose 4/4") for m in said), said
+
+
+def _batches(run, task, split="train", images=256):
     from moe_vision.engine.builders import build_dataset, load_generalist
-    from moe_vision.engine.evaluate import iterate_batches
-    full, _, cfg = load_generalist(tiny_run / "run")
-    full.eval()
-    first = next(iter(full.backbone.moe_layers()))
-    module = dict(full.backbone.named_modules())[first]
-    batches = list(iterate_batches(build_dataset("det", {**full.spec("det").config(), **cfg["tasks"]["det"]},
-                                                 cfg["data"], "val", False), 64, 4))
+    from moe_vision.engine.evaluate import fixed_subset, iterate_batches
+    full, _, cfg = load_generalist(run)
+    data = build_dataset(task, {**full.spec(task).config(), **cfg["tasks"][task]}, cfg["data"], split, False)
+    return full.eval(), list(iterate_batches(fixed_subset(data, images), 64))
+
+
+def _only(n: int, subset) -> torch.Tensor:
+    return torch.zeros(n, dtype=torch.bool).index_fill(0, torch.tensor(list(subset)), True)
+
+
+def test_the_search_keeps_in_every_layer_in_forward_order_the_subset_that_moves_the_outputs_least(tiny_run, tmp_path):
+    from itertools import combinations
+    found = extract_bundle(tiny_run / "run", "cls", tmp_path / "search", rule="search", value=2, log=lambda m: None)
+    assert all(len(k) == 2 for k in found["kept_experts"].values()) and found["lossless_check"] is None
+    assert found["rule"] == {"name": "search", "value": 2, "per_task": {"cls": "search"}, "error": "output"}
+    assert found["calibration_split"] == "train" and found["calibration_images"] == {"cls": 26}
+    full, batches = _batches(tiny_run / "run", "cls")
+    floats = lambda out: {k: v for k, v in out.items() if torch.is_tensor(v) and v.is_floating_point()}
     with torch.no_grad():
-        want = [full(images, "det", targets=targets) for images, targets in batches]
-        errors = {}
-        for subset in combinations(range(module.num_experts), 2):
-            module.router.set_allowed("det", torch.zeros(module.num_experts, dtype=torch.bool).index_fill(
-                0, torch.tensor(subset), True))
-            got = [full(images, "det", targets=targets) for images, targets in batches]
-            keys = [k for k, v in want[0].items() if torch.is_tensor(v) and v.is_floating_point()]
-            errors[subset] = sum(sum(float((g[k] - w[k]).square().sum()) for g, w in zip(got, want))
-                                 / sum(float(w[k].square().sum()) for w in want) for k in keys)
-    assert tuple(found["kept_experts"][first]) == min(errors, key=errors.get)
+        want = [floats(full(images, "cls", targets=targets)) for images, targets in batches]
+        for layer, module in full.backbone.moe_modules().items():  # earlier layers already cut to their choice
+            errors = {}
+            for subset in combinations(range(module.num_experts), 2):
+                module.router.set_allowed("cls", _only(module.num_experts, subset))
+                got = [floats(full(images, "cls", targets=targets)) for images, targets in batches]
+                errors[subset] = sum(sum(float((g[k] - w[k]).square().sum()) for g, w in zip(got, want))
+                                     / sum(float(w[k].square().sum()) for w in want) for k in want[0])
+            best = min(errors, key=errors.get)
+            assert tuple(found["kept_experts"][layer]) == best, (layer, errors)
+            module.router.set_allowed("cls", _only(module.num_experts, best))
+
+
+def test_the_layer_search_works_on_moe_attention_and_picks_the_least_layer_error():
+    from itertools import combinations
+    from moe_vision.engine.builders import build_generalist
+    from moe_vision.surgery.select import search_subsets
+    model = build_generalist({"model": {"name": "moe_vit_nano_patch8", "img_size": 32,
+                                        "moe": {"num_experts": 4, "attn_blocks": "every_2", "attn_num_experts": 4,
+                                                "attn_top_k": 1}},
+                              "tasks": {"cls": {"type": "cls", "num_classes": 5}},
+                              "decoder": {"dim": 32, "num_queries": 6, "num_layers": 1, "num_heads": 2}}).eval()
+    batches = [(torch.randn(3, 3, 32, 32), None), (torch.randn(2, 3, 32, 32), None)]
+    layers = model.backbone.moe_modules()
+    first = next(iter(layers))
+    assert first.endswith(".attn")
+    kept = search_subsets(model, "cls", batches, 2, log=lambda m: None, error="layer")  # (crashed on attention)
+    assert set(kept) == set(layers) and all(len(k) == 2 for k in kept.values())
+    module, outputs = layers[first], []
+    hook = module.register_forward_hook(lambda m, args, out: outputs.append(out[0]))
+    errors = {}
+    with torch.no_grad():
+        for subset in [None, *combinations(range(4), 2)]:
+            outputs.clear()
+            if subset is not None:
+                module.router.set_allowed("cls", _only(4, subset))
+            for images, _ in batches:
+                model(images, "cls")
+            if subset is None:
+                want = list(outputs)
+            else:
+                errors[subset] = sum(float((o - w).square().sum()) for o, w in zip(outputs, want))
+    hook.remove()
+    assert tuple(kept[first]) == min(errors, key=errors.get)
+
+
+def test_a_multi_task_bundle_with_a_lossy_rule_routes_each_task_among_its_own_experts(tiny_run, tmp_path):
+    import copy
+    from moe_vision.surgery.bundle import load_bundle
+    info = extract_bundle(tiny_run / "run", "det,seg", tmp_path / "both", rule="search", value=2, log=lambda m: None)
+    bundle = load_bundle(tmp_path / "both")
+    for task in ("det", "seg"):
+        full, batches = _batches(tiny_run / "run", task, "val")
+        probe = copy.deepcopy(full)  # the full model with the task narrowed to what the search chose for it
+        for layer, module in probe.backbone.moe_modules().items():
+            module.router.set_allowed(task, _only(module.num_experts, info["kept_experts_per_task"][task][layer]))
+        with torch.no_grad():
+            for images, targets in batches:
+                a, b = probe(images, task, targets=targets), bundle(images, task, targets=targets)
+                assert all(torch.equal(v, b[k]) for k, v in a.items() if torch.is_tensor(v)), task
+
+
+def test_detection_outputs_are_compared_as_sets_of_queries(tiny_run):
+    from moe_vision.surgery.select import match_rows
+    full, batches = _batches(tiny_run / "run", "det", "val")
+    images, targets = batches[0]
+    with torch.no_grad():
+        ref = {k: v.float() for k, v in full(images, "det", targets=targets).items() if torch.is_tensor(v)
+               and v.is_floating_point()}
+    perm = torch.stack([torch.randperm(ref["logits"].shape[1]) for _ in range(ref["logits"].shape[0])])
+    shuffled = {k: v.gather(1, perm.view(*perm.shape, *[1] * (v.dim() - 2)).expand_as(v)) if k in ("logits", "boxes")
+                else v for k, v in ref.items()}
+    assert not torch.equal(shuffled["boxes"], ref["boxes"])  # the same queries in another order ...
+    matched = match_rows(shuffled, ref, full.spec("det").unordered_outputs)
+    assert all(torch.equal(matched[k], ref[k]) for k in ref)  # ... compare equal
 
 
 def test_a_checkpoint_saved_before_the_masks_existed_loads_with_every_expert_allowed(tiny_run, tmp_path):

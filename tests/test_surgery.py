@@ -202,3 +202,57 @@ def test_selected_bundle_is_bit_identical_when_experts_tie_on_a_padded_batch():
     out_small = small(images, "det", input_sizes=sizes)
     for k in ("logits", "boxes"):
         assert torch.equal(out[k], out_small[k]), k
+
+
+def test_extraction_refuses_options_its_rule_would_ignore_and_a_check_over_no_image(tiny_run, synthetic_root, tmp_path):
+    import re
+    import shutil
+    run, quiet = tiny_run / "run", (lambda m: None)
+    refused = [
+        (dict(rule="allowed", value=2), "--value 2 applies to --rule threshold/coverage/top_n/search only; rule "
+                                        "allowed takes no value"),
+        (dict(rule="search"), "--rule search needs --value"),
+        (dict(rule="top_n", value=2.5), "--rule top_n --value 2.5: expected a whole number of experts per layer"),
+        (dict(rule="selected", search_error="layer"), "--search-error layer applies to --rule search only"),
+        (dict(rule="top_n", value=2, dense=True), "--rule top_n does not apply to --dense"),
+        (dict(calibration_images=-1), "--calibration-images -1: expected 0 (all) or more"),
+    ]
+    for options, message in refused:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            extract_bundle(run, "det", tmp_path / "x", log=quiet, **options)
+    assert not (tmp_path / "x").exists()
+    # A split with no image: before, the lossless check passed over nothing and said "identical".
+    data = shutil.copytree(synthetic_root, tmp_path / "data")
+    ann = data / "det" / "annotations" / "instances_val.json"
+    ann.write_text(json.dumps({**json.loads(ann.read_text()), "images": [], "annotations": []}))
+    with pytest.raises(ValueError, match="instances_val.json lists no images"):  # the reader says so ...
+        extract_bundle(run, "det", tmp_path / "x", data_root=str(data), log=quiet)
+    assert not (tmp_path / "x").exists()
+    from moe_vision.engine.builders import load_generalist
+    from moe_vision.surgery.pipeline import outputs_identical
+    full = load_generalist(run)[0]
+    with pytest.raises(ValueError, match="the lossless check of 'det' has no image to compare"):  # ... and the check
+        outputs_identical(full, full, "det", [])
+
+
+def test_extract_experts_tool_prints_one_line_for_an_ignored_option(tiny_run, tmp_path):
+    from tests.tool_run import run_child
+    r = run_child("extract_experts.py", "--task", "det", "--checkpoint", tiny_run / "run", "--out", tmp_path / "x",
+                  "--rule", "allowed", "--value", "2")
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "error: --value 2 applies to --rule threshold/coverage/top_n/search only; rule allowed takes no value"]
+
+
+def test_a_bundle_records_what_its_check_compared_and_times_both_models_in_turn(tiny_run):
+    info = read_bundle_info(tiny_run / "experts" / "det")
+    check = info["lossless_check"]["per_task"]["det"]
+    assert check == {"identical": True, "max_abs_diff": 0.0, "split": "train", "images": 12}  # selected: its calibration
+    latency = info["latency_ms"]
+    assert latency["calls"] == 60 and latency["alternating"]
+    for model in ("full", "bundle"):
+        for batch in ("batch1", "batch8"):
+            q1, q3 = latency["quartiles"][model][batch]
+            assert 0 < q1 <= latency[model][batch] <= q3
+    card = (tiny_run / "experts" / "det" / "README.md").read_text()
+    assert "medians (quartiles) of 60 calls, the two models called in turn" in card
+    assert "outputs bit-identical on the 12 images of the `train` split it was checked on" in card

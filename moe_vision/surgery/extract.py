@@ -105,6 +105,20 @@ def extract_task(model: GeneralistModel, task: str | list[str], kept: dict[str, 
     return small.train(model.training)
 
 
+def route_among_own(small: GeneralistModel, kept: dict[str, list[int]],
+                    kept_per_task: dict[str, dict[str, list[int]]]) -> None:
+    """In a bundle of several tasks (``kept``: per layer the union of their experts), let each task's
+    router choose only among its own kept experts, so that a task routes in the bundle as it did
+    when its experts were chosen, alone (with a lossy rule, a task could otherwise pick another
+    task's experts, and its measured error would not describe the bundle)."""
+    for layer, module in small.backbone.moe_modules().items():
+        position = {e: i for i, e in enumerate(kept[layer])}
+        for task, own in kept_per_task.items():
+            mask = torch.zeros(len(kept[layer]), dtype=torch.bool)
+            mask[[position[e] for e in own[layer]]] = True
+            module.router.set_allowed(task, module.router.allowed_mask(task) & mask)
+
+
 def flops_per_image(model: GeneralistModel, task: str, image_size: int) -> int:
     """Multiply-accumulates x 2 of one forward pass, counted by torch's FLOP counter on one image
     (routing picks top_k experts per token whatever E is, so sparse layers count only active experts)."""

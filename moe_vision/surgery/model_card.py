@@ -59,10 +59,12 @@ def model_card(info: dict, name: str = "this bundle") -> str:
               "| | parameters | GFLOPs per image | latency batch 1 (ms) | latency batch 8 (ms) |",
               "|---|---:|---:|---:|---:|",
               f"| bundle | {p['bundle'] / 1e6:.2f}M | {f['bundle'][tasks[0]] / 1e9:.3f} | "
-              f"{t['bundle']['batch1']:.1f} | {t['bundle']['batch8']:.1f} |",
+              f"{_latency(t, 'bundle', 'batch1')} | {_latency(t, 'bundle', 'batch8')} |",
               f"| full model | {p['full'] / 1e6:.2f}M | {f['full'][tasks[0]] / 1e9:.3f} | "
-              f"{t['full']['batch1']:.1f} | {t['full']['batch8']:.1f} |", "",
-              f"FLOPs and latency of `{tasks[0]}`, PyTorch eager on the machine that extracted the bundle.", "",
+              f"{_latency(t, 'full', 'batch1')} | {_latency(t, 'full', 'batch8')} |", "",
+              f"FLOPs and latency of `{tasks[0]}`, PyTorch eager on the machine that extracted the bundle"
+              + (f": medians (quartiles) of {t['calls']} calls, the two models called in turn." if "quartiles" in t
+                 else "."), "",
               "## Experts kept per layer", "",
               "| layer | kept (of) | experts |", "|---|---:|---|"]
     for layer, kept in info["kept_experts"].items():
@@ -72,12 +74,12 @@ def model_card(info: dict, name: str = "this bundle") -> str:
             f"`{task}` " + ", ".join(f"{layer} {k}" for layer, k in per.items())
             for task, per in info["kept_experts_per_task"].items())]
     if info.get("lossless_check"):
-        same = info["lossless_check"]["identical"]
-        lines += ["", "Lossless check: outputs " + ("bit-identical to the full model" if same else
-                                                   f"differ from the full model (max |diff| "
-                                                   f"{info['lossless_check']['max_abs_diff']:.3g})")
-                  + f" on the `{info['lossless_check']['split']}` split"
-                  + _conditions(info["lossless_check"].get("conditions")) + "."]
+        lc = info["lossless_check"]
+        lines += ["", "Lossless check: outputs " + ("bit-identical to the full model" if lc["identical"] else
+                                                   f"differ from the full model (max |diff| {lc['max_abs_diff']:.3g})")
+                  + " on " + "; ".join(f"{v.get('images', '?')} `{v['split']}` images of `{t}`"
+                                       for t, v in lc["per_task"].items())
+                  + _conditions(lc.get("conditions")) + "."]
     example = tasks[0]
     lines += ["", "## Load it", "", "```python", "import moe_vision",
               f'model = moe_vision.load_bundle("{name}")        # this folder, or {name}.tar.gz',
@@ -93,19 +95,37 @@ def model_card(info: dict, name: str = "this bundle") -> str:
               "- Images are resized as the parent was trained (the input size and resize mode are stored in the "
               "model's config); its metrics come from the evaluation split named above, not from your data.",
               ]
-    if rule.startswith("allowed"):
-        lines.append("- `allowed` keeps every expert the task's router may choose (training narrowed it to them): "
-                     "the bundle answers every input exactly as the full model.")
-    elif rule.startswith("selected") or rule.startswith("auto"):
-        lines.append("- `selected` keeps every expert the task's router chose on the calibration split: on other "
-                     "images a token may want an expert that was cut (its next choice answers instead).")
-    elif dense:
-        lines.append("- The folded MLPs approximate the routed experts with their mean gates; distillation narrows "
-                     "the gap, the metrics above say how far.")
-    else:
-        lines.append(f"- Rule `{rule}` drops experts the router did choose: outputs differ from the full model "
-                     "(see the metrics).")
+    per_task_rule = info["rule"].get("per_task") or {t: info["rule"]["name"] for t in tasks}
+    checks = (info.get("lossless_check") or {}).get("per_task") or {}
+    for task in tasks:
+        lines.append(f"- `{task}`: " + _caveat(per_task_rule[task], checks.get(task), rule))
     return "\n".join(lines) + "\n"
+
+
+def _latency(t: dict, model: str, batch: str) -> str:
+    q = (t.get("quartiles") or {}).get(model, {}).get(batch)
+    return f"{t[model][batch]:.1f}" + (f" ({q[0]:.1f}-{q[1]:.1f})" if q else "")
+
+
+def _caveat(rule: str, check: dict | None, rule_text: str) -> str:
+    """What a task's rule promises, stated no further than its lossless check found."""
+    if rule == "dense":
+        return ("the folded MLPs approximate the routed experts with their mean gates; distillation narrows the "
+                "gap, the metrics above say how far.")
+    if rule in ("allowed", "selected"):
+        where = (f"on the {check['images']} images of the `{check['split']}` split it was checked on"
+                 if check else "on the images it was checked on")
+        if check and not check["identical"]:
+            return (f"rule `{rule}` should be exact, but its outputs differ from the full model {where} (max |diff| "
+                    f"{check['max_abs_diff']:.3g}): see docs/exactness.md for the conditions.")
+        if rule == "allowed":
+            return ("rule `allowed` keeps every expert the task's router may choose (training narrowed it to them): "
+                    f"the task routes as in the full model on every input; outputs bit-identical {where}.")
+        return ("rule `selected` keeps every expert the task's router chose on the calibration images: outputs "
+                f"bit-identical {where}; on other images a token may want an expert that was cut (its next choice "
+                "answers instead).")
+    return (f"rule `{rule_text}` drops experts the router did choose: outputs differ from the full model (see the "
+            "metrics).")
 
 
 def _conditions(conditions: dict | None) -> str:

@@ -19,8 +19,8 @@ from ..moe import ExpertUsage
 from ..progress import progress_bar
 from ..tasks import GeneralistModel
 from .bundle import BUNDLE_FORMAT, write_archive, write_bundle
-from .extract import extract_task, flops_per_image, union_of
-from .select import allowed_experts, is_budgeted, search_subsets, select_layer
+from .extract import extract_task, flops_per_image, route_among_own, union_of
+from .select import RULES, allowed_experts, is_budgeted, search_subsets, select_layer
 
 
 def relocate_data(data_cfg: dict, new_root: str) -> dict:
@@ -44,18 +44,22 @@ def task_usage(model: GeneralistModel, task: str, dataset, batch_size: int = 64,
 
 @torch.no_grad()
 def outputs_identical(full: GeneralistModel, small: GeneralistModel, task: str, dataset, batch_size: int = 64,
-                      max_batches: int | None = None) -> tuple[bool, float]:
+                      max_batches: int | None = None) -> tuple[bool, float, int]:
     """Whether every output tensor of both models is bit-identical on ``dataset`` (batched, padded and
-    masked as evaluation batches them); and the max difference."""
+    masked as evaluation batches them); the max difference; and how many images were compared (a
+    check over no image proves nothing: it raises)."""
     full.eval(), small.eval()
-    same, worst = True, 0.0
+    same, worst, images_seen = True, 0.0, 0
     for images, targets in iterate_batches(dataset, batch_size, max_batches):
         a, b = full(images, task, targets=targets), small(images, task, targets=targets)
+        images_seen += len(targets)
         for k, v in a.items():
             if isinstance(v, torch.Tensor):
                 same &= torch.equal(v, b[k])
                 worst = max(worst, float((v.float() - b[k].float()).abs().max()))
-    return same, worst
+    if images_seen == 0:
+        raise ValueError(f"the lossless check of '{task}' has no image to compare (empty split?)")
+    return same, worst, images_seen
 
 
 @torch.no_grad()
@@ -71,10 +75,28 @@ def median_call_ms(fn, x: torch.Tensor, repeats: int = 20, warmup: int = 3) -> f
     return statistics.median(times)
 
 
-def latency_ms(model: GeneralistModel, task: str, image_size: int, batch: int = 1, repeats: int = 20) -> float:
-    """Median milliseconds of one forward pass of ``batch`` images (after warm-up)."""
-    model.eval()
-    return median_call_ms(lambda x: model(x, task), torch.randn(batch, 3, image_size, image_size), repeats)
+@torch.no_grad()
+def alternating_latency_ms(models: dict, task: str, image_size: int, batch: int = 1, calls: int = 60,
+                           warmup: int = 5) -> dict[str, dict[str, float]]:
+    """Per model: median, first and third quartile of milliseconds per forward pass of ``batch``
+    images, the models called in turn (one call each, ``calls`` rounds after ``warmup``), so that
+    a slow spell of the machine falls on both alike."""
+    x = torch.randn(batch, 3, image_size, image_size)
+    for m in models.values():
+        m.eval()
+        for _ in range(warmup):
+            m(x, task)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(calls):
+        for name, m in models.items():
+            t0 = time.perf_counter()
+            m(x, task)
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    out = {}
+    for name, t in times.items():
+        q1, median, q3 = statistics.quantiles(t, n=4)
+        out[name] = {"median": median, "q1": q1, "q3": q3}
+    return out
 
 
 def parse_tasks(task: str | list[str]) -> list[str]:
@@ -85,6 +107,28 @@ def parse_tasks(task: str | list[str]) -> list[str]:
     return tasks
 
 
+VALUE_RULES = ("threshold", "coverage", "top_n", "search")  # the rules that take --value
+WHOLE_VALUE_RULES = ("top_n", "search")  # ... as a number of experts
+
+
+def check_rule_options(rule: str, value: float | None, search_error: str | None, dense: bool) -> None:
+    """One line for an option the chosen rule would ignore or cannot take."""
+    if rule not in RULES:
+        raise ValueError(f"--rule {rule!r}; expected one of {list(RULES)}")
+    if dense and rule != "auto":
+        raise ValueError(f"--rule {rule} does not apply to --dense (a dense specialist folds each layer's top_k "
+                         "experts by mean gate weight); leave --rule out")
+    if value is not None and (dense or rule not in VALUE_RULES):
+        raise ValueError(f"--value {value:g} applies to --rule {'/'.join(VALUE_RULES)} only; rule "
+                         f"{'dense' if dense else rule} takes no value")
+    if value is None and rule in VALUE_RULES:
+        raise ValueError(f"--rule {rule} needs --value")
+    if rule in WHOLE_VALUE_RULES and float(value) != int(value):
+        raise ValueError(f"--rule {rule} --value {value:g}: expected a whole number of experts per layer")
+    if search_error is not None and rule != "search":
+        raise ValueError(f"--search-error {search_error} applies to --rule search only")
+
+
 def resolve_rule(rule: str, modules: dict, task: str) -> str:
     """``auto`` is ``allowed`` for a task trained with an expert budget, ``selected`` otherwise."""
     if rule == "auto":
@@ -92,16 +136,18 @@ def resolve_rule(rule: str, modules: dict, task: str) -> str:
     return rule
 
 
-def spread_notice(task: str, kept: dict[str, list[int]], layers: dict[str, int]) -> str | None:
-    """One line for an exact bundle that keeps more than 60% of a task's experts: how many the task
-    uses per layer, and what gives a compact bundle."""
+def spread_notice(task: str, rule: str, kept: dict[str, list[int]], layers: dict[str, int]) -> str | None:
+    """One line for an exact bundle (rule ``allowed`` or ``selected``) that keeps more than 60% of a
+    task's experts: how many the task keeps per layer, and what gives a compact bundle."""
     used, total = sum(len(k) for k in kept.values()), sum(layers.values())
-    if used <= 0.6 * total:
+    if rule not in ("allowed", "selected") or used <= 0.6 * total:
         return None
     per_layer = ", ".join(f"{len(kept[layer])}/{n}" for layer, n in layers.items())
-    return (f"note: '{task}' uses {per_layer} experts per MoE layer, so its exact bundle is not compact; train with "
-            f"train.expert_budget.experts=N for a compact exact one, or pass --rule search --value N "
-            f"(the best N experts per layer by output error; not exact)")
+    why = (f"'{task}' may choose {per_layer} experts per MoE layer (its router was not narrowed in training)"
+           if rule == "allowed" else f"'{task}' uses {per_layer} experts per MoE layer")
+    return (f"note: {why}, so its exact bundle is not compact; train with train.expert_budget.experts=N for a "
+            f"compact exact one, or pass --rule search --value N (the best N experts per layer by output error; "
+            f"not exact)")
 
 
 def overlap_with_other_tasks(modules: dict, tasks: list[str], kept: dict[str, list[int]], all_tasks: list[str]) -> dict:
@@ -124,15 +170,23 @@ def select_experts(usage: ExpertUsage, modules: dict, task: str, rule: str, valu
 
 
 def extract_bundle(checkpoint: str | Path, task: str | list[str], out: str | Path, rule: str = "auto",
-                   value: float | None = None, data_root: str | None = None, calibration_split: str = "val",
+                   value: float | None = None, data_root: str | None = None, calibration_split: str = "train",
                    eval_split: str = "val", batch_size: int = 64, max_batches: int | None = None,
                    force: bool = False, log=print, dense: bool = False, distill_steps: int = 0,
-                   distill_split: str = "train", archive: bool = False, search_error: str = "output") -> dict:
+                   distill_split: str = "train", archive: bool = False, search_error: str | None = None,
+                   calibration_images: int = 256) -> dict:
     """Run the whole extraction and write the bundle folder (and with ``archive`` its ``.tar.gz``);
     returns ``bundle.json``'s content. ``task``: one task, or several (``"det,seg"``) for one bundle
-    answering each. ``dense``: a router-free specialist of one task (:mod:`.densify`), optionally
-    distilled for ``distill_steps`` steps on the ``distill_split`` images (labels unused)."""
+    answering each, each task routing among its own kept experts. ``dense``: a router-free
+    specialist of one task (:mod:`.densify`), optionally distilled for ``distill_steps`` steps on
+    the ``distill_split`` images (labels unused).
+
+    Experts are chosen on ``calibration_images`` images (a fixed subset, 0: all) of the
+    ``calibration_split`` split; metrics, and the lossless check of rule ``allowed``, use the
+    ``eval_split`` split (``max_batches``: at most that many batches of it); rule ``selected`` is
+    checked on its calibration images, the only ones on which it is exact."""
     out = Path(out)
+    check_rule_options(rule, value, search_error, dense)
     if out.exists() and not force:
         raise FileExistsError(f"{out} already exists; pass --force to replace it")
     tasks = parse_tasks(task)
@@ -140,6 +194,8 @@ def extract_bundle(checkpoint: str | Path, task: str | list[str], out: str | Pat
         raise ValueError(f"--dense makes a specialist of one task; got {','.join(tasks)}")
     if distill_steps and not dense:
         raise ValueError("--distill-steps trains a dense specialist: add --dense")
+    if calibration_images < 0:
+        raise ValueError(f"--calibration-images {calibration_images}: expected 0 (all) or more")
     full, model_file, run_cfg = load_generalist(checkpoint)
     for t in tasks:
         full.spec(t)  # unknown task -> lists the known ones
@@ -147,15 +203,20 @@ def extract_bundle(checkpoint: str | Path, task: str | list[str], out: str | Pat
         raise ValueError(f"{model_file} has no config.json beside it; pass the training run directory")
     data_cfg = relocate_data(run_cfg["data"], data_root) if data_root else run_cfg["data"]
     task_cfg = {t: {**full.spec(t).config(), **run_cfg["tasks"].get(t, {})} for t in tasks}
-    calib = {t: build_dataset(t, task_cfg[t], data_cfg, calibration_split, False) for t in tasks}
-    evalset = {t: calib[t] if eval_split == calibration_split else build_dataset(t, task_cfg[t], data_cfg, eval_split,
-                                                                                   False) for t in tasks}
-    layers = full.backbone.moe_layers()
-    modules = {name: m for name, m in full.backbone.named_modules() if name in layers}
-    usage = ExpertUsage(full.backbone.moe_layers(), tasks)
+    calib = {t: fixed_subset(build_dataset(t, task_cfg[t], data_cfg, calibration_split, False), calibration_images)
+             for t in tasks}
+    evalset = {t: build_dataset(t, task_cfg[t], data_cfg, eval_split, False) for t in tasks}
     for t in tasks:
-        log(f"expert usage of '{t}' on the {calibration_split} split ({len(calib[t])} images) ...")
-        task_usage(full, t, calib[t], batch_size, max_batches, usage)
+        for name, split, images in (("calibration", calibration_split, calib[t]), ("evaluation", eval_split,
+                                                                                    evalset[t])):
+            if len(images) == 0:
+                raise ValueError(f"the {split} split of '{t}' has no images ({name}); choose another split")
+    modules = full.backbone.moe_modules()
+    layers = full.backbone.moe_layers()
+    usage = ExpertUsage(layers, tasks)
+    for t in tasks:
+        log(f"expert usage of '{t}' on {len(calib[t])} images of the {calibration_split} split ...")
+        task_usage(full, t, calib[t], batch_size, None, usage)
     size = int(full.backbone.config["img_size"])
     extra: dict = {}
     if dense:
@@ -163,6 +224,7 @@ def extract_bundle(checkpoint: str | Path, task: str | list[str], out: str | Pat
                                                        task_cfg[tasks[0]], distill_split, distill_steps, batch_size,
                                                        max_batches, log)
         kept = {layer: kept_per_task[tasks[0]][layer]["experts"] for layer in layers}
+        per_task_rule = {tasks[0]: "dense"}
         rule, value = "dense", None
     else:
         per_task_rule = {t: resolve_rule(rule, modules, t) for t in tasks}
@@ -171,33 +233,40 @@ def extract_bundle(checkpoint: str | Path, task: str | list[str], out: str | Pat
         kept_per_task = {}
         for t in tasks:
             if per_task_rule[t] == "search":
-                log(f"searching {int(value)}-expert subsets of '{t}' on the {calibration_split} split ...")
-                kept_per_task[t] = search_subsets(full, t, list(iterate_batches(calib[t], batch_size, max_batches or 4)),
-                                                  int(value), log, search_error)
+                log(f"searching {int(value)}-expert subsets of '{t}' on {len(calib[t])} {calibration_split} images ...")
+                kept_per_task[t] = search_subsets(full, t, list(iterate_batches(calib[t], batch_size)), int(value),
+                                                  log, search_error or "output")
             else:
                 kept_per_task[t] = select_experts(usage, modules, t, per_task_rule[t], value)
+            advice = spread_notice(t, per_task_rule[t], kept_per_task[t], layers)
+            if advice:
+                log(advice)
         kept = union_of(kept_per_task)
         small = extract_task(full, tasks, kept)
-        for t in tasks:
-            if per_task_rule[t] == "selected":
-                advice = spread_notice(t, kept_per_task[t], layers)
-                if advice:
-                    log(advice)
+        if len(tasks) > 1:
+            route_among_own(small, kept, kept_per_task)
     lossless = None
-    if rule in ("selected", "allowed", "auto"):
+    exact = [t for t in tasks if per_task_rule[t] in ("selected", "allowed")]
+    if exact:
         per_task = {}
-        for t in tasks:
-            same, worst = outputs_identical(full, small, t, calib[t], batch_size, max_batches)
-            per_task[t] = {"identical": same, "max_abs_diff": worst}
-            log(f"lossless check of '{t}' on the {calibration_split} split: outputs "
+        for t in exact:
+            # allowed is exact on every input: checked on the evaluation split; selected on its calibration images.
+            on_eval = per_task_rule[t] == "allowed"
+            split, images = (eval_split, evalset[t]) if on_eval else (calibration_split, calib[t])
+            same, worst, n = outputs_identical(full, small, t, images, batch_size, max_batches if on_eval else None)
+            per_task[t] = {"identical": same, "max_abs_diff": worst, "split": split, "images": n}
+            log(f"lossless check of '{t}' on {n} images of the {split} split: outputs "
                 + ("bit-identical to the full model" if same else f"differ (max |diff| {worst:.3g})"))
         lossless = {"identical": all(v["identical"] for v in per_task.values()),
-                    "max_abs_diff": max(v["max_abs_diff"] for v in per_task.values()), "split": calibration_split,
+                    "max_abs_diff": max(v["max_abs_diff"] for v in per_task.values()),
+                    "split": per_task[exact[0]]["split"], "images": sum(v["images"] for v in per_task.values()),
                     "per_task": per_task, "conditions": exactness.describe()}
     metrics = {"full": {}, "bundle": {}}
     for t in tasks:
         metrics["full"][t] = evaluate(full, {t: evalset[t]}, batch_size, max_batches, progress=False)[t]
         metrics["bundle"][t] = evaluate(small, {t: evalset[t]}, batch_size, max_batches, progress=False)[t]
+    latency = {f"batch{b}": alternating_latency_ms({"full": full, "bundle": small}, tasks[0], size, b)
+               for b in (1, 8)}
     frequency = usage.frequency()
     info = {
         "format": BUNDLE_FORMAT,
@@ -209,17 +278,22 @@ def extract_bundle(checkpoint: str | Path, task: str | list[str], out: str | Pat
         "kept_experts": kept,
         "kept_experts_per_task": kept_per_task if not dense else {tasks[0]: kept},
         "num_experts": layers,
-        "rule": {"name": rule, "value": value, **({"error": search_error} if rule == "search" else {})},
+        "rule": {"name": rule, "value": value, "per_task": per_task_rule,
+                 **({"error": search_error or "output"} if "search" in per_task_rule.values() else {})},
         "calibration_split": calibration_split,
+        "calibration_images": {t: len(calib[t]) for t in tasks},
         "eval_split": eval_split,
+        "eval_images": {t: min(len(evalset[t]), (max_batches or len(evalset[t])) * batch_size) for t in tasks},
         "data_root": str(data_cfg["root"]),
         "classes": {t: list(full.spec(t).options.get("class_names") or []) for t in tasks},
         "params": {"full": parameter_counts(full)["total"], "bundle": parameter_counts(small)["total"]},
         "flops_per_image": {"full": {t: flops_per_image(full, t, size) for t in tasks},
                             "bundle": {t: flops_per_image(small, t, size) for t in tasks}},
-        "latency_ms": {"full": {f"batch{b}": latency_ms(full, tasks[0], size, b) for b in (1, 8)},
-                       "bundle": {f"batch{b}": latency_ms(small, tasks[0], size, b) for b in (1, 8)},
-                       "task": tasks[0]},
+        "latency_ms": {"full": {b: v["full"]["median"] for b, v in latency.items()},
+                       "bundle": {b: v["bundle"]["median"] for b, v in latency.items()},
+                       "quartiles": {m: {b: [v[m]["q1"], v[m]["q3"]] for b, v in latency.items()}
+                                     for m in ("full", "bundle")},
+                       "calls": 60, "alternating": True, "task": tasks[0]},
         "metrics": metrics,
         "chance": {t: chance_metrics(full, {t: evalset[t]})[t] for t in tasks},
         "lossless_check": lossless,

@@ -70,13 +70,37 @@ def _float_outputs(out: dict) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in out.items() if isinstance(v, torch.Tensor) and v.is_floating_point()}
 
 
-def _output_error(model, task: str, batches, reference: list[dict]) -> float:
+def match_rows(out: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], keys) -> dict[str, torch.Tensor]:
+    """``out``'s tensors with the rows of ``keys`` (``[B, Q, ...]``, a set per image) put in the
+    order that matches ``ref``'s best: per image the one-to-one assignment of least squared
+    difference over all those keys (each scaled by its reference's size). Other tensors unchanged."""
+    keys = [k for k in keys if k in ref and ref[k].dim() >= 2]
+    if not keys:
+        return out
+    from scipy.optimize import linear_sum_assignment
+    scale = {k: ref[k].square().mean().clamp(min=1e-30).sqrt() for k in keys}
+    rows = lambda d, b: torch.cat([(d[k][b] / scale[k]).reshape(d[k].shape[1], -1) for k in keys], 1)
+    order = []
+    for b in range(ref[keys[0]].shape[0]):
+        cost = torch.cdist(rows(ref, b).double(), rows(out, b).double()).square()
+        r, c = linear_sum_assignment(cost.numpy())
+        order.append(torch.as_tensor(c[r.argsort()]))
+    order_BQ = torch.stack(order)
+    return {k: (v.gather(1, order_BQ.view(*order_BQ.shape, *[1] * (v.dim() - 2)).expand_as(v)) if k in keys else v)
+            for k, v in out.items()}
+
+
+def output_error(model, task: str, batches, reference: list[dict]) -> float:
     """Sum over output tensors of their squared difference from ``reference``, each relative to
-    its own size (a task's outputs differ in scale: class logits against boxes in [0, 1])."""
+    its own size (a task's outputs differ in scale: class logits against boxes in [0, 1]). Rows
+    that form a set (the task's ``unordered_outputs``, e.g. detection queries, whose order follows
+    their proposals' scores) are matched first, so two models that find the same boxes in another
+    order do not differ."""
+    unordered = model.spec(task).unordered_outputs
     err: dict[str, float] = {}
     size: dict[str, float] = {}
     for (images, targets), ref in zip(batches, reference):
-        out = _float_outputs(model(images, task, targets=targets))
+        out = match_rows(_float_outputs(model(images, task, targets=targets)), ref, unordered)
         for k, v in ref.items():
             err[k] = err.get(k, 0.0) + float((out[k] - v).square().sum())
             size[k] = size.get(k, 0.0) + float(v.square().sum())
@@ -88,8 +112,9 @@ def search_subsets(model, task: str, batches, size: int, log=print, error: str =
     """Per MoE layer in forward order (the earlier layers already cut to their choice), the ``size``
     experts among those the task may choose whose cut changes the least (NAEE's layer-wise
     enumeration of expert subsets; Lu et al., 2024): with ``error="output"`` the task's outputs on
-    the calibration images (relative squared error, summed over output tensors), with ``"layer"``
-    the layer's own output on its calibration tokens. ``batches``: calibration ``(images, targets)``
+    the calibration images (relative squared error, summed over output tensors, detection's query
+    rows matched first: :func:`output_error`), with ``"layer"`` the layer's own output on the
+    tokens it receives (MLP or attention layer alike). ``batches``: calibration ``(images, targets)``
     pairs. Not exact: the bundle differs from the full model where a token's own choices were cut."""
     if error not in SEARCH_ERRORS:
         raise ValueError(f"search error {error!r}; expected one of {list(SEARCH_ERRORS)}")
@@ -105,17 +130,18 @@ def search_subsets(model, task: str, batches, size: int, log=print, error: str =
             raise ValueError(f"--rule search --value {size}: {layer} needs top_k={module.top_k} <= value <= "
                              f"{int(allowed.sum())} (the experts {task} may choose there)")
         if error == "layer":
-            inputs = []
-            hook = module.register_forward_hook(lambda mod, args, out: inputs.append(args[0].detach()))
+            calls = []  # the layer's inputs as the model called it ([B, N, D] tokens, attention masks)
+            hook = module.register_forward_hook(
+                lambda mod, args, kwargs, out: calls.append((args, kwargs)), with_kwargs=True)
             for images, targets in batches:
                 probe(images, task, targets=targets)
             hook.remove()
-            x = torch.cat([t.reshape(-1, t.shape[-1]) for t in inputs])
-            want = module(x, task)[0]
-            scale = want.square().sum().clamp(min=1e-30)
-            measure = lambda: float((module(x, task)[0] - want).square().sum() / scale)
+            want = [module(*args, **kwargs)[0] for args, kwargs in calls]
+            scale = sum(float(w.square().sum()) for w in want) or 1e-30
+            measure = lambda: sum(float((module(*args, **kwargs)[0] - w).square().sum())
+                                  for (args, kwargs), w in zip(calls, want)) / scale
         else:
-            measure = lambda: _output_error(probe, task, batches, reference)
+            measure = lambda: output_error(probe, task, batches, reference)
         best, best_err = None, float("inf")
         candidates = list(itertools.combinations(torch.nonzero(allowed).flatten().tolist(), size))
         for subset in candidates:

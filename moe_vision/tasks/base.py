@@ -87,6 +87,9 @@ class Task:
     loss_defaults: dict[str, float] = {}  # loss term -> default weight (overridden by ``loss_weights``)
     uses_deep_supervision = False  # read every decoder layer while training (DETR's auxiliary losses)
     training_only: tuple[str, ...] = ()  # head parameters used only while training (dropped from bundles)
+    # Output tensors whose rows [B, Q, ...] form a set per image (their order is data-dependent):
+    # comparisons of two models' outputs match rows before they compare values.
+    unordered_outputs: tuple[str, ...] = ()
     queries_from_targets = False  # the task builds its queries from the targets, also when evaluating (MIM)
 
     def __init__(self, name: str, num_classes: int = 0, loss_weights: dict | None = None, **options: Any) -> None:

@@ -226,6 +226,7 @@ class DetectionTask(Task):
     type_name, primary_metric = "det", "mAP"
     loss_defaults = {"class": 2.0, "l1": 5.0, "giou": 2.0, "dense": 1.0, "denoising": 1.0}
     training_only = ("dn_label_embed",)
+    unordered_outputs = ("logits", "boxes")  # queries come in the order of their proposals' scores
 
     def option(self, key: str, default):
         """The task option ``key`` (``tasks.<name>.<key>``), ``default`` when the config leaves it out."""
