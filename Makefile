@@ -81,6 +81,8 @@ demo: $(STAMP)
 BASELINE_LRS ?= 2.5e-4 5e-4 1e-3
 
 baselines: $(STAMP)
+	@ls -d runs/synthetic-s$(SEED)-* >/dev/null 2>&1 || { echo "make baselines compares the dense models with the newest \
+	demo run of seed $(SEED), and there is none: run make demo SEED=$(SEED) first"; exit 2; }
 	$(PY) tools/make_synthetic.py
 	for t in cls det seg; do for lr in $(BASELINE_LRS); do \
 	  $(PY) tools/train.py experiment=synthetic_single_task single_task=$$t seed=$(SEED) train.lr=$$lr \

@@ -1,6 +1,7 @@
 """The bit-for-bit checks with operands in other memory layouts than the full model used.
 
-``python tests/exactness_probe.py`` prints one JSON line: whether a ``selected`` bundle and a model
+``python tests/exactness_probe.py`` prints one JSON line: whether a bundle that cuts half of each
+layer's experts (det narrowed to 2 of 4, as a budget leaves it) and a model
 grown by ``add_task`` still give the full model's outputs bit for bit when every parameter, buffer
 and input sits at a misaligned address (an offset view into a larger buffer) and the input is a
 strided view, plus the single ``linear`` calls that differ without MKL's strict mode. The test
@@ -81,9 +82,14 @@ def checks() -> dict:
         for name, p in model.named_parameters():
             if name.startswith("adapters."):
                 p.normal_(std=0.1)
+    # det narrowed to 2 of the 4 experts per layer (as a budget leaves it): the bundle cuts the other 2.
+    for module in model.backbone.moe_modules().values():
+        module.router.set_allowed("det", torch.tensor([False, True, False, True]))
     x = torch.randn(2, 3, 32, 32)
     before = outputs_on_probe(model, list(TASKS), x)  # parameters trainable, aligned, contiguous input
-    kept = {layer: list(range(n)) for layer, n in model.backbone.moe_layers().items()}
+    kept = model.backbone.allowed_experts()
+    kept = {layer: per_task["det"] for layer, per_task in kept.items()}
+    assert all(len(k) == 2 for k in kept.values())
     bundle = relocate(extract_task(model, "det", kept).eval())
     grown = relocate(add_task(model, "depth", {"type": "depth"}, new_experts=1).eval())
     moved = strided_input(x)

@@ -98,7 +98,9 @@ def check_command(cmd: list[str]) -> None:
                 assert t.startswith("-") or t in targets, f"make target {t!r} is not in the Makefile"
         return
     i = next(i for i, t in enumerate(cmd) if TOOL.match(t))
-    tool, args = ROOT / cmd[i].lstrip("./"), [a.strip("[]") for a in cmd[i + 1:] if a not in ("...", "[", "]")]
+    tool, args = ROOT / cmd[i].lstrip("./"), cmd[i + 1:]
+    shown = placeholders(args)
+    assert not shown, f"placeholders {shown} in a runnable command: write a real value, or the option on a comment line"
     assert tool.is_file(), f"{cmd[i]} does not exist"
     source = tool.read_text()
     if "@hydra.main" in source:
@@ -116,6 +118,13 @@ def check_command(cmd: list[str]) -> None:
             f"{cmd[i]} has no option {flag} (see its --help)"
 
 
+def placeholders(args: list[str]) -> list[str]:
+    """Arguments that stand for something to fill in (``[--json out.json]``, ``...``, ``<dir>``)
+    rather than run; a Hydra list value (``key=[1,3]``) is a real value."""
+    return [a for a in args if "..." in a or a.startswith(("[", "<")) or (a.endswith("]") and "[" not in a)
+            or (a.endswith(">") and "<" in a)]
+
+
 def test_the_docs_have_commands_to_check():
     assert len(COMMANDS) > 60 and {d.name for d, _ in COMMANDS} >= {"README.md", "real_data.md", "serve.md"}
 
@@ -127,9 +136,38 @@ def test_documented_command_matches_the_code(doc, cmd):
 
 def test_the_check_catches_drift():
     for bad in (["python", "tools/train.py", "train.stepz=3"], ["python", "tools/predict.py", "--no-such-flag"],
+                ["python", "tools/summarize_runs.py", "runs/a", "[--json", "summary.json]"],
+                ["python", "tools/train.py", "experiment=synthetic", "..."],
+                ["python", "tools/train.py", "experiment=synthetic", "[data.max_train_images=256"],
                 ["make", "tset"], ["make", "demo", "SEEDS=1"], ["python", "tools/nope.py"], ["python", "tools/train.py", "experiment=unreal"]):
         with pytest.raises(Exception):
             check_command(bad)
+
+
+VENV = re.compile(r"source \.venv/bin/activate|\.venv/bin/python")
+
+
+def needs_a_venv_word(doc: Path, text: str) -> bool:
+    """A page that runs ``python tools/...`` without saying where that python comes from (a fresh
+    shell after ``make demo`` has no environment active)."""
+    runs_python = any(cmd[0] in ("python", "python3", "torchrun") for cmd in shell_commands(text))
+    return runs_python and not VENV.search(text)
+
+
+def test_every_page_with_python_commands_says_which_environment_runs_them():
+    assert [str(d.relative_to(ROOT)) for d in DOCS if needs_a_venv_word(d, d.read_text())] == []
+    readme = (ROOT / "README.md").read_text()
+    first_python = min(readme.find("\npython tools/"), readme.find("python tools/"))
+    assert 0 <= readme.find("source .venv/bin/activate") < readme.find("\npython tools/"), \
+        "README: activate the environment before the first python command"
+    assert first_python >= 0
+
+
+def test_the_environment_check_catches_a_page_that_assumes_one():
+    bare = "```bash\npython tools/train.py experiment=synthetic\n```\n"
+    assert needs_a_venv_word(Path("x.md"), bare)
+    assert not needs_a_venv_word(Path("x.md"), "Run `source .venv/bin/activate` first.\n" + bare)
+    assert not needs_a_venv_word(Path("x.md"), "```bash\nmake demo\n```\n")
 
 
 def test_every_docs_page_is_linked_from_the_readme_or_another_page():
@@ -217,7 +255,7 @@ def _default_output_dir(cmd: list[str]) -> str | None:
     if Path(cmd[i]).name not in ("train.py", "pretrain.py") or any(t.startswith("output_dir=") for t in cmd):
         return None
     from hydra import compose, initialize_config_dir
-    args = [a.strip("[]") for a in cmd[i + 1:] if a not in ("...", "[", "]")]
+    args = cmd[i + 1:]
     overrides = [a for a in args if "=" in a and not a.startswith("-")]
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         return str(compose("train", overrides=overrides).output_dir)
@@ -271,6 +309,8 @@ def test_the_run_folder_check_catches_a_folder_nothing_creates():
 
 # ---------------------------------------------------------------- figures in the topic pages
 CITED = re.compile(r"et al\.")
+WORDED_MULTIPLE = re.compile(r"\b(?:two|three|four|five|six|seven|eight|nine|ten|twenty|fifty|a hundred|hundred)"
+                             r"(?:fold|\s+times)\b", re.I)
 
 
 def untraced_in_page(text: str, pages: dict[str, str]) -> list[str]:
@@ -279,8 +319,13 @@ def untraced_in_page(text: str, pages: dict[str, str]) -> list[str]:
     are left out; a line that names its published source (``et al.``) quotes it."""
     linked = "\n".join(body for name, body in pages.items() if f"results/{name}" in text)
     prose = re.sub(r"`[^`\n]*`", "", re.sub(r"```.*?```", "", text, flags=re.S))
-    return [f"{m.group(1)!r} in: {line.strip()[:100]}" for line in prose.splitlines() if not CITED.search(line)
-            for m in FIGURE.finditer(line) if m.group(1) not in linked]
+    found = [f"{m.group(1)!r} in: {line.strip()[:100]}" for line in prose.splitlines() if not CITED.search(line)
+             for m in FIGURE.finditer(line) if m.group(1) not in linked]
+    # A multiple in words ("ten times slower") rounds a measured ratio where nobody can check it
+    # against the results page: write the measured figure.
+    found += [f"{m.group(0)!r} in words: {line.strip()[:100]}" for line in prose.splitlines()
+              if not CITED.search(line) for m in WORDED_MULTIPLE.finditer(line)]
+    return found
 
 
 @pytest.mark.parametrize("page", sorted((ROOT / "docs").glob("*.md")), ids=lambda p: p.name)
@@ -294,3 +339,5 @@ def test_the_page_check_catches_a_measured_figure_without_a_source():
     assert untraced_in_page(good, pages) == []
     assert [u.split(" in:")[0] for u in untraced_in_page(good.replace("1.07 s", "1.2 s"), pages)] == ["'1.2 s'"]
     assert untraced_in_page("about 8 minutes on an H100 (~3.5 min)", pages) == ["'3.5 min' in: about 8 minutes on an H100 (~3.5 min)"]
+    assert untraced_in_page("about ten times slower than scipy ([log](results/x.md))", pages) == [
+        "'ten times' in words: about ten times slower than scipy ([log](results/x.md))"]

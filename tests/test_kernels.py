@@ -9,7 +9,7 @@ import torch
 from moe_vision.moe import MoEAttention, MoEMLP
 from moe_vision.moe import grouped
 from moe_vision.moe.grouped import grouped_linear
-from tests.tool_run import run_tool
+from tests.tool_run import run_child, run_tool
 
 pytestmark = pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="this torch has no torch._grouped_mm")
 
@@ -152,7 +152,7 @@ def test_bf16_autocast_training_on_the_cpu_trains_and_evaluates(synthetic_root, 
 def test_gpu_check_without_a_gpu_is_one_line():
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    r = run_tool("gpu_check.py", "--out", "/tmp/never.md")
+    r = run_child("gpu_check.py", "--out", "/tmp/never.md")  # a real process: nothing else on its stderr
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         "error: make gpu-check needs a CUDA GPU; this machine has none (torch.cuda.is_available() is False). A dry "
         "run of the same path: python tools/gpu_check.py --device cpu --quick --out /tmp/gpu.md"]

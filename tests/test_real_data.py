@@ -254,7 +254,7 @@ def test_bench_data_reports_loader_rates_and_the_gpu_side(tmp_path):
 
 
 def test_loader_workers_beyond_the_cores_are_capped_with_one_line():
-    from moe_vision.engine.trainer import cap_workers
+    from moe_vision.engine.setup import cap_workers
     capped, note = cap_workers({"(evaluation)": 6, "cls": 12, "det": 1}, cores=2)
     assert capped == {"(evaluation)": 2, "cls": 2, "det": 1}
     assert note == ("data loader workers asked for ((evaluation) 6, cls 12) exceed the 2 CPU core(s) here: "

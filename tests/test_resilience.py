@@ -258,7 +258,7 @@ def test_a_decompression_bomb_is_one_line_or_skipped_with_a_count(tiny_run, synt
         f"error: image {bomb} has more than 179 megapixels, which PIL refuses to decode (a possible decompression "
         "bomb); the limit is 40 megapixels (--max-megapixels)"]
     big = _huge_png(tmp_path / "big.png", 8000)  # 64 megapixels: under PIL's refusal, over our limit
-    r = run_tool("predict.py", "--bundle", bundle, big, "--out", tmp_path / "p0")
+    r = run_child("predict.py", "--bundle", bundle, big, "--out", tmp_path / "p0", timeout=120)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         f"error: image {big} is 8000x8000 pixels; the limit is 40 megapixels (--max-megapixels)"]
     good = next((synthetic_root / "det" / "val").glob("*.png"))
@@ -268,7 +268,7 @@ def test_a_decompression_bomb_is_one_line_or_skipped_with_a_count(tiny_run, synt
 
 
 def test_bench_data_names_the_experiments_that_exist():
-    r = run_tool("bench_data.py", "--experiment", "nosuch")
+    r = run_child("bench_data.py", "--experiment", "nosuch", timeout=120)  # a real process: one line on stderr
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         "error: --experiment 'nosuch' does not exist; the experiments are pretrain_glid, pretrain_hybrid, real, "
         "real_base, synthetic, synthetic_long, synthetic_single_task"]

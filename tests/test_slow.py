@@ -26,8 +26,11 @@ def test_demo_recipe_learns_every_task_far_above_chance(tmp_path):
     out = trainer.fit()
     metrics, chance = out["metrics"], out["chance"]
     # At 500 steps cls is at the start of its rise: top-1 0.30 with the recipe's expert budget and
-    # 0.35 without it (top-5 0.82 and 0.73; 2 threads, 2026-12-06), against chance 0.077.
+    # 0.35 without it (top-5 0.82 and 0.73; 2 threads, 2026-12-06), against chance 0.077 (top-5
+    # 0.38). Top-1 moves most from run to run at this point, so the stronger check is on top-5:
+    # its error at most half the chance ranking's.
     assert metrics["cls"]["top1"] > 3 * chance["cls"]["top1"], metrics
+    assert 1 - metrics["cls"]["top5"] < 0.5 * (1 - chance["cls"]["top5"]), metrics
     assert metrics["seg"]["mIoU"] > 2 * chance["seg"]["mIoU"], metrics
     assert metrics["det"]["mAP50"] > 0.1 and chance["det"]["mAP50"] < 0.01, metrics
     # The recipe's expert budget: every task may choose 2 experts per MoE layer, so its bundle is compact.

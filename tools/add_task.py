@@ -3,7 +3,8 @@
 
     python tools/add_task.py --checkpoint runs/synthetic --task depth --data data/synthetic/depth \
         --new-experts 2 --out runs/synthetic+depth
-    torchrun --nproc_per_node 2 tools/add_task.py ...       # the same, data parallel
+    torchrun --nproc_per_node 2 tools/add_task.py --checkpoint runs/synthetic --task depth \
+        --data data/synthetic/depth --new-experts 2 --out runs/synthetic+depth-ddp     # the same, data parallel
 
 Every pre-existing parameter is frozen (requires_grad=False, excluded from the optimizer); after
 training the tool checks that every old task's outputs on a probe batch are bit-identical and

@@ -57,7 +57,7 @@ def data_report(experiment: str, overrides: list[str], fixtures: Path, images: i
     report = {"experiment": experiment, "overrides": overrides, "loader": rates, "input_size": size,
               "batch_size": {t: int(tc["batch_size"]) for t, tc in tasks.items()}, "gpus": gpus}
     if cost:
-        from ..engine.trainer import task_workers
+        from ..engine.setup import task_workers
         c = report["cost"] = step_report(cfg, gpus, peak_tflops, mfu)
         loader_step = 0.0
         for t, r in rates.items():

@@ -53,7 +53,7 @@ class ExpertBudget:
         cfg = dict(cfg or {"experts": None, "tasks": {}, "start": 0.0, "end": 1.0, "every": 1})
         unknown, missing = sorted(set(cfg) - set(OPTIONS)), sorted(set(OPTIONS) - set(cfg))
         if unknown or missing:
-            raise ValueError(f"train.expert_budget: " + (f"unknown option(s) {unknown}; " if unknown else "")
+            raise ValueError("train.expert_budget: " + (f"unknown option(s) {unknown}; " if unknown else "")
                              + (f"missing option(s) {missing}; " if missing else "") + f"expected {list(OPTIONS)}")
         self.reduce, self.rank = reduce, rank
         self.routers = {name: m.router for name, m in layers.items()}
