@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo baselines test test-slow test-browser benchmark gpu-wheels gpu-check install clean
+.PHONY: demo baselines test test-slow test-browser test-timm benchmark gpu-wheels gpu-check install clean
 
 STAMP_NOW := $(shell date +%Y%m%d-%H%M%S)
 
@@ -36,6 +36,22 @@ test-browser: $(STAMP)
 	  { echo "make test-browser needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)"; exit 1; }
 	PIP_FIND_LINKS= $(PY) -m pip install --quiet --quiet -e '.[browser]'
 	$(PY) -m pytest -q -m browser; rc=$$?; if [ $$rc -eq 5 ]; then echo "no browser tests collected"; exit 1; fi; exit $$rc
+
+# timm's own model test-suite (tests/test_models.py of the installed timm's source release, from
+# PyPI) run unchanged on the registered moe_vit models, moe_vision loaded first as a plugin.
+# TorchScript is left out: torch deprecates it, and the MoE layers' routing is Python that it
+# cannot compile (torch.export and ONNX are the supported graphs: docs/export.md).
+TIMM_MODELS := moe_vit_nano_patch8 or moe_vit_tiny_patch8
+test-timm: $(STAMP)
+	@v=$$($(PY) -c "import timm; print(timm.__version__)"); d=.cache/timm-$$v; \
+	if [ ! -f $$d/test_models.py ]; then \
+	  rm -rf $$d.tmp && mkdir -p $$d.tmp && \
+	  PIP_FIND_LINKS= $(PY) -m pip download --quiet --quiet --no-deps --no-binary :all: "timm==$$v" -d $$d.tmp && \
+	  tar -xzf $$d.tmp/timm-$$v.tar.gz -C $$d.tmp "timm-$$v/tests/test_models.py" && \
+	  mv $$d.tmp/timm-$$v/tests/test_models.py $$d.tmp/ && rm -rf $$d.tmp/timm-$$v $$d.tmp/*.tar.gz && mv $$d.tmp $$d; \
+	fi; \
+	cd $$d && $(CURDIR)/$(PY) -m pytest -q -p moe_vision -p no:cacheprovider -W ignore test_models.py \
+	  -k "($(TIMM_MODELS)) and not torchscript"; rc=$$?; if [ $$rc -eq 5 ]; then echo "no timm tests collected"; exit 1; fi; exit $$rc
 
 benchmark: $(STAMP)
 	$(PY) tools/benchmark.py --json benchmark.json

@@ -31,7 +31,7 @@ def test_pretrained_is_refused_without_download():
 def test_features_shapes_routing_and_aux_losses():
     model = _nano()
     x = torch.randn(2, 3, 64, 64)
-    tokens, routing = model.forward_features(x, "det", return_routing=True)
+    tokens, routing = model.forward_tokens(x, "det", return_routing=True)
     assert tokens.shape == (2, 1 + 64, 96)
     assert [r.layer for r in routing] == list(model.moe_layers()) == ["blocks.1.mlp", "blocks.3.mlp"]
     assert all(r.task == "det" for r in routing)
@@ -42,7 +42,7 @@ def test_features_shapes_routing_and_aux_losses():
     aux = model.aux_losses(routing)
     assert torch.isfinite(aux.total)
     # Another image size divisible by the patch works (position embedding resampled).
-    assert model.forward_features(torch.randn(1, 3, 48, 80), "cls").shape == (1, 1 + 6 * 10, 96)
+    assert model.forward_tokens(torch.randn(1, 3, 48, 80), "cls").shape == (1, 1 + 6 * 10, 96)
 
 
 def test_task_conditioning_changes_features():
@@ -50,13 +50,13 @@ def test_task_conditioning_changes_features():
     with torch.no_grad():
         model.task_embed["det"].normal_()
     x = torch.randn(1, 3, 64, 64)
-    assert not torch.allclose(model.forward_features(x, "cls"), model.forward_features(x, "det"))
+    assert not torch.allclose(model.forward_tokens(x, "cls"), model.forward_tokens(x, "det"))
 
 
 def test_attention_experts_in_backbone_train():
     model = timm.create_model("moe_vit_nano_patch8", tasks=TASKS, moe={"attn_blocks": "all", "attn_top_k": 3,
                                                                         "num_experts": 4})
-    tokens, routing = model.forward_features(torch.randn(2, 3, 32, 32), "cls", return_routing=True)
+    tokens, routing = model.forward_tokens(torch.randn(2, 3, 32, 32), "cls", return_routing=True)
     assert len(routing) == 4 + 2  # 4 attention-expert layers, 2 MoE MLPs
     (tokens.mean() + model.aux_losses(routing).total).backward()
     assert model.blocks[0].attn.q_experts.weight.grad is not None
@@ -65,9 +65,9 @@ def test_attention_experts_in_backbone_train():
 def test_bad_inputs_have_clear_errors():
     model = _nano()
     with pytest.raises(KeyError, match=r"unknown task 'depth'; this model knows tasks \['cls', 'det', 'seg'\]"):
-        model.forward_features(torch.randn(1, 3, 64, 64), "depth")
+        model.forward_tokens(torch.randn(1, 3, 64, 64), "depth")
     with pytest.raises(ValueError, match=r"image size 60x64 is not divisible by patch size 8"):
-        model.forward_features(torch.randn(1, 3, 60, 64), "cls")
+        model.forward_tokens(torch.randn(1, 3, 60, 64), "cls")
     with pytest.raises(ValueError, match="granularity"):
         timm.create_model("moe_vit_nano_patch8", tasks=TASKS, moe={"granularity": 5})
     with pytest.raises(ValueError, match="unknown MoE option"):
@@ -80,7 +80,7 @@ def test_save_load_roundtrip_identical(tmp_path):
     path = save_model(model, tmp_path / "m.safetensors")
     again = load_model(path).eval()
     assert again.config == model.config
-    assert torch.equal(model.forward_features(x, "seg"), again.forward_features(x, "seg"))
+    assert torch.equal(model.forward_tokens(x, "seg"), again.forward_tokens(x, "seg"))
     assert not list(tmp_path.glob(".*.tmp"))
 
 
@@ -115,7 +115,7 @@ def test_upcycling_reproduces_dense_features_for_every_task(tmp_path, moe):
     x = torch.randn(2, 3, 64, 64)
     ref = dense.forward_features(x)
     for task in TASKS:
-        torch.testing.assert_close(model.forward_features(x, task), ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model.forward_tokens(x, task), ref, atol=1e-5, rtol=1e-5)
 
 
 def test_upcycling_from_safetensors_and_mismatch(tmp_path):
@@ -146,7 +146,7 @@ def test_torchvision_mismatch_gives_one_clear_error():
 
 def test_conv_stem_builds_trains_and_refuses_upcycling(tmp_path):
     model = timm.create_model("moe_vit_nano_patch8", tasks=["cls"], stem="conv")
-    tokens = model.forward_features(torch.randn(2, 3, 64, 64), "cls")
+    tokens = model.forward_tokens(torch.randn(2, 3, 64, 64), "cls")
     assert tokens.shape == (2, 65, 96)
     tokens.mean().backward()
     assert model.patch_embed.stem[0].weight.grad is not None
@@ -159,11 +159,11 @@ def test_conv_stem_builds_trains_and_refuses_upcycling(tmp_path):
 def test_grad_checkpointing_gives_same_gradients():
     model = _nano(moe={"num_experts": 4}).train()
     x = torch.randn(2, 3, 64, 64)
-    model.forward_features(x, "cls").square().mean().backward()
+    model.forward_tokens(x, "cls").square().mean().backward()
     ref = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
     model.grad_checkpointing = True
-    model.forward_features(x, "cls").square().mean().backward()
+    model.forward_tokens(x, "cls").square().mean().backward()
     for n, p in model.named_parameters():
         if n in ref:
             torch.testing.assert_close(p.grad, ref[n])

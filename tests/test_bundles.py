@@ -82,7 +82,7 @@ def test_a_dense_vit_s_specialist_loads_into_timm_and_gives_the_same_features():
     assert not result.missing_keys and not result.unexpected_keys
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
-        torch.testing.assert_close(vit.eval().forward_features(x), dense.backbone.forward_features(x, "cls"),
+        torch.testing.assert_close(vit.eval().forward_features(x), dense.backbone.forward_tokens(x, "cls"),
                                    atol=1e-5, rtol=1e-5)
 
 

@@ -56,7 +56,7 @@ def test_build_model_from_checkpoint_checks_tasks(tmp_path):
     path = save_model(model, tmp_path / "m.safetensors")
     again = build_model({"name": "ignored", "checkpoint": str(path)}, ["cls"])
     x = torch.randn(1, 3, 64, 64)
-    assert torch.equal(again.eval().forward_features(x, "cls"), model.eval().forward_features(x, "cls"))
+    assert torch.equal(again.eval().forward_tokens(x, "cls"), model.eval().forward_tokens(x, "cls"))
     with pytest.raises(ValueError, match=r"has no task\(s\) \['det'\]"):
         build_model({"checkpoint": str(path)}, ["cls", "det"])
 

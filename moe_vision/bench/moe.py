@@ -232,7 +232,7 @@ def run_model_case(case: ModelCase, device: torch.device, dtype: torch.dtype, wa
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
 
         def loss_of(images: torch.Tensor) -> torch.Tensor:
-            tokens, routing = model.forward_features(images, "cls", return_routing=True)
+            tokens, routing = model.forward_tokens(images, "cls", return_routing=True)
             return tokens.float().pow(2).mean() + model.aux_losses(routing).total.to(tokens.device)
         loss_fn = _maybe_compile(loss_of, compiled)
 

@@ -15,8 +15,10 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 import torch.nn.functional as F
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from torch.utils.checkpoint import checkpoint
 from timm.layers import DropPath, LayerScale, Mlp, PatchEmbed, resample_abs_pos_embed, trunc_normal_
+from timm.models import register_notrace_module
 from timm.models.vision_transformer import Attention
 
 from ..moe import AuxLosses, AuxLossWeights, MoEAttention, MoEConfig, MoEMLP, RoutingOutput, check_task
@@ -27,6 +29,7 @@ from .task_norm import TaskBatchNorm2d, check_task_norm
 _TASK_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 
 
+@register_notrace_module  # a leaf for torch.fx: routing has data-dependent shapes
 class MoEBlock(nn.Module):
     """Pre-norm transformer block whose attention and/or MLP may be task-routed experts."""
 
@@ -143,7 +146,13 @@ class ConvStem(nn.Module):
 
 
 class MoEViT(nn.Module):
-    """Task-conditioned sparse MoE vision transformer backbone (no classification head).
+    """Task-conditioned sparse MoE vision transformer backbone.
+
+    With timm's plain calls (``model(x)``, ``forward_features(x)``, ``forward_head``,
+    ``reset_classifier``, ``features_only=True``) it is a timm model of its first task
+    (:attr:`default_task`): ``forward_features`` gives the patch features ``[B, gh, gw, D]``
+    (``output_fmt`` NHWC), ``forward_head`` averages them and applies the classifier
+    (``num_classes``, default 0: none, the pooled features). Every method also takes ``task``.
 
     Args:
         tasks: task names, e.g. ``["cls", "det", "seg"]``. Each gets a learned token embedding
@@ -160,6 +169,11 @@ class MoEViT(nn.Module):
         multiscale: how :meth:`forward_multiscale` builds its maps: ``"spread"`` (one map per scale
             from evenly spaced blocks, shallow to deep) or ``"last"`` (every scale from the last
             block, as ViTDet's simple feature pyramid).
+        num_classes, global_pool: timm's classifier on the pooled features (0: none) and the
+            pooling (``"avg"`` over the patch grid, ``""``: none); the toolkit's task heads live in
+            :mod:`moe_vision.tasks` and do not use it.
+        device, dtype: where and in which dtype the parameters are created (timm's factory
+            arguments).
     """
 
     def __init__(
@@ -181,6 +195,10 @@ class MoEViT(nn.Module):
         stem_width: int | None = None,
         multiscale: str = "spread",
         task_norm: str = "shared",
+        num_classes: int = 0,
+        global_pool: str = "avg",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         tasks = list(tasks)
@@ -194,7 +212,9 @@ class MoEViT(nn.Module):
                            embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
                            qkv_bias=qkv_bias, drop_path_rate=drop_path_rate, init_values=init_values,
                            moe=moe_cfg.to_dict(), stem=stem, stem_depth=stem_depth, stem_width=stem_width,
-                           multiscale=multiscale, task_norm=task_norm)
+                           multiscale=multiscale, task_norm=task_norm,
+                           **({"num_classes": num_classes} if num_classes else {}),
+                           **({"global_pool": global_pool} if global_pool != "avg" else {}))
         if multiscale not in ("spread", "last"):
             raise ValueError(f"multiscale={multiscale!r}; expected 'spread' or 'last'")
         self.multiscale = multiscale
@@ -215,7 +235,7 @@ class MoEViT(nn.Module):
         self.task_embed = nn.ParameterDict({t: nn.Parameter(torch.zeros(1, 1, embed_dim)) for t in tasks})
         mlp_idx = set(resolve_blocks(moe_cfg.mlp_blocks, depth, "moe.mlp_blocks"))
         attn_idx = set(resolve_blocks(moe_cfg.attn_blocks, depth, "moe.attn_blocks"))
-        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        dpr = [drop_path_rate * i / max(1, depth - 1) for i in range(depth)]
         self.blocks = nn.ModuleList([
             MoEBlock(embed_dim, num_heads, mlp_ratio, qkv_bias, tasks, moe_cfg, i in mlp_idx, i in attn_idx,
                      dpr[i], init_values, name=f"blocks.{i}")
@@ -223,13 +243,65 @@ class MoEViT(nn.Module):
         ])
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.grad_checkpointing = False  # recompute block activations in backward to save memory
+        # timm's classifier interface (the toolkit's own heads live in moe_vision.tasks)
+        self.in_chans, self.head_hidden_size, self.output_fmt = in_chans, embed_dim, "NHWC"
+        self.feature_info = [dict(num_chs=embed_dim, reduction=patch_size, module=f"blocks.{i}") for i in range(depth)]
+        self.num_classes, self.global_pool = 0, global_pool
+        self.head: nn.Module = nn.Identity()
+        self.reset_classifier(num_classes, global_pool)
         trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
+        if device is not None or dtype is not None:
+            self.to(device=device, dtype=dtype)
 
     # ----------------------------------------------------------------- introspection
     @property
     def tasks(self) -> list[str]:
         return list(self.task_embed.keys())
+
+    @property
+    def default_task(self) -> str:
+        """The task of calls that name none (timm's ``model(x)``, ``features_only``): the first."""
+        return self.tasks[0]
+
+    # ----------------------------------------------------------------- timm's model interface
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A new classifier of ``num_classes`` outputs (0: none) on the same device and dtype."""
+        if global_pool is not None:
+            if global_pool not in ("avg", ""):
+                raise ValueError(f"global_pool={global_pool!r}; expected 'avg' or '' (none)")
+            self.global_pool = global_pool
+        self.num_classes = int(num_classes)
+        like = self.pos_embed
+        self.head = (nn.Linear(self.embed_dim, num_classes, device=like.device, dtype=like.dtype)
+                     if num_classes > 0 else nn.Identity())
+        self.head.train(self.training)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameter groups for layer-wise learning rates (timm's optimizer factory)."""
+        return dict(stem=r"^cls_token|^pos_embed|^patch_embed|^task_embed",
+                    blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
+
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed", "cls_token", "task_embed.*"}
+
+    def prune_intermediate_layers(self, indices: int | Sequence[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop the blocks after the last of ``indices`` (and the final norm / the classifier) for a
+        features-only model; returns the indices (timm's feature extraction calls this)."""
+        take = self._take_indices(indices)
+        self.blocks = self.blocks[:max(take) + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take
 
     def moe_modules(self) -> dict[str, nn.Module]:
         """MoE layer name -> the layer (``MoEAttention`` or ``MoEMLP``), in forward order: the one
@@ -259,6 +331,10 @@ class MoEViT(nn.Module):
 
     def _embed(self, x: torch.Tensor, stem_maps: list | None = None, frame: tuple[int, int] | None = None,
                valid_px_B2: torch.Tensor | None = None, task: str | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+        if is_fx_symbolic_tracing():  # torch.fx: shapes are symbols, so the graph is traced for the default size
+            x = self.patch_embed(x) if not isinstance(self.patch_embed, ConvStem) else self.patch_embed(x, task=task)
+            return (torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x.flatten(1, 2)], dim=1) + self.pos_embed,
+                    tuple(self.patch_embed.grid_size))
         if x.ndim != 4:
             raise ValueError(f"expected images [B, C, H, W], got shape {tuple(x.shape)}")
         H, W = x.shape[-2:]
@@ -321,22 +397,35 @@ class MoEViT(nn.Module):
                 x, r = blk(x, task, attn_mask, valid_idx)
             if after_block is not None:  # e.g. adapters: (block index, tokens, patch grid or None) -> tokens
                 x = after_block(i, x, None if visible_BNv is not None else grid)
-            routing.extend(r)
+            if not is_fx_symbolic_tracing():  # (a leaf block's routing is one symbol when traced)
+                routing.extend(r)
             if i in keep:
                 kept.append(x)
         return self.norm(x), kept, grid, routing
 
-    def forward_features(self, x: torch.Tensor, task: str, return_routing: bool = False):
-        """Tokens ``[B, P+N, D]`` after the final norm; with ``return_routing`` also the
-        list of :class:`RoutingOutput` (one per MoE layer)."""
-        tokens, _, _, routing = self._run(x, task)
+    def forward_tokens(self, x: torch.Tensor, task: str | None = None, return_routing: bool = False):
+        """Tokens ``[B, P+N, D]`` (class token first) after the final norm; with ``return_routing``
+        also the list of :class:`RoutingOutput` (one per MoE layer)."""
+        tokens, _, _, routing = self._run(x, task or self.default_task)
         return (tokens, routing) if return_routing else tokens
 
-    def forward_head(self, tokens: torch.Tensor, pre_logits: bool = True) -> torch.Tensor:
-        """Class-token features ``[B, D]`` (heads live in :mod:`moe_vision.tasks`)."""
-        return tokens[:, 0]
+    def forward_features(self, x: torch.Tensor, task: str | None = None, return_routing: bool = False):
+        """Patch features ``[B, gh, gw, D]`` after the final norm (timm's unpooled features, NHWC);
+        with ``return_routing`` also the routing of every MoE layer."""
+        tokens, _, (gh, gw), routing = self._run(x, task or self.default_task)
+        maps = tokens[:, self.num_prefix_tokens:].reshape(tokens.shape[0], gh, gw, tokens.shape[-1])
+        return (maps, routing) if return_routing else maps
 
-    def forward(self, x: torch.Tensor, task: str) -> torch.Tensor:
+    def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """``global_pool`` over the patch grid of :meth:`forward_features`' maps, then the
+        classifier (unless ``pre_logits``)."""
+        if self.global_pool == "avg":
+            features = features.mean(dim=(1, 2))
+        return features if pre_logits else self.head(features)
+
+    def forward(self, x: torch.Tensor, task: str | None = None) -> torch.Tensor:
+        if is_fx_symbolic_tracing():  # torch.fx makes every argument a symbol: it traces the default task
+            task = None
         return self.forward_head(self.forward_features(x, task))
 
     def default_indices(self, n: int = 4) -> list[int]:
@@ -344,14 +433,26 @@ class MoEViT(nn.Module):
         step = max(1, len(self.blocks) // n)
         return sorted({len(self.blocks) - 1 - step * i for i in range(n) if len(self.blocks) - 1 - step * i >= 0})
 
-    def forward_intermediates(self, x: torch.Tensor, task: str, indices: int | Sequence[int] | None = None,
-                              norm: bool = False, return_routing: bool = False, stem_maps: list | None = None,
+    def _take_indices(self, indices: int | Sequence[int] | None) -> list[int]:
+        depth = len(self.blocks)
+        if indices is None:
+            return self.default_indices()
+        if isinstance(indices, int):
+            return list(range(depth - indices, depth))
+        return sorted(int(i) % depth for i in indices)
+
+    def forward_intermediates(self, x: torch.Tensor, task: str | None = None,
+                              indices: int | Sequence[int] | None = None, norm: bool = False,
+                              return_routing: bool = False, stem_maps: list | None = None,
                               visible_BNv: torch.Tensor | None = None, after_block=None,
-                              frame: tuple[int, int] | None = None, valid_px_B2: torch.Tensor | None = None):
+                              frame: tuple[int, int] | None = None, valid_px_B2: torch.Tensor | None = None,
+                              output_fmt: str = "NCHW", intermediates_only: bool = False, stop_early: bool = False):
         """Final tokens and feature maps ``[B, D, gh, gw]`` after the given blocks (timm-style).
 
         ``indices`` is a list of block indices or an int n (the last n blocks); default: 4
-        evenly spaced blocks. Returns ``(tokens, maps)`` or ``(tokens, maps, routing)``. A list
+        evenly spaced blocks. Returns ``(tokens, maps)`` or ``(tokens, maps, routing)``; with
+        ``intermediates_only`` the maps alone (``output_fmt`` NCHW or NHWC), as timm's feature
+        extraction asks (``stop_early`` is accepted: every block runs either way). A list
         passed as ``stem_maps`` receives the conv stem's stage maps. With ``visible_BNv`` (indices
         of the patches to keep, the same number per image) the blocks see only those patches
         (masked image modelling, MAE-style); the maps hold zeros at every other position and the
@@ -360,15 +461,12 @@ class MoEViT(nn.Module):
         Padded batches: ``valid_px_B2`` (each image's valid region in pixels, whole patches) and
         ``frame`` (the size position embeddings are laid out for; see :meth:`position_embedding`).
         """
-        depth = len(self.blocks)
-        if indices is None:
-            idx = self.default_indices()
-        elif isinstance(indices, int):
-            idx = list(range(depth - indices, depth))
-        else:
-            idx = sorted(int(i) % depth for i in indices)
-        tokens, kept, (gh, gw), routing = self._run(x, task, set(idx), stem_maps, visible_BNv, after_block, frame,
-                                                    valid_px_B2)
+        output_fmt = getattr(output_fmt, "value", output_fmt)  # (timm passes its Format enum)
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt={output_fmt!r}; expected NCHW or NHWC")
+        idx = self._take_indices(indices)
+        tokens, kept, (gh, gw), routing = self._run(x, task or self.default_task, set(idx), stem_maps, visible_BNv,
+                                                    after_block, frame, valid_px_B2)
         maps = []
         for h in kept:
             h = (self.norm(h) if norm else h)[:, self.num_prefix_tokens:]
@@ -376,6 +474,10 @@ class MoEViT(nn.Module):
                 h = h.new_zeros(h.shape[0], gh * gw, h.shape[-1]).scatter(
                     1, visible_BNv[..., None].expand(-1, -1, h.shape[-1]), h)
             maps.append(h.reshape(h.shape[0], gh, gw, -1).permute(0, 3, 1, 2))
+        if output_fmt == "NHWC":
+            maps = [m.permute(0, 2, 3, 1) for m in maps]
+        if intermediates_only:
+            return maps
         return (tokens, maps, routing) if return_routing else (tokens, maps)
 
     def forward_multiscale(self, x: torch.Tensor, task: str, scales: Sequence[float] = (2.0, 1.0, 0.5, 0.25),

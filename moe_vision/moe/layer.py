@@ -154,7 +154,9 @@ class MoEMLP(nn.Module):
         x_TD = x.reshape(-1, shape[-1])
         T = x_TD.shape[0]
         r = self.router(x_TD, task)
-        if self.dense_experts:  # export: no routing statistics (they need data-dependent shapes)
+        if self.dense_experts or x_TD.device.type == "meta":
+            # export, and shape-only runs on the meta device: no routing statistics (they need
+            # data-dependent shapes)
             y_TD = self.all_experts_dense(x_TD, r.idx_TK, r.weights_TK) * self.expert_scale
             return y_TD.reshape(shape), None
         plan = self.dispatcher.plan(r.idx_TK, r.weights_TK)
