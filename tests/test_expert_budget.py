@@ -134,7 +134,7 @@ def test_a_budget_that_cannot_narrow_is_refused_with_one_line():
     frozen = _layer()
     frozen.router.gates["a"].weight.requires_grad_(False)  # a frozen task is never narrowed, and said so
     budget = ExpertBudget({"blocks.0.mlp": frozen}, _cfg(experts=2), steps=100)
-    assert ("blocks.0.mlp", "a") not in budget.budget and "frozen, not narrowed: a" in budget.describe()
+    assert ("blocks.0.mlp", "a") not in budget.targets and "frozen, not narrowed: a" in budget.describe()
     with pytest.raises(ValueError, match="tasks.a=2: a's router is frozen"):
         ExpertBudget({"blocks.0.mlp": frozen}, _cfg(tasks={"a": 2}), steps=100)
     frozen.router.gates["b"].weight.requires_grad_(False)

@@ -63,7 +63,7 @@ class ExpertBudget:
         if typo:
             raise ValueError(f"train.expert_budget.tasks names {typo}, which this model does not have; its tasks "
                              f"are {known}")
-        self.budget: dict[tuple[str, str], int] = {}  # (layer, task) -> experts it keeps
+        self.targets: dict[tuple[str, str], int] = {}  # (layer, task) -> experts it keeps
         self.frozen: list[str] = []  # tasks with a budget whose routers are frozen (never narrowed)
         for layer, router in self.routers.items():
             for task in router.tasks:
@@ -82,9 +82,9 @@ class ExpertBudget:
                 if not router.top_k <= n <= total:
                     raise ValueError(f"train.expert_budget: {task} keeps {n} experts in {layer}; expected "
                                      f"top_k={router.top_k} <= experts <= {total}")
-                self.budget[(layer, task)] = n
+                self.targets[(layer, task)] = n
         self.frozen = sorted(set(self.frozen))
-        if default is not None and not self.budget and self.routers:
+        if default is not None and not self.targets and self.routers:
             raise ValueError(f"train.expert_budget.experts={default}, but every task's router is frozen "
                              f"({', '.join(self.frozen)}): nothing would be narrowed; set it to null")
         start, end, every = float(cfg["start"]), float(cfg["end"]), int(cfg["every"])
@@ -92,7 +92,7 @@ class ExpertBudget:
             raise ValueError(f"train.expert_budget: start={start}, end={end}, every={every}; expected "
                              "0 <= start <= end <= 1 and every >= 1")
         self.first, self.last, self.every = int(start * steps), int(end * steps), every
-        if self.budget:
+        if self.targets:
             if self.last <= self.first:
                 raise ValueError(f"train.expert_budget: start={start} and end={end} of train.steps={steps} give "
                                  f"steps {self.first} and {self.last}: no step narrows; widen the window")
@@ -106,23 +106,23 @@ class ExpertBudget:
         # One flat score vector; each (layer, task) owns a slice of it.
         self.slices: dict[tuple[str, str], slice] = {}
         offset = 0
-        for key in self.budget:
+        for key in self.targets:
             n = self.routers[key[0]].num_experts_for(key[1])
             self.slices[key] = slice(offset, offset + n)
             offset += n
-        device = next((r.gate_for(t).weight.device for (_, t), r in ((k, self.routers[k[0]]) for k in self.budget)),
+        device = next((self.routers[layer].gate_for(task).weight.device for layer, task in self.targets),
                       torch.device("cpu"))
         self.scores = torch.zeros(offset, device=device)
-        self.pending = set(self.budget)  # keys not yet at their budget (as far as the host knows)
+        self.pending = set(self.targets)  # keys not yet at their budget (as far as the host knows)
 
     def describe(self) -> str | None:
         """One line: what the budget will do (None without a budget)."""
-        if not self.budget:
+        if not self.targets:
             return None
         per_task: dict[str, set[int]] = {}
-        for (layer, task), n in self.budget.items():
+        for (layer, task), n in self.targets.items():
             per_task.setdefault(task, set()).add(n)
-        layers = len({layer for layer, _ in self.budget})
+        layers = len({layer for layer, _ in self.targets})
         tasks = ", ".join(f"{t} {'/'.join(map(str, sorted(n)))}" for t, n in per_task.items())
         frozen = f"; frozen, not narrowed: {', '.join(self.frozen)}" if self.frozen else ""
         return (f"expert budget: experts kept per MoE layer {tasks} ({layers} layers), narrowed every {self.every} "
@@ -148,7 +148,7 @@ class ExpertBudget:
 
     def scoring(self, step: int) -> bool:
         """Whether ``step``'s routing adds to the scores."""
-        return bool(self.budget) and step > self.first and (step <= self.last or bool(self.pending))
+        return bool(self.targets) and step > self.first and (step <= self.last or bool(self.pending))
 
     @torch.no_grad()
     def after_step(self, step: int, routing: Iterable) -> None:
@@ -168,7 +168,7 @@ class ExpertBudget:
             layer, task = key
             router, score = self.routers[layer], self.scores[self.slices[key]]
             allowed = router.allowed_mask(task)
-            n = self.keep_at(step, allowed.numel(), self.budget[key])
+            n = self.keep_at(step, allowed.numel(), self.targets[key])
             # Masked experts last; equal scores (experts no token chose) keep the lower index first.
             order = torch.sort(score.masked_fill(~allowed, float("-inf")), descending=True, stable=True).indices
             narrowed = torch.zeros_like(allowed).scatter(0, order[:n], True) & allowed
@@ -177,14 +177,14 @@ class ExpertBudget:
         self.scores.zero_()
         if step >= self.last:  # the one host read: who is still above budget
             counts = torch.stack([self.routers[layer].allowed_mask(task).sum() for layer, task in sorted(self.pending)])
-            self.pending = {key for key, c in zip(sorted(self.pending), counts.tolist()) if c > self.budget[key]}
+            self.pending = {key for key, c in zip(sorted(self.pending), counts.tolist()) if c > self.targets[key]}
 
     def unfinished(self) -> dict[str, list[str]]:
         """Task -> the layers where it still may choose more experts than its budget (it saw no
         token after the narrowing phase); empty when every task reached its budget."""
         out: dict[str, list[str]] = {}
         for layer, task in sorted(self.pending):
-            if int(self.routers[layer].allowed_mask(task).sum()) > self.budget[(layer, task)]:
+            if int(self.routers[layer].allowed_mask(task).sum()) > self.targets[(layer, task)]:
                 out.setdefault(task, []).append(layer)
         return out
 
@@ -216,4 +216,4 @@ class ExpertBudget:
                 where = self.slices.get(tuple(key.split("|")))
                 if where is not None:
                     self.scores[where] = torch.tensor(value, device=self.scores.device)
-        self.pending = {tuple(k.split("|")) for k in state["pending"]} & set(self.budget)
+        self.pending = {tuple(k.split("|")) for k in state["pending"]} & set(self.targets)

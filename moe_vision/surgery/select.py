@@ -119,8 +119,7 @@ def search_subsets(model, task: str, batches, size: int, log=print, error: str =
     if error not in SEARCH_ERRORS:
         raise ValueError(f"search error {error!r}; expected one of {list(SEARCH_ERRORS)}")
     probe = copy.deepcopy(model).eval()
-    layers = probe.backbone.moe_layers()
-    modules = {name: m for name, m in probe.backbone.named_modules() if name in layers}
+    modules = probe.backbone.moe_modules()
     batches = list(batches)
     reference = [_float_outputs(probe(images, task, targets=targets)) for images, targets in batches]
     kept = {}
