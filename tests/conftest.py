@@ -32,7 +32,7 @@ def tiny_run(synthetic_root, tmp_path_factory):
     run = base / "run"
     Trainer(make_cfg(synthetic_root, run, "train.steps=2", "eval.periodic_images=0")).fit()
     for task in ("det", "seg"):
-        extract_bundle(run, task, base / "experts" / task, "selected", log=lambda m: None)
+        extract_bundle(run, task, base / "experts" / task, "selected", latency_calls=4, log=lambda m: None)
     return base
 
 

@@ -108,9 +108,9 @@ def bundles(synthetic_root, tmp_path_factory):
     Trainer(make_cfg(synthetic_root, base / "run", "train.steps=2", "eval.periodic_images=0",
                      "model.moe.granularity=2")).fit()
     quiet = (lambda m: None)
-    infos = {"detseg": extract_bundle(base / "run", "det,seg", base / "detseg", log=quiet, archive=True),
+    infos = {"detseg": extract_bundle(base / "run", "det,seg", base / "detseg", latency_calls=4, log=quiet, archive=True),
              "dense": extract_bundle(base / "run", "det", base / "dense", dense=True, distill_steps=2,
-                                     distill_split="val", log=quiet)}
+                                     distill_split="val", latency_calls=4, log=quiet)}
     return base, infos
 
 
@@ -179,4 +179,4 @@ def test_a_dense_bundle_has_no_moe_and_predicts(bundles, synthetic_root):
     pred = moe_vision.predict(model, "det", [image])[0]
     assert set(pred) >= {"boxes", "scores", "labels"}
     with pytest.raises(ValueError, match="--dense makes a specialist of one task"):
-        extract_bundle(base / "run", "det,seg", base / "x", dense=True, log=lambda m: None)
+        extract_bundle(base / "run", "det,seg", base / "x", dense=True, latency_calls=4, log=lambda m: None)

@@ -160,12 +160,12 @@ def test_training_with_a_budget_gives_the_default_bundle_its_experts_exactly(bud
         for ti, task in enumerate(usage["tasks"]):
             used = {e for e, c in enumerate(usage["counts"][li][ti]) if c > 0}
             assert used <= set(masks[(layer, task)].nonzero().flatten().tolist()), (layer, task)
-    info = extract_bundle(budget_run, "det", tmp_path / "det", log=lambda m: None)  # the default rule
+    info = extract_bundle(budget_run, "det", tmp_path / "det", latency_calls=4, log=lambda m: None)  # the default rule
     assert info["rule"]["name"] == "allowed" and info["lossless_check"]["identical"] is True
     assert all(len(kept) == 2 for kept in info["kept_experts"].values())
     assert info["params"]["bundle"] < info["params"]["full"]
     assert set(info["overlap"][next(iter(info["overlap"]))]) == {"cls", "seg"}
-    both = extract_bundle(budget_run, "det,seg", tmp_path / "det-seg", log=lambda m: None)
+    both = extract_bundle(budget_run, "det,seg", tmp_path / "det-seg", latency_calls=4, log=lambda m: None)
     assert both["lossless_check"]["identical"] is True
 
 
@@ -241,7 +241,7 @@ def test_the_spread_notice_names_exact_bundles_that_keep_most_experts(tiny_run, 
         spread_notice("det", "allowed", five, layers)
     assert spread_notice("det", "top_n", five, layers) is None  # not exact: it says so in its own way
     said = []  # rule allowed on a model trained without a budget: every expert, and a line that says so
-    info = extract_bundle(tiny_run / "run", "det", tmp_path / "det", rule="allowed", log=said.append)
+    info = extract_bundle(tiny_run / "run", "det", tmp_path / "det", rule="allowed", latency_calls=4, log=said.append)
     assert info["params"]["bundle"] == info["params"]["full"] - sum(
         p.numel() for n, p in load_model(tiny_run / "run" / "model.safetensors").named_parameters()
         if not n.startswith(("heads.det.", "backbone.")) and n.startswith("heads.") or "router.gates.cls" in n
@@ -264,7 +264,7 @@ def _only(n: int, subset) -> torch.Tensor:
 
 def test_the_search_keeps_in_every_layer_in_forward_order_the_subset_that_moves_the_outputs_least(tiny_run, tmp_path):
     from itertools import combinations
-    found = extract_bundle(tiny_run / "run", "cls", tmp_path / "search", rule="search", value=2, log=lambda m: None)
+    found = extract_bundle(tiny_run / "run", "cls", tmp_path / "search", rule="search", value=2, latency_calls=4, log=lambda m: None)
     assert all(len(k) == 2 for k in found["kept_experts"].values()) and found["lossless_check"] is None
     assert found["rule"] == {"name": "search", "value": 2, "per_task": {"cls": "search"}, "error": "output"}
     assert found["calibration_split"] == "train" and found["calibration_images"] == {"cls": 26}
@@ -320,7 +320,7 @@ def test_the_layer_search_works_on_moe_attention_and_picks_the_least_layer_error
 def test_a_multi_task_bundle_with_a_lossy_rule_routes_each_task_among_its_own_experts(tiny_run, tmp_path):
     import copy
     from moe_vision.surgery.bundle import load_bundle
-    info = extract_bundle(tiny_run / "run", "det,seg", tmp_path / "both", rule="search", value=2, log=lambda m: None)
+    info = extract_bundle(tiny_run / "run", "det,seg", tmp_path / "both", rule="search", value=2, latency_calls=4, log=lambda m: None)
     bundle = load_bundle(tmp_path / "both")
     for task in ("det", "seg"):
         full, batches = _batches(tiny_run / "run", task, "val")

@@ -45,7 +45,7 @@ def test_dense_over_kept_experts_equals_the_sparse_path_in_fp64(E, K, added):
 
 
 @needs_onnx
-@pytest.mark.parametrize("task", ["det", "seg"])
+@pytest.mark.parametrize("task", ["det", pytest.param("seg", marks=pytest.mark.slow)])  # (seg: 10 s, to test-slow)
 def test_bundle_exports_to_onnx_with_parity_and_a_dynamic_batch(tiny_run, task):
     out = tiny_run / f"{task}.onnx"
     report = export_model(out, "onnx", bundle=tiny_run / "experts" / task, postprocess=True, log=lambda m: None)
@@ -70,7 +70,7 @@ def test_bundle_exports_to_onnx_with_parity_and_a_dynamic_batch(tiny_run, task):
 
 
 @needs_onnx
-@pytest.mark.parametrize("kind", ["cls", pytest.param("depth", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("kind", [pytest.param("cls", marks=pytest.mark.slow), pytest.param("depth", marks=pytest.mark.slow)])
 def test_full_model_tasks_export_to_onnx(tmp_path, kind):
     from moe_vision.engine.builders import build_generalist
     from moe_vision.models import save_model

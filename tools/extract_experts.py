@@ -63,6 +63,8 @@ def main() -> int:
     ap.add_argument("--max-batches", type=int, default=None,
                     help="evaluate (metrics, allowed's lossless check) on at most this many batches of --eval-split "
                          "(default: all of it)")
+    ap.add_argument("--latency-calls", type=int, default=60,
+                    help="forward passes per model and batch size for the latency figures (default 60)")
     ap.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
     args = ap.parse_args()
     with user_errors():
@@ -72,7 +74,7 @@ def main() -> int:
                               args.calibration_split, args.eval_split, args.batch_size, args.max_batches, args.force,
                               dense=args.dense, distill_steps=args.distill_steps, distill_split=args.distill_split,
                               archive=args.archive, search_error=args.search_error,
-                              calibration_images=args.calibration_images)
+                              calibration_images=args.calibration_images, latency_calls=args.latency_calls)
     rule = info["rule"]["name"] + (f"={info['rule']['value']:g}" if info["rule"]["value"] is not None else "")
     print(f"\nbundle {args.out} ({info['kind']}) for task(s) {', '.join(info['tasks'])} (rule {rule})")
     for layer, kept in info["kept_experts"].items():

@@ -174,7 +174,7 @@ def extract_bundle(checkpoint: str | Path, task: str | list[str], out: str | Pat
                    eval_split: str = "val", batch_size: int = 64, max_batches: int | None = None,
                    force: bool = False, log=print, dense: bool = False, distill_steps: int = 0,
                    distill_split: str = "train", archive: bool = False, search_error: str | None = None,
-                   calibration_images: int = 256) -> dict:
+                   calibration_images: int = 256, latency_calls: int = 60) -> dict:
     """Run the whole extraction and write the bundle folder (and with ``archive`` its ``.tar.gz``);
     returns ``bundle.json``'s content. ``task``: one task, or several (``"det,seg"``) for one bundle
     answering each, each task routing among its own kept experts. ``dense``: a router-free
@@ -196,6 +196,8 @@ def extract_bundle(checkpoint: str | Path, task: str | list[str], out: str | Pat
         raise ValueError("--distill-steps trains a dense specialist: add --dense")
     if calibration_images < 0:
         raise ValueError(f"--calibration-images {calibration_images}: expected 0 (all) or more")
+    if latency_calls < 4:
+        raise ValueError(f"--latency-calls {latency_calls}: expected at least 4 (medians and quartiles)")
     full, model_file, run_cfg = load_generalist(checkpoint)
     for t in tasks:
         full.spec(t)  # unknown task -> lists the known ones
@@ -265,7 +267,7 @@ def extract_bundle(checkpoint: str | Path, task: str | list[str], out: str | Pat
     for t in tasks:
         metrics["full"][t] = evaluate(full, {t: evalset[t]}, batch_size, max_batches, progress=False)[t]
         metrics["bundle"][t] = evaluate(small, {t: evalset[t]}, batch_size, max_batches, progress=False)[t]
-    latency = {f"batch{b}": alternating_latency_ms({"full": full, "bundle": small}, tasks[0], size, b)
+    latency = {f"batch{b}": alternating_latency_ms({"full": full, "bundle": small}, tasks[0], size, b, latency_calls)
                for b in (1, 8)}
     frequency = usage.frequency()
     info = {
@@ -293,7 +295,7 @@ def extract_bundle(checkpoint: str | Path, task: str | list[str], out: str | Pat
                        "bundle": {b: v["bundle"]["median"] for b, v in latency.items()},
                        "quartiles": {m: {b: [v[m]["q1"], v[m]["q3"]] for b, v in latency.items()}
                                      for m in ("full", "bundle")},
-                       "calls": 60, "alternating": True, "task": tasks[0]},
+                       "calls": latency_calls, "alternating": True, "task": tasks[0]},
         "metrics": metrics,
         "chance": {t: chance_metrics(full, {t: evalset[t]})[t] for t in tasks},
         "lossless_check": lossless,
