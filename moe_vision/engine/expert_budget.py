@@ -181,11 +181,11 @@ class ExpertBudget:
 
     def unfinished(self) -> dict[str, list[str]]:
         """Task -> the layers where it still may choose more experts than its budget (it saw no
-        token after the narrowing phase); empty when every task reached its budget."""
+        token after the narrowing phase; as counted at the last narrowing); empty when every task
+        reached its budget."""
         out: dict[str, list[str]] = {}
         for layer, task in sorted(self.pending):
-            if int(self.routers[layer].allowed_mask(task).sum()) > self.targets[(layer, task)]:
-                out.setdefault(task, []).append(layer)
+            out.setdefault(task, []).append(layer)
         return out
 
     def state_dict(self) -> dict:
@@ -209,7 +209,8 @@ class ExpertBudget:
             return
         if "scores" not in state:  # written before the flat vector: {"layer|task": list or None}
             state = {"scores": {k: v for k, v in state.items() if v is not None},
-                     "pending": list(state)}
+                     "pending": [f"{layer}|{task}" for (layer, task), n in self.targets.items()
+                                 if int(self.routers[layer].allowed_mask(task).sum()) > n]}
         self.scores.zero_()
         if self.rank == 0:
             for key, value in state["scores"].items():
