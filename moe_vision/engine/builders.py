@@ -133,6 +133,25 @@ def resolve_num_classes(tasks_cfg: dict, train_sets: Mapping[str, Any]) -> None:
         check_num_classes(task, tc, dataset)
 
 
+def data_label_space(task: str, task_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any],
+                     num_classes: int | None = None, flag: str = "--num-classes") -> tuple[int, list[str] | None]:
+    """``(number of classes, class names or None)`` of ``task``'s training data, for a head sized
+    from the data. ``num_classes`` (the tool option ``flag``) is needed where the data does not
+    name its classes (segmentation label maps) and must agree with data that does."""
+    dataset = build_dataset(task, task_cfg, data_cfg, "train", False)
+    if len(dataset) == 0:
+        raise ValueError(f"{describe(dataset)} holds no training images")
+    names = getattr(dataset, "classes", None)
+    if names is None:
+        if num_classes is None:
+            raise ValueError(f"{describe(dataset)} does not name its classes; give their number with {flag} N")
+        return int(num_classes), None
+    if num_classes is not None and int(num_classes) != len(names):
+        raise ValueError(f"{flag} {num_classes} but {describe(dataset)} has {len(names)} classes ({', '.join(names[:5])}"
+                         f"{', ...' if len(names) > 5 else ''})")
+    return len(names), list(names)
+
+
 def drop_missing_optional(cfg: Mapping[str, Any]) -> tuple[dict, list[str]]:
     """The config without the tasks whose data entry is ``optional: true`` and whose folder (or
     annotation file) is missing (e.g. NYU depth in experiment=real), and their names."""

@@ -366,7 +366,9 @@ class Trainer:
                            f"{len(r['routers_from'])} router/task-embedding tensors from "
                            f"'{self.cfg['model'].get('init_routers_from')}', {len(r['new'])} new "
                            f"(e.g. {', '.join(r['new'][:3])}), {len(r['ignored'])} ignored "
-                           f"(e.g. {', '.join(r['ignored'][:3])})")
+                           f"(e.g. {', '.join(r['ignored'][:3])})" +
+                           (f"; heads of another shape left new: {', '.join(r['heads_reshaped'])}"
+                            if r.get("heads_reshaped") else ""))
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(str(self.run_dir / "tb")) if main else None
         steps = int(self.tcfg["steps"])

@@ -35,9 +35,11 @@ KEEP = {"all": ("",), "encoder": ("backbone.",)}  # which pre-trained tensors a 
 def init_from_pretrained(model: nn.Module, source: str | Path, init_routers_from: str | None = None,
                          keep: str = "all") -> dict:
     """Copy the pre-trained tensors of ``source`` into ``model`` and return a report
-    ``{"source", "loaded", "new", "ignored", "routers_from"}`` (lists of tensor names).
+    ``{"source", "loaded", "new", "ignored", "routers_from", "heads_reshaped"}`` (lists of tensor names).
 
-    A tensor present in both with different shapes is refused, naming it and both shapes.
+    A task head tensor present in both with different shapes (another label space) stays new and is
+    listed in ``heads_reshaped``; any other tensor present in both with different shapes is
+    refused, naming it and both shapes.
     ``init_routers_from`` names a task of the source (e.g. ``pretrain``) whose router gates and
     task embedding initialise every task of ``model`` that the source lacks. ``keep="encoder"``
     copies the backbone only (MAE-style transfer: the decoders and queries start fresh).
@@ -47,6 +49,11 @@ def init_from_pretrained(model: nn.Module, source: str | Path, init_routers_from
     src, path = pretrained_state(source)
     src = {k: v for k, v in src.items() if k.startswith(KEEP[keep])}
     own = model.state_dict()
+    # A task head sized for another label space (a task of the same name with other classes) is
+    # left new: heads are the task-specific top layers that fine-tuning replaces.
+    reshaped = sorted(n for n, t in own.items()
+                      if n.startswith("heads.") and n in src and tuple(src[n].shape) != tuple(t.shape))
+    src = {k: v for k, v in src.items() if k not in reshaped}
     for name, t in own.items():
         if name in src and tuple(src[name].shape) != tuple(t.shape):
             raise ValueError(f"model.init_from={source}: tensor {name} has shape {tuple(src[name].shape)} there but "
@@ -76,5 +83,5 @@ def init_from_pretrained(model: nn.Module, source: str | Path, init_routers_from
             # (a task's expert mask, ``router.allowed.<task>``, is routing state: copied when the source
             # has the same task, else it starts open; not a tensor to report as new)
             "new": sorted(n for n in own if n not in copied and ".router.allowed." not in n),
-            "ignored": sorted(k for k in src if k not in own)}
+            "ignored": sorted(k for k in src if k not in own), "heads_reshaped": reshaped}
 

@@ -13,7 +13,7 @@ from ..engine import report
 from ..engine.builders import build_dataset
 from ..engine.evaluate import evaluate
 from ..engine.trainer import Trainer
-from ..engine.builders import head_config, load_generalist
+from ..engine.builders import data_label_space, head_config, load_generalist
 from .continual import add_task, bit_identical, outputs_on_probe
 from ..engine.optim import parameter_counts
 
@@ -41,11 +41,13 @@ def default_task_config(task_type: str) -> dict:
 
 def add_task_run(checkpoint: str | Path, task: str, data_dir: str | Path, out: str | Path, new_experts: int = 2,
                  steps: int | None = None, task_type: str | None = None, overrides: dict | None = None,
-                 probe_size: int = 16, log=print) -> dict | None:
+                 probe_size: int = 16, log=print, num_classes: int | None = None) -> dict | None:
     """Grow a trained run by one task and train only the new parts; see tools/add_task.py.
 
     By default the new task trains with the parent run's schedule: its number of steps and the
     smallest per-task batch size among its tasks (`steps` / `overrides["batch_size"]` change them).
+    A task with classes gets a head sized from its data (``num_classes`` where the data does not
+    name them), its class names kept in the run's config.
     """
     full, model_file, run_cfg = load_generalist(checkpoint)
     if run_cfg is None:
@@ -60,13 +62,18 @@ def add_task_run(checkpoint: str | Path, task: str, data_dir: str | Path, out: s
     steps = int(steps or run_cfg["train"]["steps"])
     parent_batch = min(int(t["batch_size"]) for t in run_cfg["tasks"].values())
     task_cfg = {**default_task_config(task_type), "type": task_type, "batch_size": parent_batch, **(overrides or {})}
+    data_cfg = copy.deepcopy(run_cfg["data"])
+    data_cfg["tasks"][task] = data_entry(task_type, str(data_dir))
+    if task_type in ("cls", "det", "seg"):
+        n, names = data_label_space(task, task_cfg, data_cfg, num_classes)
+        task_cfg.update(num_classes=n, **({"class_names": names} if names else {}))
+    elif num_classes is not None:
+        raise ValueError(f"--num-classes: a {task_type} task has no classes")
     grown = add_task(full, task, head_config(task_cfg), new_experts)
     counts = parameter_counts(grown)
     log(f"added task '{task}' with {new_experts} new experts per MoE layer: "
         f"{counts['trainable']:,} trainable of {counts['total']:,} parameters; every old parameter frozen")
 
-    data_cfg = copy.deepcopy(run_cfg["data"])
-    data_cfg["tasks"][task] = data_entry(task_type, str(data_dir))
     old_val = {t: build_dataset(t, run_cfg["tasks"][t], data_cfg, "val", False) for t in old_tasks}
     probe = {t: collate([ds[i] for i in range(min(probe_size, len(ds)))])[0] for t, ds in old_val.items()}
     before_out = {t: outputs_on_probe(full, [t], probe[t])[t] for t in old_tasks}
@@ -105,6 +112,7 @@ def add_task_run(checkpoint: str | Path, task: str, data_dir: str | Path, out: s
         "bit_identical_conditions": exactness.describe(),
         "probe_images_per_task": {t: int(p.shape[0]) for t, p in probe.items()},
         "train_steps": steps,
+        "train_seconds": result["train_seconds"],
     }
     report.write_json(out / "continual_report.json", rep)
     return rep

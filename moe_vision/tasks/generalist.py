@@ -10,7 +10,7 @@ level (per task or shared), and a language-prior LV-Adapter per classed task
 from __future__ import annotations
 
 import functools
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -87,6 +87,27 @@ class GeneralistModel(nn.Module):
     @property
     def tasks(self) -> list[str]:
         return list(self.specs)
+
+    def new_head(self, task: str, num_classes: int, class_names: Sequence[str] | None = None) -> None:
+        """Replace ``task``'s head (its topmost linear layer(s)) with a new one for ``num_classes``
+        classes, e.g. to fine-tune on a dataset with its own label space (GLID's recipe); the
+        class names, when given, are kept in the task config (and so in checkpoints and bundles)."""
+        old = self.spec(task)
+        if self.lv is not None and task in self.lv.texts:
+            raise ValueError(f"task {task!r} has an LV-Adapter sized for its {old.num_classes} classes; a new head "
+                             "for another label space is not supported with lv.enabled")
+        cfg = {**old.config(), "num_classes": int(num_classes)}
+        if class_names is not None:
+            if len(class_names) != int(num_classes):
+                raise ValueError(f"{len(class_names)} class names for a head of {num_classes} classes")
+            cfg["class_names"] = [str(c) for c in class_names]
+        else:
+            cfg.pop("class_names", None)
+        spec = build_task(task, cfg)
+        spec.check_decoder(self.decoder_config["num_queries"])
+        ref = next(self.heads[task].parameters())
+        self.specs[task] = spec
+        self.heads[task] = spec.build_head(self.decoder_config["dim"]).to(device=ref.device, dtype=ref.dtype)
 
     def spec(self, task: str) -> Task:
         if task not in self.specs:

@@ -1,0 +1,114 @@
+"""The ways a downstream run starts and what it trains: one function per method, each returning
+the model to train (its head sized for the downstream classes) and the training options.
+
+Every method trains the same number of steps at the same batch size on the same images; they
+differ in where the weights come from (nothing, a dense specialist, the generalist, a bundle of
+it), which of them train, and how many experts a token runs through.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping
+
+import torch
+
+from ..engine.builders import build_generalist, data_label_space
+from ..engine.evaluate import fixed_subset
+from ..engine.optim import set_trainable
+from ..pretrain.transfer import init_from_pretrained
+from ..surgery.extract import extract_task
+from ..surgery.pipeline import select_experts, task_usage
+from ..tasks import GeneralistModel
+
+
+@dataclass(frozen=True)
+class Parents:
+    """The trained models downstream runs start from (one seed's)."""
+
+    generalist: Path | None  # a make demo run (the MoE generalist)
+    dense: Mapping[str, Path]  # task type -> make baselines' dense single-task specialist of it
+
+    def of(self, kind: str | None, task: str) -> Path | None:
+        """The run a method whose ``parent`` is ``kind`` starts from, for a task of type ``task``."""
+        return self.generalist if kind == "generalist" else self.dense.get(task) if kind == "dense" else None
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    summary: str
+    recipe: str  # "dense" (experiment=synthetic_single_task's model) | "moe" (experiment=synthetic's)
+    parent: str | None  # "generalist" | "dense" | None (from scratch)
+    trainable: str = "all"
+    top_k: int | None = None  # experts per token, when not the parent's
+    prune_to: int | None = None  # experts per MoE layer kept, chosen on downstream training images
+    open_mask: bool = True  # the task may choose among every expert (not only its budget's)
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("scratch_dense", "dense ViT of equal active compute, from scratch", "dense", None),
+    Method("scratch_moe", "the generalist's MoE architecture, from scratch", "moe", None),
+    Method("dense_specialist_ft", "the dense single-task specialist, fully fine-tuned", "dense", "dense"),
+    Method("generalist_ft", "the generalist, fully fine-tuned (every expert open to the task)", "moe", "generalist"),
+    Method("bundle_ft", "the task's default bundle (its budget's experts), fully fine-tuned", "moe", "generalist",
+           open_mask=False),
+    Method("head", "the generalist, head only (GLID's recipe)", "moe", "generalist", trainable="head"),
+    Method("router_head", "the generalist, routers + head", "moe", "generalist", trainable="router+head"),
+    Method("pruned", "2 experts per layer chosen on downstream training images, fully fine-tuned", "moe",
+           "generalist", prune_to=2),
+    Method("top1", "the generalist with top-1 routing, fully fine-tuned", "moe", "generalist", top_k=1),
+)}
+# add_task (new experts + router + head, every old parameter frozen) runs through
+# surgery.continual_run, not through these builders.
+ALL_METHODS = (*METHODS, "add_task")
+PRUNE_CALIBRATION_IMAGES = 256
+
+
+def start_model(method: Method, cfg: dict, parents: Parents, log: Callable = print) -> tuple[GeneralistModel, dict]:
+    """The model ``method`` trains for the one task of ``cfg`` (its head sized from the data) and a
+    report of how it was made (source, tensors loaded, experts kept)."""
+    (task, tc), = cfg["tasks"].items()
+    n, names = data_label_space(task, tc, cfg["data"])
+    cfg["tasks"][task] = {**tc, "num_classes": n, **({"class_names": names} if names else {})}
+    if method.top_k:
+        cfg["model"] = {**cfg["model"], "moe": {**cfg["model"]["moe"], "top_k": method.top_k}}
+    torch.manual_seed(int(cfg["seed"]))
+    model = build_generalist(cfg)
+    made: dict = {"method": method.name}
+    source = parents.of(method.parent, tc.get("type", task))
+    if method.parent and source is None:
+        raise FileNotFoundError(f"method {method.name} starts from the {method.parent} {task} model, and none was "
+                                "given")
+    if source is not None:
+        rep = init_from_pretrained(model, source)
+        made.update(source=rep["source"], loaded=len(rep["loaded"]), new=rep["new"])
+        if method.open_mask:
+            for layer in model.backbone.moe_modules().values():
+                layer.router.set_allowed(task, torch.ones_like(layer.router.allowed_mask(task)))
+    if method.prune_to:
+        model, kept = prune_on(model, task, cfg, method.prune_to)
+        made["kept_experts"] = kept
+    made["trainable"] = set_trainable(model, method.trainable, "method")
+    return model, made
+
+
+def prune_on(model: GeneralistModel, task: str, cfg: dict, n: int) -> tuple[GeneralistModel, dict]:
+    """``model`` cut to the ``n`` experts per MoE layer that ``task`` chooses most often on a fixed
+    subset of the downstream training images (evaluation transforms)."""
+    from ..engine.builders import build_dataset
+    images = build_dataset(task, cfg["tasks"][task], cfg["data"], "train", False)
+    usage = task_usage(model, task, fixed_subset(images, PRUNE_CALIBRATION_IMAGES, int(cfg["seed"])), batch_size=64)
+    kept = select_experts(usage, model.backbone.moe_modules(), task, "top_n", n)
+    small = extract_task(model, task, kept)
+    return small, kept
+
+
+def with_top_k(model: GeneralistModel, k: int) -> GeneralistModel:
+    """A copy of ``model`` whose MoE layers route each token to ``k`` experts (same weights)."""
+    cfg = copy.deepcopy(model.config)
+    cfg["backbone"]["moe"] = {**cfg["backbone"]["moe"], "top_k": k}
+    other = GeneralistModel(cfg["backbone"], cfg["tasks"], cfg["decoder"], cfg["adapters"], cfg["language"])
+    other.load_state_dict(model.state_dict())
+    return other.eval()

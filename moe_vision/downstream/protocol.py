@@ -1,0 +1,192 @@
+"""The downstream benchmark: every method on every dataset, label budget and seed, each run in its
+own folder (a finished run is read back, an interrupted one resumes), one row per metric.
+
+Row keys (``docs/results/downstream.json``): dataset, labels, seed, method, metric, value (percent),
+trainable_params, params, flops_per_image, train_seconds, machine.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from ..engine import report
+from ..engine.builders import build_dataset, prepare_config
+from ..engine.evaluate import evaluate
+from ..engine.trainer import Trainer
+from ..models import load_model
+from ..surgery.continual_run import CONFIGS, add_task_run, data_entry
+from ..surgery.extract import flops_per_image
+from .methods import ALL_METHODS, METHODS, Parents, start_model, with_top_k
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """One downstream dataset at one label budget."""
+
+    name: str  # "fashion-mnist" | "trees"
+    task: str  # the task type it is labelled for: "cls" | "det"
+    root: Path  # its folder in the standard layout
+    labels: int | None  # training images used (None: all of a dataset that has no budgets)
+
+    @property
+    def key(self) -> str:
+        return self.name if self.labels is None else f"{self.name}-{self.labels}"
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """What every method shares on a dataset: steps, batch, learning rate, input size."""
+
+    steps: int = 300
+    batch_size: int = 32
+    lr: float = 1e-3
+    img_size: dict = field(default_factory=lambda: {"cls": 64, "det": 128})
+    eval_batch_size: int = 64
+    max_eval_batches: int | None = None  # quick mode: a few batches of the test split
+
+    def warmup(self) -> int:
+        return max(1, self.steps // 10)
+
+
+METRICS = {"cls": ("top1",), "det": ("mAP", "mAP50")}
+
+
+def machine() -> str:
+    """CPU model, cores this process may use, torch version: the "machine" of a row."""
+    model = platform.processor() or "CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{model}, {cores} cores{gpu}, torch {torch.__version__}"
+
+
+def run_config(ds: Dataset, recipe: str, seed: int, proto: Protocol, out: Path, parent: Path | None = None) -> dict:
+    """The training config of one run: the demo's recipe (``moe``) or the dense baseline's
+    (``dense``) on the downstream dataset, its head's classes read from the data. With ``parent``
+    (the run directory of that recipe's trained model) the model and decoder are the parent's,
+    so a run from scratch has the architecture that the fine-tuned ones start from."""
+    experiment = "synthetic_single_task" if recipe == "dense" else "synthetic"
+    task = ds.task
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose("train", overrides=[
+            f"experiment={experiment}", f"seed={seed}", "data.synthetic=null", f"data.img_size={proto.img_size[task]}",
+            f"train.steps={proto.steps}", f"train.lr={proto.lr}", f"train.warmup_steps={proto.warmup()}",
+            f"train.ckpt_every={max(1, proto.steps // 2)}", "train.eval_every=0", "train.expert_budget.experts=null",
+            "train.sampling.tasks_per_step=1",
+            f"tasks.{task}.batch_size={proto.batch_size}", f"tasks.{task}.num_classes=null",
+            f"eval.batch_size={proto.eval_batch_size}", "resume=true", f"output_dir={out}"])
+    cfg = OmegaConf.to_container(cfg, resolve=True)
+    cfg["single_task"] = task
+    cfg = prepare_config(cfg)
+    cfg["tasks"][task].pop("class_names", None)  # (the synthetic recipe names its own classes)
+    cfg["data"]["tasks"] = {task: data_entry(task, str(ds.root))}
+    cfg["eval"]["max_batches"] = proto.max_eval_batches
+    if parent is not None:
+        pcfg = json.loads((Path(parent) / "config.json").read_text())
+        cfg["model"] = {**pcfg["model"], "init_from": None, "init_routers_from": None, "upcycle_from": None,
+                        "checkpoint": None}
+        cfg["decoder"] = pcfg["decoder"]
+    if task == "cls":
+        cfg["tasks"][task]["transforms"] = {"hflip": 0.5, "scale": [0.6, 1.0]}  # photographs: mirror images
+    return cfg
+
+
+def _rows(ds: Dataset, seed: int, method: str, metrics: dict, trainable: int, params: int, flops: int,
+          seconds: float, where: str) -> list[dict]:
+    return [{"dataset": ds.name, "labels": ds.labels, "seed": seed, "method": method, "metric": m,
+             "value": round(100 * float(metrics[m]), 2), "trainable_params": int(trainable), "params": int(params),
+             "flops_per_image": int(flops), "train_seconds": round(float(seconds), 1), "machine": where}
+            for m in METRICS[ds.task]]
+
+
+def run_method(ds: Dataset, method: str, seed: int, proto: Protocol, parents: Parents, runs: Path,
+               log: Callable = print) -> list[dict]:
+    """Train and evaluate one method (reading back a finished run); its rows."""
+    out = runs / ds.key / f"{method}-s{seed}"
+    done = out / "rows.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    where = machine()
+    if method == "add_task":
+        rows = _add_task(ds, seed, proto, parents, out, where, log)
+    else:
+        m = METHODS[method]
+        cfg = run_config(ds, m.recipe, seed, proto, out,
+                         parents.generalist if m.recipe == "moe" else parents.dense.get(ds.task))
+        model, made = start_model(m, cfg, parents, log)
+        trainer = Trainer(cfg, model=model)
+        result = trainer.fit()
+        final = trainer.eval_model
+        size = proto.img_size[ds.task]
+        rows = _rows(ds, seed, method, result["metrics"][ds.task], made["trainable"]["trainable"],
+                     sum(p.numel() for p in final.parameters()), flops_per_image(final, ds.task, size),
+                     result["train_seconds"], where)
+        if method == "generalist_ft":  # the same fine-tuned model, routed top-1 at inference only
+            top1 = with_top_k(final, 1)
+            val = build_dataset(ds.task, cfg["tasks"][ds.task], cfg["data"], "val", False)
+            metrics = evaluate(top1, {ds.task: val}, proto.eval_batch_size, proto.max_eval_batches, progress=False)
+            rows += _rows(ds, seed, "top1_infer", metrics[ds.task], made["trainable"]["trainable"],
+                          sum(p.numel() for p in top1.parameters()), flops_per_image(top1, ds.task, size),
+                          result["train_seconds"], where)
+        report.write_json(out / "made.json", {k: v for k, v in made.items() if k != "new"})
+    report.write_json(done, rows)
+    return rows
+
+
+def _add_task(ds: Dataset, seed: int, proto: Protocol, parents: Parents, out: Path, where: str, log) -> list[dict]:
+    if parents.generalist is None:
+        raise FileNotFoundError("method add_task grows the generalist, and none was given")
+    name = ds.name.replace("-", "_")
+    if out.exists() and not (out / "continual_report.json").is_file():
+        import shutil  # an interrupted add_task run starts again (it has no checkpoint to resume)
+        shutil.rmtree(out)
+    rep = add_task_run(parents.generalist, name, ds.root, out, new_experts=2, steps=proto.steps, task_type=ds.task,
+                       overrides={"batch_size": proto.batch_size, "img_size": proto.img_size[ds.task]}, log=log)
+    grown = load_model(out / "model.safetensors")
+    return _rows(ds, seed, "add_task", rep["new_task_metrics"], rep["parameters"]["trainable"],
+                 rep["parameters"]["total"], flops_per_image(grown, name, proto.img_size[ds.task]),
+                 rep["train_seconds"], where)
+
+
+def run_all(datasets: Iterable[Dataset], methods: Iterable[str], seeds: Iterable[int], proto: Protocol,
+            parents: dict[int, Parents], runs: Path, log: Callable = print) -> list[dict]:
+    """Every (dataset, seed, method) in turn; rows of all of them."""
+    methods = list(methods)
+    unknown = [m for m in methods if m not in ALL_METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; expected some of {list(ALL_METHODS)}")
+    rows = []
+    plan = [(ds, seed, m) for ds in datasets for seed in seeds for m in methods]
+    for i, (ds, seed, m) in enumerate(plan, 1):
+        log(f"[{i}/{len(plan)}] {ds.key} seed {seed}: {m}")
+        rows += run_method(ds, m, seed, proto, parents[seed], runs, log)
+    return rows
+
+
+def find_parents(seed: int, runs: Path = Path("runs"), tasks: Iterable[str] = ("cls", "det")) -> Parents:
+    """One seed's parents among ``runs``: the newest complete ``make demo`` run of that seed
+    (``synthetic-s<seed>-*``) and, per task, the best of ``make baselines``' dense runs of that seed
+    (``dense_<task>-lr*-s<seed>-*``) on their validation split. Missing ones are None / absent."""
+    def complete(p: Path) -> bool:
+        return (p / "model.safetensors").is_file() and (p / "metrics.json").is_file()
+    demos = sorted(p for p in runs.glob(f"synthetic-s{seed}-*") if complete(p))
+    dense = {}
+    for task in tasks:
+        cands = [p for p in runs.glob(f"dense_{task}-lr*-s{seed}-*") if complete(p)]
+        if cands:
+            dense[task] = report.best_single_task_runs(cands)[task]["run"]
+    return Parents(demos[-1] if demos else None, dense)
