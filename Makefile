@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo baselines downstream-data test test-slow test-browser test-timm benchmark gpu-wheels gpu-check install clean
+.PHONY: demo baselines downstream downstream-data test test-slow test-browser test-timm benchmark gpu-wheels gpu-check install clean
 
 STAMP_NOW := $(shell date +%Y%m%d-%H%M%S)
 
@@ -113,6 +113,12 @@ baselines: $(STAMP)
 DOWNSTREAM_LABELS ?= 600 6000
 downstream-data: $(STAMP)
 	$(PY) tools/downstream_data.py --labels $(DOWNSTREAM_LABELS) $(if $(DOWNSTREAM_FROM),--from $(DOWNSTREAM_FROM))
+
+# The downstream benchmark (docs/downstream.md): every method on data/real/ from the newest demo
+# run and best dense baseline of each seed, each run in runs/downstream/; rows in
+# docs/results/downstream.json. DOWNSTREAM_ARGS passes options (e.g. --quick, --seeds 0).
+downstream: downstream-data
+	$(PY) tools/downstream.py $(DOWNSTREAM_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache benchmark.json  # runs/ and data/ are kept

@@ -142,6 +142,7 @@ def _resume_from_step_2(src: Path, dst: Path, synthetic_root: Path, ranks: int, 
     _same_losses(dst, src, [3, 4])
 
 
+@pytest.mark.slow  # (40 s: three torchrun launches)
 def test_two_rank_training_matches_one_process_and_resumes_across_world_sizes(synthetic_root, tmp_path):
     """FSDP2 with expert parallelism over the 2 ranks against one process; its checkpoint resumes in
     one process and the one-process checkpoint on 2 ranks; its model goes through extraction and
@@ -281,6 +282,7 @@ def test_each_torchrun_restart_round_gets_its_own_store_keys(monkeypatch):
     assert shared_store_restart_notice() is None
 
 
+@pytest.mark.slow  # (26 s: an elastic torchrun with a restart)
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux /proc to find rank 1")
 def test_torchrun_restarts_after_a_killed_rank_and_ends_with_the_uninterrupted_losses(synthetic_root, tmp_path):
     """``torchrun --max-restarts``: rank 1 is SIGKILLed after the first checkpoint; torchrun restarts

@@ -87,5 +87,6 @@ def test_a_method_without_its_parent_and_an_unknown_method_are_refused(fashion, 
     proto = Protocol(steps=1, batch_size=2, img_size={"cls": 32, "det": 32}, max_eval_batches=1)
     with pytest.raises(ValueError, match=r"unknown method\(s\) \['finetune'\]"):
         run_all([fashion], ["finetune"], [0], proto, {0: Parents(None, {})}, tmp_path, log=lambda m: None)
-    with pytest.raises(FileNotFoundError, match="method dense_specialist_ft starts from the dense cls model"):
+    with pytest.raises(FileNotFoundError, match="method dense_specialist_ft starts from the dense cls model of seed 0, "
+                                                "and there is none: run make baselines SEED=0"):
         run_all([fashion], ["dense_specialist_ft"], [0], proto, {0: Parents(None, {})}, tmp_path, log=lambda m: None)

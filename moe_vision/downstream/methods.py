@@ -17,7 +17,7 @@ import torch
 from ..engine.builders import build_generalist, data_label_space
 from ..engine.evaluate import fixed_subset
 from ..engine.optim import set_trainable
-from ..pretrain.transfer import init_from_pretrained
+from ..pretrain.transfer import TASK_TENSOR, init_from_pretrained
 from ..surgery.extract import extract_task
 from ..surgery.pipeline import select_experts, task_usage
 from ..tasks import GeneralistModel
@@ -45,6 +45,7 @@ class Method:
     top_k: int | None = None  # experts per token, when not the parent's
     prune_to: int | None = None  # experts per MoE layer kept, chosen on downstream training images
     open_mask: bool = True  # the task may choose among every expert (not only its budget's)
+    fresh_routing: bool = False  # the task's routers and embeddings start new, as a new task's would
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
@@ -52,6 +53,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("scratch_moe", "the generalist's MoE architecture, from scratch", "moe", None),
     Method("dense_specialist_ft", "the dense single-task specialist, fully fine-tuned", "dense", "dense"),
     Method("generalist_ft", "the generalist, fully fine-tuned (every expert open to the task)", "moe", "generalist"),
+    Method("generalist_ft_fresh", "the generalist, fully fine-tuned, its task's routing started new", "moe",
+           "generalist", fresh_routing=True),
     Method("bundle_ft", "the task's default bundle (its budget's experts), fully fine-tuned", "moe", "generalist",
            open_mask=False),
     Method("head", "the generalist, head only (GLID's recipe)", "moe", "generalist", trainable="head"),
@@ -82,7 +85,14 @@ def start_model(method: Method, cfg: dict, parents: Parents, log: Callable = pri
         raise FileNotFoundError(f"method {method.name} starts from the {method.parent} {task} model, and none was "
                                 "given")
     if source is not None:
+        fresh = {k: v.clone() for k, v in model.state_dict().items() if _per_task_of(k) == task}
         rep = init_from_pretrained(model, source)
+        if method.fresh_routing:
+            with torch.no_grad():
+                for k, v in model.state_dict().items():
+                    if k in fresh:
+                        v.copy_(fresh[k])
+            made["fresh"] = sorted(fresh)
         made.update(source=rep["source"], loaded=len(rep["loaded"]), new=rep["new"])
         if method.open_mask:
             for layer in model.backbone.moe_modules().values():
@@ -92,6 +102,12 @@ def start_model(method: Method, cfg: dict, parents: Parents, log: Callable = pri
         made["kept_experts"] = kept
     made["trainable"] = set_trainable(model, method.trainable, "method")
     return model, made
+
+
+def _per_task_of(key: str) -> str | None:
+    """The task a per-task tensor (router gate, task embedding, per-task normalisation) belongs to."""
+    m = TASK_TENSOR.match(key)
+    return m.group("task") if m else None
 
 
 def prune_on(model: GeneralistModel, task: str, cfg: dict, n: int) -> tuple[GeneralistModel, dict]:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 # Per-task tensors of the backbone: each MoE layer's router gate, the task embedding, per-task normalisation.
-_TASK_TENSOR = re.compile(r"^(?P<pre>.*(?:\.router\.gates|\.task_embed|backbone\.task_embed|\.per_task))\.(?P<task>[^.]+)"
+TASK_TENSOR = re.compile(r"^(?P<pre>.*(?:\.router\.gates|\.task_embed|backbone\.task_embed|\.per_task))\.(?P<task>[^.]+)"
                           r"(?P<post>(?:\..*)?)$")
 
 
@@ -62,13 +62,13 @@ def init_from_pretrained(model: nn.Module, source: str | Path, init_routers_from
     routers_from: list[str] = []
     if init_routers_from:
         sources = {m.group("pre") + "." + init_routers_from + m.group("post")
-                   for k in src if (m := _TASK_TENSOR.match(k)) and m.group("task") == init_routers_from}
-        needed = [n for n in own if n not in copied and _TASK_TENSOR.match(n)]
+                   for k in src if (m := TASK_TENSOR.match(k)) and m.group("task") == init_routers_from}
+        needed = [n for n in own if n not in copied and TASK_TENSOR.match(n)]
         if not sources and needed:  # (a source that already has every task's routers needs none)
             raise ValueError(f"model.init_routers_from={init_routers_from!r}: {path} has no router or task embedding "
                              f"for that task")
         for name in own:
-            m = _TASK_TENSOR.match(name)
+            m = TASK_TENSOR.match(name)
             if name in copied or not m:
                 continue
             from_name = m.group("pre") + "." + init_routers_from + m.group("post")
