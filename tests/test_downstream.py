@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from moe_vision.downstream import ALL_METHODS, Dataset, Parents, Protocol, run_all
-from moe_vision.downstream.protocol import find_parents
+from moe_vision.downstream.protocol import downstream_datasets, find_parents
 from moe_vision.downstream.summary import plot, table
 from moe_vision.engine.trainer import Trainer
 from tests.test_engine import make_cfg
@@ -90,3 +90,6 @@ def test_a_method_without_its_parent_and_an_unknown_method_are_refused(fashion, 
     with pytest.raises(FileNotFoundError, match="method dense_specialist_ft starts from the dense cls model of seed 0, "
                                                 "and there is none: run make baselines SEED=0"):
         run_all([fashion], ["dense_specialist_ft"], [0], proto, {0: Parents(None, {})}, tmp_path, log=lambda m: None)
+    with pytest.raises(FileNotFoundError, match=r"fashion-mnist-300 is missing or incomplete: run make downstream-data "
+                                                r"\(python tools/downstream_data.py --labels 300\)"):
+        downstream_datasets(tmp_path, ["fashion-mnist"], [300])

@@ -21,29 +21,11 @@ from pathlib import Path
 
 from moe_vision.cli import user_errors
 from moe_vision.downstream import ALL_METHODS, Dataset, Protocol, run_all
-from moe_vision.downstream.protocol import find_parents
+from moe_vision.downstream.protocol import FULL_LABELS, TASK_OF, downstream_datasets, find_parents
 from moe_vision.downstream.summary import plot, table
 from moe_vision.io_utils import atomic_path
 
 ROW_KEY = ("dataset", "labels", "seed", "method", "metric")
-TASK_OF = {"fashion-mnist": "cls", "trees": "det"}
-FULL_LABELS = 60000  # Fashion-MNIST's whole training split
-
-
-def datasets(root: Path, names: list[str], labels: list[int]) -> list[Dataset]:
-    out = []
-    for name in names:
-        if name == "trees":
-            out.append(Dataset("trees", "det", root / "trees", None))
-            continue
-        for n in labels:
-            folder = root / ("fashion-mnist" if n == FULL_LABELS else f"fashion-mnist-{n}")
-            out.append(Dataset(name, "cls", folder, n))
-    for ds in out:
-        if not (ds.root / "SOURCE.json").is_file():
-            raise FileNotFoundError(f"{ds.root} is missing or incomplete: run make downstream-data "
-                                    f"(python tools/downstream_data.py{'' if ds.labels in (None, 600, 6000, FULL_LABELS) else f' --labels {ds.labels}'})")
-    return out
 
 
 def main() -> int:
@@ -70,7 +52,7 @@ def main() -> int:
                 raise ValueError(f"{flag} {v}: expected a positive integer")
         proto = Protocol(steps=4, batch_size=4, lr=args.lr, max_eval_batches=2) if args.quick else \
             Protocol(steps=args.steps, batch_size=args.batch_size, lr=args.lr)
-        sets = datasets(args.data_root, args.datasets, args.labels)
+        sets = downstream_datasets(args.data_root, args.datasets, args.labels)
         parents = {s: find_parents(s, args.parents) for s in args.seeds}
         rows = run_all(sets, args.methods, args.seeds, proto, parents, args.runs)
         old = json.loads(args.json.read_text()) if args.json.is_file() else []

@@ -7,8 +7,8 @@ trainable_params, params, flops_per_image, train_seconds, machine.
 from __future__ import annotations
 
 import json
-import os
 import platform
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 from ..engine import report
 from ..engine.builders import build_dataset, prepare_config
 from ..engine.evaluate import evaluate
+from ..engine.setup import usable_cores
 from ..engine.trainer import Trainer
 from ..models import load_model
 from ..surgery.continual_run import CONFIGS, add_task_run, data_entry
@@ -59,6 +60,27 @@ class Protocol:
 
 
 METRICS = {"cls": ("top1",), "det": ("mAP", "mAP50")}
+TASK_OF = {"fashion-mnist": "cls", "trees": "det"}
+FULL_LABELS = 60000  # Fashion-MNIST's whole training split
+
+
+def downstream_datasets(root: Path, names: list[str], labels: list[int]) -> list[Dataset]:
+    """The datasets of a plan under ``root`` (make downstream-data's folders), one per label budget
+    of Fashion-MNIST; a missing or incomplete folder is refused, naming the command that makes it."""
+    out = []
+    for name in names:
+        if name == "trees":
+            out.append(Dataset("trees", "det", root / "trees", None))
+            continue
+        for n in labels:
+            folder = root / ("fashion-mnist" if n == FULL_LABELS else f"fashion-mnist-{n}")
+            out.append(Dataset(name, "cls", folder, n))
+    for ds in out:
+        if not (ds.root / "SOURCE.json").is_file():
+            flag = "" if ds.labels in (None, 600, 6000, FULL_LABELS) else f" --labels {ds.labels}"
+            raise FileNotFoundError(f"{ds.root} is missing or incomplete: run make downstream-data "
+                                    f"(python tools/downstream_data.py{flag})")
+    return out
 
 
 def machine() -> str:
@@ -71,7 +93,7 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = usable_cores()
     gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     return f"{model}, {cores} cores{gpu}, torch {torch.__version__}"
 
@@ -154,8 +176,7 @@ def _add_task(ds: Dataset, seed: int, proto: Protocol, parents: Parents, out: Pa
         raise FileNotFoundError("method add_task grows the generalist, and none was given")
     name = ds.name.replace("-", "_")
     if out.exists() and not (out / "continual_report.json").is_file():
-        import shutil  # an interrupted add_task run starts again (it has no checkpoint to resume)
-        shutil.rmtree(out)
+        shutil.rmtree(out)  # an interrupted add_task run starts again (it has no checkpoint to resume)
     rep = add_task_run(parents.generalist, name, ds.root, out, new_experts=2, steps=proto.steps, task_type=ds.task,
                        overrides={"batch_size": proto.batch_size, "img_size": proto.img_size[ds.task]}, log=log)
     grown = load_model(out / "model.safetensors")
