@@ -23,6 +23,17 @@ def synthetic_root(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def ten_classes(synthetic_root, tmp_path_factory):
+    """The synthetic cls data with 10 of its 13 class folders: a dataset with a label space of its own."""
+    import shutil
+    root = tmp_path_factory.mktemp("ten") / "cls10"
+    for split in ("train", "val"):
+        for c in sorted(p.name for p in (synthetic_root / "cls" / "train").iterdir())[:10]:
+            shutil.copytree(synthetic_root / "cls" / split / c, root / split / c)
+    return root
+
+
+@pytest.fixture(scope="session")
 def tiny_run(synthetic_root, tmp_path_factory):
     """A 2-step cls + det + seg run (``run/``) and its det and seg bundles (``experts/<task>``)."""
     from moe_vision.engine.trainer import Trainer

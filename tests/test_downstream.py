@@ -20,18 +20,15 @@ KEYS = {"dataset", "labels", "seed", "method", "metric", "value", "trainable_par
 def parents(tiny_run, synthetic_root, tmp_path_factory):
     runs = tmp_path_factory.mktemp("parents")
     shutil.copytree(tiny_run / "run", runs / "synthetic-s0-20260101-000000")
-    Trainer(make_cfg(synthetic_root, runs / "dense_cls-lr0.001-s0-x", "+single_task=cls", "train.sampling.tasks_per_step=1", "train.steps=2",
-                     "model.moe.mlp_blocks=none", "eval.periodic_images=0")).fit()
+    Trainer(make_cfg(synthetic_root, runs / "dense_cls-lr0.001-s0-x", "+single_task=cls",
+                     "train.sampling.tasks_per_step=1", "train.steps=2", "model.moe.mlp_blocks=none",
+                     "eval.periodic_images=0")).fit()
     return find_parents(0, runs)
 
 
 @pytest.fixture(scope="module")
-def fashion(synthetic_root, tmp_path_factory):
-    root = tmp_path_factory.mktemp("fm") / "fm10"
-    for split in ("train", "val"):
-        for c in sorted(p.name for p in (synthetic_root / "cls" / "train").iterdir())[:10]:
-            shutil.copytree(synthetic_root / "cls" / split / c, root / split / c)
-    return Dataset("fashion-mnist", "cls", root, 20)
+def fashion(ten_classes):
+    return Dataset("fashion-mnist", "cls", ten_classes, 20)
 
 
 @pytest.mark.slow

@@ -2,7 +2,6 @@
 through finetune (``--new-head``), add_task (a head sized from the data) and ``model.init_from``
 (a head of another shape stays new)."""
 import json
-import shutil
 
 import pytest
 import torch
@@ -18,16 +17,6 @@ from tests.tool_run import run_child
 
 def _quiet(*_):
     pass
-
-
-@pytest.fixture(scope="module")
-def ten_classes(synthetic_root, tmp_path_factory):
-    """The synthetic cls data with 10 of its 13 class folders: another label space."""
-    root = tmp_path_factory.mktemp("ten") / "cls10"
-    for split in ("train", "val"):
-        for c in sorted(p.name for p in (synthetic_root / "cls" / "train").iterdir())[:10]:
-            shutil.copytree(synthetic_root / "cls" / split / c, root / split / c)
-    return root
 
 
 @pytest.fixture(scope="module")

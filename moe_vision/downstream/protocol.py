@@ -18,7 +18,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from ..engine import report
-from ..engine.builders import build_dataset, prepare_config
+from ..engine.builders import prepare_config
 from ..engine.evaluate import evaluate
 from ..engine.setup import usable_cores
 from ..engine.trainer import Trainer
@@ -161,8 +161,8 @@ def run_method(ds: Dataset, method: str, seed: int, proto: Protocol, parents: Pa
                      result["train_seconds"], where)
         if method == "generalist_ft":  # the same fine-tuned model, routed top-1 at inference only
             top1 = with_top_k(final, 1)
-            val = build_dataset(ds.task, cfg["tasks"][ds.task], cfg["data"], "val", False)
-            metrics = evaluate(top1, {ds.task: val}, proto.eval_batch_size, proto.max_eval_batches, progress=False)
+            metrics = evaluate(top1, {ds.task: trainer.val_sets[ds.task]}, proto.eval_batch_size,
+                               proto.max_eval_batches, progress=False)
             rows += _rows(ds, seed, "top1_infer", metrics[ds.task], made["trainable"]["trainable"],
                           sum(p.numel() for p in top1.parameters()), flops_per_image(top1, ds.task, size),
                           result["train_seconds"], where)
