@@ -34,16 +34,19 @@ def fashion(ten_classes):
 @pytest.mark.slow
 def test_every_method_runs_and_differs_as_it_claims(parents, fashion, tmp_path):
     assert parents.generalist is not None and set(parents.dense) == {"cls"}
-    proto = Protocol(steps=2, batch_size=4, img_size={"cls": 32, "det": 32}, max_eval_batches=1)
+    proto = Protocol(steps=2, batch_size={"cls": 4, "det": 4}, img_size={"cls": 32, "det": 32}, max_eval_batches=1)
     rows = run_all([fashion], ALL_METHODS, [0], proto, {0: parents}, tmp_path / "runs", log=lambda m: None)
     by = {r["method"]: r for r in rows}
     assert set(by) == {*ALL_METHODS, "top1_infer"} and all(set(r) == KEYS for r in rows)
     assert all(0 <= r["value"] <= 100 and r["train_seconds"] > 0 and r["flops_per_image"] > 0 for r in rows)
     full = by["generalist_ft"]
     assert by["head"]["trainable_params"] < by["router_head"]["trainable_params"] < full["trainable_params"]
+    assert by["head"]["trainable_params"] < by["stem_head"]["trainable_params"] < 0.2 * full["trainable_params"]
+    assert by["scratch_head"]["trainable_params"] == by["head"]["trainable_params"]
     assert full["trainable_params"] == full["params"] and by["head"]["params"] == full["params"]
     assert by["pruned"]["params"] < full["params"]  # 2 of the tiny model's 4 experts per layer
-    assert by["bundle_ft"]["params"] == full["params"]  # (the budget-less tiny parent: every expert allowed)
+    bundle = json.loads((tmp_path / "runs" / "fashion-mnist-20" / "bundle_ft-s0" / "made.json").read_text())
+    assert all(len(v) == 4 for v in bundle["kept_experts"].values())  # (the budget-less tiny parent: all allowed)
     assert by["top1"]["flops_per_image"] < 0.95 * full["flops_per_image"]
     assert abs(by["pruned"]["flops_per_image"] - full["flops_per_image"]) < 0.01 * full["flops_per_image"]
     assert by["top1_infer"]["flops_per_image"] == by["top1"]["flops_per_image"]
@@ -65,7 +68,7 @@ def test_every_method_runs_and_differs_as_it_claims(parents, fashion, tmp_path):
 def test_detection_and_classification_rows_from_the_generalist(parents, fashion, synthetic_root, tmp_path):
     """The quick path of make test: det rows (mAP and mAP50 by pycocotools) and the cls methods
     that reshape the model (a pruned bundle, top-1 at inference)."""
-    proto = Protocol(steps=2, batch_size=4, img_size={"cls": 32, "det": 32}, max_eval_batches=1)
+    proto = Protocol(steps=2, batch_size={"cls": 4, "det": 4}, img_size={"cls": 32, "det": 32}, max_eval_batches=1)
     trees = Dataset("trees", "det", synthetic_root / "det", None)
     rows = run_all([trees, fashion], ["generalist_ft", "pruned"], [0], proto, {0: parents}, tmp_path,
                    log=lambda m: None)
@@ -81,7 +84,7 @@ def test_detection_and_classification_rows_from_the_generalist(parents, fashion,
 
 
 def test_a_method_without_its_parent_and_an_unknown_method_are_refused(fashion, tmp_path):
-    proto = Protocol(steps=1, batch_size=2, img_size={"cls": 32, "det": 32}, max_eval_batches=1)
+    proto = Protocol(steps=1, batch_size={"cls": 2, "det": 2}, img_size={"cls": 32, "det": 32}, max_eval_batches=1)
     with pytest.raises(ValueError, match=r"unknown method\(s\) \['finetune'\]"):
         run_all([fashion], ["finetune"], [0], proto, {0: Parents(None, {})}, tmp_path, log=lambda m: None)
     with pytest.raises(FileNotFoundError, match="method dense_specialist_ft starts from the dense cls model of seed 0, "

@@ -185,3 +185,33 @@ def test_the_tool_names_a_missing_package_file_in_one_line(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
         f"error: --from {tmp_path}: deepforest-2.1.0-py3-none-any.whl is not there (deepforest 2.1.0)"]
+
+
+@pytest.mark.slow
+def test_the_tools_take_the_tree_layout_from_fine_tuning_to_export(registry, tiny_run, tmp_path):
+    """The trees' COCO tiles (from the stand-in wheel) through the tools a user runs on them: a det
+    bundle fine-tuned with a new one-class head, predictions scored against the tiles' ids, an
+    ONNX export checked on the tiles."""
+    from tests.test_export import _has_onnx
+    from tests.tool_run import run_tool
+    root = tmp_path / "real"
+    downstream.prepare(root, only=["trees"], from_dir=registry, tile=64, log=lambda m: None)
+    trees = root / "trees"
+    r = run_tool("finetune.py", "--bundle", tiny_run / "experts/det", "--data", trees, "--new-head",
+                 "--trainable", "all", "--steps", "2", "--batch-size", "4", "--out", tmp_path / "ft")
+    assert r.returncode == 0, r.stderr
+    cfg = json.loads((tmp_path / "ft" / "config.json").read_text())
+    assert cfg["tasks"]["det"]["num_classes"] == 1 and cfg["tasks"]["det"]["class_names"] == ["tree"]
+    ann = trees / "annotations/instances_val.json"
+    r = run_tool("predict.py", "--checkpoint", tmp_path / "ft", "--task", "det", trees / "val", "--coco-ann", ann,
+                 "--out", tmp_path / "preds")
+    assert r.returncode == 0, r.stderr
+    ids = {im["id"] for im in json.loads(ann.read_text())["images"]}
+    results = json.loads((tmp_path / "preds" / "det_results.json").read_text())
+    assert results and {p["image_id"] for p in results} <= ids and {p["category_id"] for p in results} == {1}
+    if _has_onnx():
+        r = run_tool("export.py", "--checkpoint", tmp_path / "ft", "--task", "det", "--format", "onnx",
+                     "--out", tmp_path / "det.onnx", "--calib-images", "4")
+        assert r.returncode == 0, r.stderr
+        report = json.loads((tmp_path / "det.onnx.json").read_text())
+        assert report["parity_images"]["calibration"] == 4 and report["max_abs_diff"] <= report["tolerance"]

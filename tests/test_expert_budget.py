@@ -169,6 +169,22 @@ def test_training_with_a_budget_gives_the_default_bundle_its_experts_exactly(bud
     assert both["lossless_check"]["identical"] is True
 
 
+def test_a_top1_bundle_computes_less_and_says_it_is_not_exact(budget_run, tmp_path):
+    from moe_vision.surgery.bundle import load_bundle
+    info = extract_bundle(budget_run, "det", tmp_path / "det1", top_k=1, latency_calls=4, max_batches=1,
+                          log=lambda m: None)
+    assert info["top_k"] == {"parent": 2, "bundle": 1} and info["lossless_check"] is None
+    assert info["flops_per_image"]["bundle"]["det"] < 0.97 * info["flops_per_image"]["full"]["det"]
+    model = load_bundle(tmp_path / "det1")
+    assert {m.top_k for m in model.backbone.moe_modules().values()} == {1}
+    for bad, msg in ((3, r"--top-k 3: expected 1 to the model's own top_k \(2\)"), (0, "--top-k 0")):
+        with pytest.raises(ValueError, match=msg):
+            extract_bundle(budget_run, "det", tmp_path / "bad", top_k=bad, log=lambda m: None)
+    with pytest.raises(ValueError, match="a --dense specialist has no router"):
+        extract_bundle(budget_run, "det", tmp_path / "bad", top_k=1, dense=True, log=lambda m: None)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_a_budget_run_resumes_exactly_between_two_narrowings(budget_run, synthetic_root, tmp_path):
     part_cfg = make_cfg(synthetic_root, tmp_path / "part", *BUDGET, "train.ckpt_every=4")
     first = Trainer(part_cfg)

@@ -4,63 +4,26 @@ the routing maps are drawn, and keep a screenshot. Run by ``make test-browser`` 
 second step); it fails, never skips, when Chromium is missing there."""
 import os
 import shutil
-import socket
-import threading
-import time
 
 import pytest
 from PIL import Image
 
+from moe_vision.serve.browser import chromium, serving, upload_and_wait, wait_for as _wait
+
 pytestmark = pytest.mark.browser
-
-CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
-CHROMEDRIVER = os.environ.get("CHROMEDRIVER", "/usr/bin/chromedriver")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def server(four_task_run):
-    import uvicorn
     from moe_vision.serve import create_app
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(four_task_run), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if srv.started:
-            break
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with serving(create_app(four_task_run)) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
-    for path in (CHROMIUM, CHROMEDRIVER):
-        if not shutil.which(path):
-            pytest.fail(f"{path} is missing: apt-get install chromium chromium-driver (make test-browser does)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--window-size=1400,1300", f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):
-        opts.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
-    yield driver
-    driver.quit()
-
-
-def _wait(driver, condition, timeout=120, what="the page"):
-    from selenium.webdriver.support.ui import WebDriverWait
-    return WebDriverWait(driver, timeout).until(condition, message=f"timed out waiting for {what}")
+    with chromium(tmp_path_factory.mktemp("chromium")) as driver:  # fails, never skips, without Chromium
+        yield driver
 
 
 def _ink(driver, element) -> int:
@@ -74,18 +37,10 @@ def test_page_shows_every_answer_and_the_routing_maps(server, browser, synthetic
     from selenium.webdriver.common.by import By
     image = tmp_path / "landscape.png"  # a 96x64 photo-like image: not square, to see the shape kept
     Image.open(synthetic_root / "det/val/00000.png").resize((96, 64)).save(image)
-    browser.get(server)
-    _wait(browser, lambda d: "tasks:" in d.find_element(By.ID, "model-name").text, what="/info")
-    browser.find_element(By.ID, "file-input").send_keys(str(image))
-    _wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, ".task-card canvas.answer[data-drawn]")) == 4,
-          what="the four answers")
     # every detection above score 0: boxes drawn (an untrained model's scores are low)
-    browser.execute_script("const s = document.getElementById('score-slider'); s.value = 0;"
-                           "s.dispatchEvent(new Event('input'));")
+    upload_and_wait(browser, server, image, 4, min_score=0.0)
     _wait(browser, lambda d: int(d.find_element(By.CSS_SELECTOR, ".task-card[data-task=det] canvas.answer")
                                  .get_attribute("data-drawn") or 0) > 0, what="detection boxes")
-    _wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, ".task-card canvas.answer[data-drawn]")) == 4,
-          what="the redrawn answers")
     cards = {c.get_attribute("data-task"): c for c in browser.find_elements(By.CSS_SELECTOR, ".task-card")}
     assert set(cards) == {"cls", "det", "seg", "depth"}
     assert len(cards["cls"].find_elements(By.CSS_SELECTOR, ".top5-item")) == 5
@@ -119,3 +74,17 @@ def test_page_shows_a_bad_upload_as_one_message_and_keeps_working(server, browse
     _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, ".task-card canvas.answer[data-drawn]"),
           what="an example's answers")
     assert not browser.find_element(By.ID, "error").is_displayed()
+
+
+def test_the_screenshot_tool_writes_the_page_and_refuses_a_missing_image(four_task_run, synthetic_root, tmp_path):
+    from tests.tool_run import run_tool
+    out = tmp_path / "docs" / "page.png"
+    r = run_tool("serve_screenshot.py", four_task_run, synthetic_root / "det/val/00000.png", "--out", out,
+                 "--min-score", "0", "--size", "900", "800")
+    assert r.returncode == 0, r.stderr
+    with Image.open(out) as shot:
+        assert shot.size[0] >= 800 and len(set(shot.convert("L").getdata())) > 20  # a page, not a blank
+    assert [p.name for p in out.parent.iterdir()] == ["page.png"]  # nothing temporary left beside it
+    r = run_tool("serve_screenshot.py", four_task_run, tmp_path / "none.png", "--out", tmp_path / "x.png")
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [f"error: {tmp_path / 'none.png'}: no such image"]
+    assert not (tmp_path / "x.png").exists()

@@ -35,9 +35,11 @@ def main() -> int:
     ap.add_argument("--labels", type=int, nargs="+", default=[600, 6000],
                     help=f"Fashion-MNIST label budgets ({FULL_LABELS}: the whole training split)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds; seed s starts from make demo SEED=s")
-    ap.add_argument("--methods", nargs="+", default=list(ALL_METHODS), choices=list(ALL_METHODS))
+    ap.add_argument("--methods", nargs="+", choices=list(ALL_METHODS),
+                    help="default: every method but the diagnostics (generalist_ft_fresh, scratch_head) on trees "
+                         "and at 600 labels, the label-sensitive ones at larger budgets")
     ap.add_argument("--steps", type=int, default=300, help="training steps of every method")
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, help="images per step (default: 32 for cls, 16 for det)")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--parents", type=Path, default=Path("runs"), help="where the demo and baseline runs are")
     ap.add_argument("--runs", type=Path, default=Path("runs/downstream"), help="where each downstream run goes")
@@ -48,10 +50,13 @@ def main() -> int:
     args = ap.parse_args()
     with user_errors():
         for flag, v in (("--steps", args.steps), ("--batch-size", args.batch_size)):
-            if v <= 0:
+            if v is not None and v <= 0:
                 raise ValueError(f"{flag} {v}: expected a positive integer")
-        proto = Protocol(steps=4, batch_size=4, lr=args.lr, max_eval_batches=2) if args.quick else \
-            Protocol(steps=args.steps, batch_size=args.batch_size, lr=args.lr)
+        if args.quick:
+            proto = Protocol(steps=4, batch_size={"cls": 4, "det": 4}, lr=args.lr, max_eval_batches=2)
+        else:
+            batch = {} if args.batch_size is None else {"batch_size": {"cls": args.batch_size, "det": args.batch_size}}
+            proto = Protocol(steps=args.steps, lr=args.lr, **batch)
         sets = downstream_datasets(args.data_root, args.datasets, args.labels)
         parents = {s: find_parents(s, args.parents) for s in args.seeds}
         rows = run_all(sets, args.methods, args.seeds, proto, parents, args.runs)
@@ -61,7 +66,7 @@ def main() -> int:
         with atomic_path(args.json) as tmp:
             tmp.write_text(json.dumps(merged, indent=1) + "\n")
         plot(merged, args.plot)
-    print(table(merged, [*ALL_METHODS[:4], "top1_infer", *ALL_METHODS[4:]]))
+    print(table(merged, [*ALL_METHODS[:4], "top1_infer", *ALL_METHODS[4:]]))  # (top1_infer beside generalist_ft)
     print(f"rows: {args.json}; plot: {args.plot}")
     return 0
 

@@ -7,6 +7,7 @@
     python tools/extract_experts.py --task det --checkpoint runs/synthetic --out experts/det-s2 --rule search --value 2
     python tools/extract_experts.py --task det --checkpoint runs/synthetic --out experts/det-dense --dense --distill-steps 300
     python tools/extract_experts.py --task seg --checkpoint runs/synthetic --out experts/seg --archive --force
+    python tools/extract_experts.py --task det --checkpoint runs/synthetic --out experts/det-top1 --top-k 1
 
 Rules: auto (the default: allowed for a model trained with train.expert_budget, else selected),
 allowed (the experts the task's router may choose, its mask: exact on every input, checked on the
@@ -24,7 +25,9 @@ weight, folded into one plain MLP (a dense ViT block; timm's ViT loads a patch-s
 optionally --distill-steps steps of label-free distillation towards the MoE model on
 --distill-split images. Every bundle folder gets bundle.json and a README.md model card; --archive
 also writes <out>.tar.gz, which moe_vision.load_bundle opens directly. Data comes from the run's
-config.json (override with --data-root).
+config.json (override with --data-root). --top-k 1: the bundle routes each token to one of its
+kept experts instead of the parent's top_k (less compute in PyTorch's sparse path; other outputs,
+so no lossless check: the metrics show what it costs).
 """
 from __future__ import annotations
 
@@ -65,6 +68,8 @@ def main() -> int:
                          "(default: all of it)")
     ap.add_argument("--latency-calls", type=int, default=60,
                     help="forward passes per model and batch size for the latency figures (default 60)")
+    ap.add_argument("--top-k", type=int, default=None,
+                    help="experts per token in the bundle (default: the parent's top_k; fewer: less compute)")
     ap.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
     args = ap.parse_args()
     with user_errors():
@@ -74,9 +79,12 @@ def main() -> int:
                               args.calibration_split, args.eval_split, args.batch_size, args.max_batches, args.force,
                               dense=args.dense, distill_steps=args.distill_steps, distill_split=args.distill_split,
                               archive=args.archive, search_error=args.search_error,
-                              calibration_images=args.calibration_images, latency_calls=args.latency_calls)
+                              calibration_images=args.calibration_images, latency_calls=args.latency_calls,
+                              top_k=args.top_k)
     rule = info["rule"]["name"] + (f"={info['rule']['value']:g}" if info["rule"]["value"] is not None else "")
-    print(f"\nbundle {args.out} ({info['kind']}) for task(s) {', '.join(info['tasks'])} (rule {rule})")
+    k = info["top_k"]
+    routing = f", top-{k['bundle']} routing instead of top-{k['parent']}" if k["bundle"] != k["parent"] else ""
+    print(f"\nbundle {args.out} ({info['kind']}) for task(s) {', '.join(info['tasks'])} (rule {rule}{routing})")
     for layer, kept in info["kept_experts"].items():
         shared = "; ".join(f"shares {len(e)} with {u}" for u, e in info.get("overlap", {}).get(layer, {}).items())
         print(f"  {layer:<16} kept {len(kept)}/{info['num_experts'][layer]} experts {kept}" + (f" ({shared})" if shared else ""))

@@ -5,7 +5,8 @@
     python tools/finetune.py --bundle experts/seg --data data/synthetic/seg --trainable router+head --steps 100 --out runs/seg-ft
     python tools/finetune.py --bundle experts/cls --data data/real/fashion-mnist-600 --new-head --trainable all --out runs/fm-ft
 
---trainable: head (GLID's recipe: only the topmost linear layer), router+head, experts+head, all.
+--trainable: head (GLID's recipe: only the topmost linear layer), router+head, stem+head (the patch stem and
+position embedding too), experts+head, all.
 --new-head: a dataset with its own label space gets a new head sized from its classes (their names
 are kept in the run's config.json); without it the data's classes must match the bundle's head.
 """

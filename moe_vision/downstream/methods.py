@@ -7,7 +7,6 @@ it), which of them train, and how many experts a token runs through.
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
@@ -18,8 +17,9 @@ from ..engine.builders import build_generalist, data_label_space
 from ..engine.evaluate import fixed_subset
 from ..engine.optim import set_trainable
 from ..pretrain.transfer import TASK_TENSOR, init_from_pretrained
-from ..surgery.extract import extract_task
+from ..surgery.extract import extract_task, with_top_k
 from ..surgery.pipeline import select_experts, task_usage
+from ..surgery.select import allowed_experts
 from ..tasks import GeneralistModel
 
 
@@ -44,7 +44,7 @@ class Method:
     trainable: str = "all"
     top_k: int | None = None  # experts per token, when not the parent's
     prune_to: int | None = None  # experts per MoE layer kept, chosen on downstream training images
-    open_mask: bool = True  # the task may choose among every expert (not only its budget's)
+    open_mask: bool = True  # the task may choose among every expert; False: the bundle of its budget's experts
     fresh_routing: bool = False  # the task's routers and embeddings start new, as a new task's would
 
 
@@ -55,10 +55,14 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("generalist_ft", "the generalist, fully fine-tuned (every expert open to the task)", "moe", "generalist"),
     Method("generalist_ft_fresh", "the generalist, fully fine-tuned, its task's routing started new", "moe",
            "generalist", fresh_routing=True),
-    Method("bundle_ft", "the task's default bundle (its budget's experts), fully fine-tuned", "moe", "generalist",
-           open_mask=False),
+    Method("bundle_ft", "the task's default bundle (its budget's 2 experts per block, extracted), fully fine-tuned",
+           "moe", "generalist", open_mask=False),
     Method("head", "the generalist, head only (GLID's recipe)", "moe", "generalist", trainable="head"),
     Method("router_head", "the generalist, routers + head", "moe", "generalist", trainable="router+head"),
+    Method("stem_head", "the generalist, patch stem + position embedding + head", "moe", "generalist",
+           trainable="stem+head"),
+    Method("scratch_head", "the MoE architecture at random initialisation, head only (what frozen features "
+           "carry without pre-training)", "moe", None, trainable="head"),
     Method("pruned", "2 experts per layer chosen on downstream training images, fully fine-tuned", "moe",
            "generalist", prune_to=2),
     Method("top1", "the generalist with top-1 routing, fully fine-tuned", "moe", "generalist", top_k=1),
@@ -66,6 +70,11 @@ METHODS: dict[str, Method] = {m.name: m for m in (
 # add_task (new experts + router + head, every old parameter frozen) runs through
 # surgery.continual_run, not through these builders.
 ALL_METHODS = (*METHODS, "add_task")
+# What make downstream runs (generalist_ft_fresh and scratch_head are diagnostics, run by name).
+DEFAULT_METHODS = tuple(m for m in ALL_METHODS if m not in ("generalist_ft_fresh", "scratch_head"))
+# At larger label budgets: the comparisons that depend on how many labels there are.
+LABEL_SENSITIVE = ("scratch_dense", "scratch_moe", "dense_specialist_ft", "generalist_ft", "bundle_ft", "head",
+                   "stem_head")
 PRUNE_CALIBRATION_IMAGES = 256
 
 
@@ -97,6 +106,10 @@ def start_model(method: Method, cfg: dict, parents: Parents, log: Callable = pri
         if method.open_mask:
             for layer in model.backbone.moe_modules().values():
                 layer.router.set_allowed(task, torch.ones_like(layer.router.allowed_mask(task)))
+        else:  # the bundle extract_experts.py writes by default: the budget's experts only
+            kept = allowed_experts(model.backbone.moe_modules(), task)
+            model = extract_task(model, task, kept)
+            made["kept_experts"] = kept
     if method.prune_to:
         model, kept = prune_on(model, task, cfg, method.prune_to)
         made["kept_experts"] = kept
@@ -119,12 +132,3 @@ def prune_on(model: GeneralistModel, task: str, cfg: dict, n: int) -> tuple[Gene
     kept = select_experts(usage, model.backbone.moe_modules(), task, "top_n", n)
     small = extract_task(model, task, kept)
     return small, kept
-
-
-def with_top_k(model: GeneralistModel, k: int) -> GeneralistModel:
-    """A copy of ``model`` whose MoE layers route each token to ``k`` experts (same weights)."""
-    cfg = copy.deepcopy(model.config)
-    cfg["backbone"]["moe"] = {**cfg["backbone"]["moe"], "top_k": k}
-    other = GeneralistModel(cfg["backbone"], cfg["tasks"], cfg["decoder"], cfg["adapters"], cfg["language"])
-    other.load_state_dict(model.state_dict())
-    return other.eval()

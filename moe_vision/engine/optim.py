@@ -12,7 +12,7 @@ _NO_DECAY_NAMES = ("pos_embed", "cls_token", "task_embed", "query_embed", "query
                    ".router.", "log_vars")
 
 
-TRAINABLE = ("head", "router+head", "experts+head", "all")
+TRAINABLE = ("head", "router+head", "stem+head", "experts+head", "all")
 
 
 def parameter_counts(model: nn.Module) -> dict[str, int]:
@@ -23,12 +23,15 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
 
 def set_trainable(model: nn.Module, which: str, setting: str = "train.trainable") -> dict[str, int]:
     """``head``: the task heads only, the topmost linear layers (GLID's recipe); ``router+head``;
-    ``experts+head``; ``all``. The rest is frozen. ``setting`` names the option in errors."""
+    ``stem+head`` (the patch stem and position embedding, where new pixels differ most from the
+    pre-training images: under 5% of the demo model); ``experts+head``; ``all``. The rest is
+    frozen. ``setting`` names the option in errors."""
     if which not in TRAINABLE:
         raise ValueError(f"{setting}={which!r}; expected one of {list(TRAINABLE)}")
     for name, p in model.named_parameters():
         on = which == "all" or name.startswith("heads.")
         on |= which == "router+head" and ".router." in name
+        on |= which == "stem+head" and name.startswith(("backbone.patch_embed.", "backbone.pos_embed"))
         on |= which == "experts+head" and (".experts." in name or ".added_experts." in name)
         p.requires_grad_(on)
     return parameter_counts(model)

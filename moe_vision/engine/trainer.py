@@ -172,6 +172,8 @@ class Trainer:
             raise ValueError(f"train.nonfinite={self.nonfinite_mode!r}; expected one of {list(NONFINITE_MODES)}")
         self.nonfinite_skipped: dict[str, int] = {}
         self.nonfinite_streak = 0
+        # Training time survives a resume: the seconds before the checkpoint plus this process's.
+        self.seconds_before, self.train_t0 = 0.0, None
         if int(self.tcfg.get("keep_checkpoints", 2)) < 1:
             raise ValueError(f"train.keep_checkpoints={self.tcfg['keep_checkpoints']}: keep at least 1")
         self.async_checkpoint = bool(self.tcfg.get("async_checkpoint", False))
@@ -185,7 +187,11 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(), "sampler": self.sampler.state_dict(),
                 "iters": {t: it.state_dict() for t, it in self.iters.items()},
                 "nonfinite": {"skipped": dict(self.nonfinite_skipped), "streak": self.nonfinite_streak},
-                "expert_budget": self.budget.state_dict()}
+                "expert_budget": self.budget.state_dict(), "train_seconds": self.train_seconds()}
+
+    def train_seconds(self) -> float:
+        """Seconds spent training this run so far, over every process that resumed it."""
+        return self.seconds_before + (time.time() - self.train_t0 if self.train_t0 is not None else 0.0)
 
     def newest_checkpoint(self) -> Path | None:
         """The newest complete, intact checkpoint (a damaged newer one is passed over with one line);
@@ -212,6 +218,7 @@ class Trainer:
         self.nonfinite_skipped.update(nonfinite.get("skipped", {}))
         self.nonfinite_streak = int(nonfinite.get("streak", 0))
         self.budget.load_state_dict(state.get("expert_budget") or {})
+        self.seconds_before = float(state.get("train_seconds", 0.0))
         if self.dist.is_main:
             for name in ("train_log.jsonl", "val_log.jsonl"):
                 report.truncate_log(self.run_dir / name, self.step)
@@ -379,7 +386,7 @@ class Trainer:
         ema: dict[str, float] = {}
         bar = progress_bar(total=steps, initial=self.step, desc="train", dynamic_ncols=True, disable=not main)
         log_path = self.run_dir / "train_log.jsonl"
-        t0 = time.time()
+        t0 = self.train_t0 = time.time()
         first_step = self.step
         steplog = StepLog(self.dist)
         stopped: TrainingStopped | None = None
@@ -416,8 +423,7 @@ class Trainer:
             it.close()  # the loader workers are not needed for evaluation
         if stopped is not None:
             raise stopped
-        train_seconds = time.time() - t0
-        results: dict = {"train_seconds": train_seconds}
+        results: dict = {"train_seconds": self.train_seconds()}
         unfinished = self.budget.unfinished()
         if unfinished and main:
             results["budget_unfinished"] = unfinished

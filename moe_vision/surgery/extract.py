@@ -132,3 +132,13 @@ def flops_per_image(model: GeneralistModel, task: str, image_size: int) -> int:
         model(x, task)
     model.train(was)
     return int(counter.get_total_flops())
+
+
+def with_top_k(model: GeneralistModel, k: int) -> GeneralistModel:
+    """A copy of ``model`` whose MoE layers route each token to ``k`` experts (same weights): fewer
+    experts per token cost less compute in the sparse path and change the outputs."""
+    cfg = copy.deepcopy(model.config)
+    cfg["backbone"]["moe"] = {**cfg["backbone"]["moe"], "top_k": k}
+    other = GeneralistModel(cfg["backbone"], cfg["tasks"], cfg["decoder"], cfg["adapters"], cfg["language"])
+    other.load_state_dict(model.state_dict())
+    return other.eval()

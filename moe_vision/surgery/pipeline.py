@@ -19,7 +19,7 @@ from ..moe import ExpertUsage
 from ..progress import progress_bar
 from ..tasks import GeneralistModel
 from .bundle import BUNDLE_FORMAT, write_archive, write_bundle
-from .extract import extract_task, flops_per_image, route_among_own, union_of
+from .extract import extract_task, flops_per_image, route_among_own, union_of, with_top_k
 from .select import RULES, allowed_experts, is_budgeted, search_subsets, select_layer
 
 
@@ -174,7 +174,7 @@ def extract_bundle(checkpoint: str | Path, task: str | list[str], out: str | Pat
                    eval_split: str = "val", batch_size: int = 64, max_batches: int | None = None,
                    force: bool = False, log=print, dense: bool = False, distill_steps: int = 0,
                    distill_split: str = "train", archive: bool = False, search_error: str | None = None,
-                   calibration_images: int = 256, latency_calls: int = 60) -> dict:
+                   calibration_images: int = 256, latency_calls: int = 60, top_k: int | None = None) -> dict:
     """Run the whole extraction and write the bundle folder (and with ``archive`` its ``.tar.gz``);
     returns ``bundle.json``'s content. ``task``: one task, or several (``"det,seg"``) for one bundle
     answering each, each task routing among its own kept experts. ``dense``: a router-free
@@ -184,7 +184,9 @@ def extract_bundle(checkpoint: str | Path, task: str | list[str], out: str | Pat
     Experts are chosen on ``calibration_images`` images (a fixed subset, 0: all) of the
     ``calibration_split`` split; metrics, and the lossless check of rule ``allowed``, use the
     ``eval_split`` split (``max_batches``: at most that many batches of it); rule ``selected`` is
-    checked on its calibration images, the only ones on which it is exact."""
+    checked on its calibration images, the only ones on which it is exact. ``top_k``: the bundle
+    routes each token to that many of its kept experts (fewer than the parent's: less compute, other
+    outputs; the metrics say how much it costs, and no lossless check applies)."""
     out = Path(out)
     check_rule_options(rule, value, search_error, dense)
     if out.exists() and not force:
@@ -198,9 +200,14 @@ def extract_bundle(checkpoint: str | Path, task: str | list[str], out: str | Pat
         raise ValueError(f"--calibration-images {calibration_images}: expected 0 (all) or more")
     if latency_calls < 4:
         raise ValueError(f"--latency-calls {latency_calls}: expected at least 4 (medians and quartiles)")
+    if top_k is not None and dense:
+        raise ValueError("--top-k routes a bundle's experts; a --dense specialist has no router")
     full, model_file, run_cfg = load_generalist(checkpoint)
     for t in tasks:
         full.spec(t)  # unknown task -> lists the known ones
+    parent_k = int(full.backbone.config["moe"]["top_k"])
+    if top_k is not None and not 1 <= top_k <= parent_k:
+        raise ValueError(f"--top-k {top_k}: expected 1 to the model's own top_k ({parent_k})")
     if run_cfg is None:
         raise ValueError(f"{model_file} has no config.json beside it; pass the training run directory")
     data_cfg = relocate_data(run_cfg["data"], data_root) if data_root else run_cfg["data"]
@@ -242,8 +249,11 @@ def extract_bundle(checkpoint: str | Path, task: str | list[str], out: str | Pat
         small = extract_task(full, tasks, kept)
         if len(tasks) > 1:
             route_among_own(small, kept, kept_per_task)
+        if top_k is not None and top_k != parent_k:
+            small = with_top_k(small, top_k).train(full.training)
     lossless = None
-    exact = [t for t in tasks if per_task_rule[t] in ("selected", "allowed")]
+    routed_as_parent = top_k is None or top_k == parent_k
+    exact = [t for t in tasks if per_task_rule[t] in ("selected", "allowed") and routed_as_parent]
     if exact:
         per_task = {}
         for t in exact:
@@ -275,6 +285,7 @@ def extract_bundle(checkpoint: str | Path, task: str | list[str], out: str | Pat
         "kept_experts": kept,
         "kept_experts_per_task": kept_per_task if not dense else {tasks[0]: kept},
         "num_experts": layers,
+        "top_k": {"parent": parent_k, "bundle": parent_k if top_k is None else top_k},
         "rule": {"name": rule, "value": value, "per_task": per_task_rule,
                  **({"error": search_error or "output"} if "search" in per_task_rule.values() else {})},
         "calibration_split": calibration_split,
