@@ -93,3 +93,17 @@ def test_a_method_without_its_parent_and_an_unknown_method_are_refused(fashion, 
     with pytest.raises(FileNotFoundError, match=r"fashion-mnist-300 is missing or incomplete: run make downstream-data "
                                                 r"\(python tools/downstream_data.py --labels 300\)"):
         downstream_datasets(tmp_path, ["fashion-mnist"], [300])
+
+
+def test_a_run_folder_made_with_another_protocol_is_refused(parents, fashion, tmp_path):
+    """Reading back (or resuming) a run trained with other settings would put its figures in rows
+    of this protocol; the folder records its protocol and another one is refused before training."""
+    from moe_vision.downstream.protocol import check_protocol
+    made = Protocol(steps=2, batch_size={"cls": 4, "det": 4})
+    check_protocol(tmp_path / "fashion-mnist-20" / "head-s0", made)
+    check_protocol(tmp_path / "fashion-mnist-20" / "head-s0", made)  # the same one: accepted
+    other = Protocol(steps=3, batch_size={"cls": 4, "det": 4}, max_eval_batches=1)
+    with pytest.raises(ValueError, match=r"head-s0 was made with another protocol \(max_eval_batches=None there "
+                                         r"but 1 now, steps=2 there but 3 now\); pass another --runs folder"):
+        run_all([fashion], ["head"], [0], other, {0: parents}, tmp_path, log=lambda m: None)
+    assert not (tmp_path / "fashion-mnist-20" / "head-s0" / "config.json").exists()

@@ -13,7 +13,7 @@ Every problem with the files raises one error that names the file and what was e
 from __future__ import annotations
 
 import contextlib
-
+import hashlib
 import json
 import warnings
 from pathlib import Path
@@ -180,6 +180,23 @@ class ImageFolderDataset(_Base):
     def raw_target(self, i: int) -> dict:
         """The target without reading the image (chance levels)."""
         return {"label": torch.tensor(self.samples[i][1])}
+
+    def reuse_key(self) -> tuple | None:
+        """What makes two readings of this split give the same items (see
+        :mod:`~moe_vision.data.item_cache`): None when the transform draws at random or a file
+        cannot be looked at (reading it will name it)."""
+        signature = getattr(self.transform, "signature", None) if self.transform is not None else "none"
+        if signature is None:
+            return None
+        files = hashlib.sha1()
+        try:
+            for path, label in self.samples:
+                st = path.stat()
+                files.update(f"{path}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:
+            return None
+        return (type(self).__name__, str(self.folder.resolve()), tuple(self.classes), signature, self.decoder,
+                files.hexdigest())
 
 
 class CocoDetectionDataset(_Base):

@@ -87,8 +87,11 @@ class TaskTransform:
     """``(image, target) -> (image, target)``: the v2 pipeline plus the bookkeeping every task
     needs (``input_size``, ``orig_size``; dense eval targets kept at full resolution)."""
 
-    def __init__(self, ops: v2.Compose, keep_dense_targets: bool) -> None:
+    def __init__(self, ops: v2.Compose, keep_dense_targets: bool, signature: tuple | None = None) -> None:
         self.ops, self.keep_dense_targets = ops, keep_dense_targets
+        # What the pipeline does, when it draws nothing at random (evaluation): two transforms with
+        # the same signature give the same output, so a transformed item may be reused.
+        self.signature = signature
 
     def __call__(self, image, target=None):
         """The transformed image alone when no target is given, else ``(image, target)``."""
@@ -132,4 +135,7 @@ def build_transforms(task: str, train: bool, size: int, hflip: float = 0.0,
     if task == "det" and train:  # (evaluation does not crop: every box keeps its size)
         ops.append(v2.SanitizeBoundingBoxes(min_size=1.0))
     ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
-    return TaskTransform(v2.Compose(ops), keep_dense_targets=not train and task in ("seg", "depth"))
+    signature = None if train else (task, size, resize, max_size, float(crop_pct),
+                                    tuple(float(m) for m in mean), tuple(float(s) for s in std))
+    return TaskTransform(v2.Compose(ops), keep_dense_targets=not train and task in ("seg", "depth"),
+                         signature=signature)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import platform
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -66,6 +66,7 @@ class Protocol:
 METRICS = {"cls": ("top1",), "det": ("mAP", "mAP50")}
 TASK_OF = {"fashion-mnist": "cls", "trees": "det"}
 FULL_LABELS = 60000  # Fashion-MNIST's whole training split
+CKPT_EVERY = 1000  # at most this many steps between checkpoints (about 5 minutes of a cls run on 2 cores)
 
 
 def downstream_datasets(root: Path, names: list[str], labels: list[int]) -> list[Dataset]:
@@ -113,8 +114,8 @@ def run_config(ds: Dataset, recipe: str, seed: int, proto: Protocol, out: Path, 
         cfg = compose("train", overrides=[
             f"experiment={experiment}", f"seed={seed}", "data.synthetic=null", f"data.img_size={proto.img_size[task]}",
             f"train.steps={proto.steps}", f"train.lr={proto.lr}", f"train.warmup_steps={proto.warmup()}",
-            f"train.ckpt_every={max(1, proto.steps // 2)}", "train.eval_every=0", "train.expert_budget.experts=null",
-            "train.sampling.tasks_per_step=1",
+            f"train.ckpt_every={min(max(1, proto.steps // 2), CKPT_EVERY)}", "train.eval_every=0",
+            "train.expert_budget.experts=null", "train.sampling.tasks_per_step=1",
             f"tasks.{task}.batch_size={proto.batch_size[task]}", f"tasks.{task}.num_classes=null",
             f"eval.batch_size={proto.eval_batch_size}", "resume=true", f"output_dir={out}"])
     cfg = OmegaConf.to_container(cfg, resolve=True)
@@ -141,10 +142,31 @@ def _rows(ds: Dataset, seed: int, method: str, metrics: dict, trainable: int, pa
             for m in METRICS[ds.task]]
 
 
+def check_protocol(out: Path, proto: Protocol) -> None:
+    """Record ``proto`` in the run folder ``out`` (``protocol.json``); a folder that another protocol
+    (steps, batch, learning rate, input size, evaluation batches) made is refused, not read back or
+    resumed under different settings."""
+    mine = json.loads(json.dumps(asdict(proto)))
+    path = out / "protocol.json"
+    if path.is_file():
+        theirs = json.loads(path.read_text())
+        diff = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
+        if diff:
+            said = ", ".join(f"{k}={a} there but {b} now" for k, (a, b) in sorted(diff.items()))
+            raise ValueError(f"{out} was made with another protocol ({said}); pass another --runs folder "
+                             "or remove that run")
+    elif out.is_dir() and (out / "rows.json").is_file():
+        return  # (a finished run from before run folders recorded their protocol)
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        report.write_json(path, mine)
+
+
 def run_method(ds: Dataset, method: str, seed: int, proto: Protocol, parents: Parents, runs: Path,
                log: Callable = print) -> list[dict]:
     """Train and evaluate one method (reading back a finished run); its rows."""
     out = runs / ds.key / f"{method}-s{seed}"
+    check_protocol(out, proto)
     done = out / "rows.json"
     if done.is_file():
         return json.loads(done.read_text())
@@ -171,6 +193,7 @@ def run_method(ds: Dataset, method: str, seed: int, proto: Protocol, parents: Pa
                           sum(p.numel() for p in top1.parameters()), flops_per_image(top1, ds.task, size),
                           result["train_seconds"], where)
         report.write_json(out / "made.json", {k: v for k, v in made.items() if k != "new"})
+    check_protocol(out, proto)  # (add_task starts its folder afresh)
     report.write_json(done, rows)
     return rows
 

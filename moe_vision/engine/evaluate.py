@@ -10,6 +10,7 @@ import torch
 from ..progress import progress_bar
 from ..data import collate
 from ..data.sampler import SeededItems, collate_or_error, raise_load_error
+from ..data.item_cache import EVAL_ITEMS
 from ..moe import ExpertUsage
 from ..tasks import GeneralistModel
 
@@ -48,8 +49,9 @@ def fixed_subset(dataset, n: int, seed: int = 0):
 
 def iterate_batches(dataset, batch_size: int, max_batches: int | None = None, num_workers: int = 0):
     """``(images, targets)`` batches over ``dataset`` in order, at most ``max_batches`` of them,
-    loaded in ``num_workers`` worker processes (0: in this process). An unreadable image stops
-    with one error naming it."""
+    loaded in ``num_workers`` worker processes (0: in this process, reusing the items an earlier
+    evaluation of the same split read, see :mod:`~moe_vision.data.item_cache`). An unreadable
+    image stops with one error naming it."""
     n = len(dataset)
     if max_batches:
         n = min(n, max_batches * batch_size)
@@ -59,7 +61,8 @@ def iterate_batches(dataset, batch_size: int, max_batches: int | None = None, nu
         from torch.utils.data import DataLoader
         batches = iter(DataLoader(items, batch_sampler=keys, num_workers=num_workers, collate_fn=run))
     else:
-        batches = (run([items[k] for k in batch]) for batch in keys)
+        item = EVAL_ITEMS.loader(dataset, lambda i: items[(0, i)])
+        batches = (run([item(i) for _, i in batch]) for batch in keys)
     for batch in batches:
         yield raise_load_error(batch)
 
