@@ -271,7 +271,7 @@ def created_run_folders(commands) -> set[str]:
             continue
         for i, tok in enumerate(cmd):
             value = tok.split("=", 1)[1] if tok.split("=")[0] in ("output_dir", "eval.out") else \
-                (cmd[i + 1] if tok == "--out" and i + 1 < len(cmd) else "")
+                (cmd[i + 1] if tok in ("--out", "--runs") and i + 1 < len(cmd) else "")
             made |= {_pattern(m) for m in RUN_NAME.findall(value)}
         default = _default_output_dir(cmd)
         made |= {_pattern(m) for m in RUN_NAME.findall(default or "")}
