@@ -52,6 +52,7 @@ def test_every_method_runs_and_differs_as_it_claims(parents, fashion, tmp_path):
     assert by["top1_infer"]["flops_per_image"] == by["top1"]["flops_per_image"]
     assert by["scratch_dense"]["params"] < by["scratch_moe"]["params"] == full["params"]
     assert by["add_task"]["trainable_params"] < by["add_task"]["params"]
+    assert all((tmp_path / "runs" / "fashion-mnist-20" / f"{m}-s0" / "protocol.json").is_file() for m in ALL_METHODS)
     made = json.loads((tmp_path / "runs" / "fashion-mnist-20" / "pruned-s0" / "made.json").read_text())
     assert all(len(v) == 2 for v in made["kept_experts"].values())
     cfg = json.loads((tmp_path / "runs" / "fashion-mnist-20" / "generalist_ft-s0" / "config.json").read_text())

@@ -193,7 +193,6 @@ def run_method(ds: Dataset, method: str, seed: int, proto: Protocol, parents: Pa
                           sum(p.numel() for p in top1.parameters()), flops_per_image(top1, ds.task, size),
                           result["train_seconds"], where)
         report.write_json(out / "made.json", {k: v for k, v in made.items() if k != "new"})
-    check_protocol(out, proto)  # (add_task starts its folder afresh)
     report.write_json(done, rows)
     return rows
 
@@ -206,6 +205,7 @@ def _add_task(ds: Dataset, seed: int, proto: Protocol, parents: Parents, out: Pa
         shutil.rmtree(out)  # an interrupted add_task run starts again (it has no checkpoint to resume)
     rep = add_task_run(parents.generalist, name, ds.root, out, new_experts=2, steps=proto.steps, task_type=ds.task,
                        overrides={"batch_size": proto.batch_size[ds.task], "img_size": proto.img_size[ds.task]}, log=log)
+    check_protocol(out, proto)  # (the folder was started afresh above)
     grown = load_model(out / "model.safetensors")
     return _rows(ds, seed, "add_task", rep["new_task_metrics"], rep["parameters"]["trainable"],
                  rep["parameters"]["total"], flops_per_image(grown, name, proto.img_size[ds.task]),
