@@ -108,3 +108,21 @@ def test_a_run_folder_made_with_another_protocol_is_refused(parents, fashion, tm
                                          r"but 1 now, steps=2 there but 3 now\); pass another --runs folder"):
         run_all([fashion], ["head"], [0], other, {0: parents}, tmp_path, log=lambda m: None)
     assert not (tmp_path / "fashion-mnist-20" / "head-s0" / "config.json").exists()
+
+
+def test_flags_make_the_protocol_and_a_flag_that_cannot_act_is_refused(parents):
+    """--img-size changes Fashion-MNIST's input only; --quick refuses the step and batch flags it
+    would ignore; an input that the parents' 8 px patches do not tile is refused before training."""
+    from moe_vision.downstream.protocol import check_input_size
+    assert Protocol.from_flags() == Protocol()
+    proto = Protocol.from_flags(steps=20000, img_size=48)
+    assert proto.steps == 20000 and proto.img_size == {"cls": 48, "det": 64} and proto.batch_size == {"cls": 32, "det": 16}
+    quick = Protocol.from_flags(quick=True, img_size=48)
+    assert (quick.steps, quick.batch_size["cls"], quick.max_eval_batches, quick.img_size["cls"]) == (4, 4, 2, 48)
+    with pytest.raises(ValueError, match=r"--quick trains 4 steps at batch 4: drop --steps / --batch-size"):
+        Protocol.from_flags(steps=100, quick=True)
+    with pytest.raises(ValueError, match=r"--img-size 0: expected a positive integer"):
+        Protocol.from_flags(img_size=0)
+    check_input_size(48, parents)
+    with pytest.raises(ValueError, match=r"input size 44: expected a multiple of 8, the patch size of moe_vit_"):
+        check_input_size(44, parents)

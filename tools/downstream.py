@@ -38,9 +38,11 @@ def main() -> int:
     ap.add_argument("--methods", nargs="+", choices=list(ALL_METHODS),
                     help="default: every method but the diagnostics (generalist_ft_fresh, scratch_head) on trees "
                          "and at 600 labels, the label-sensitive ones at larger budgets")
-    ap.add_argument("--steps", type=int, default=300, help="training steps of every method")
+    ap.add_argument("--steps", type=int, help="training steps of every method (default 300)")
     ap.add_argument("--batch-size", type=int, help="images per step (default: 32 for cls, 16 for det)")
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--img-size", type=int,
+                    help="Fashion-MNIST's input size in pixels (default 32: 4 x 4 patches of 8 px); trees keep 64")
     ap.add_argument("--parents", type=Path, default=Path("runs"), help="where the demo and baseline runs are")
     ap.add_argument("--runs", type=Path, default=Path("runs/downstream"), help="where each downstream run goes")
     ap.add_argument("--json", type=Path, default=Path("docs/results/downstream.json"))
@@ -49,14 +51,7 @@ def main() -> int:
                     help="a smoke run: 4 steps at batch 4, 2 evaluation batches (figures meaningless)")
     args = ap.parse_args()
     with user_errors():
-        for flag, v in (("--steps", args.steps), ("--batch-size", args.batch_size)):
-            if v is not None and v <= 0:
-                raise ValueError(f"{flag} {v}: expected a positive integer")
-        if args.quick:
-            proto = Protocol(steps=4, batch_size={"cls": 4, "det": 4}, lr=args.lr, max_eval_batches=2)
-        else:
-            batch = {} if args.batch_size is None else {"batch_size": {"cls": args.batch_size, "det": args.batch_size}}
-            proto = Protocol(steps=args.steps, lr=args.lr, **batch)
+        proto = Protocol.from_flags(args.steps, args.batch_size, args.lr, args.img_size, args.quick)
         sets = downstream_datasets(args.data_root, args.datasets, args.labels)
         parents = {s: find_parents(s, args.parents) for s in args.seeds}
         rows = run_all(sets, args.methods, args.seeds, proto, parents, args.runs)

@@ -23,6 +23,7 @@ from ..engine.evaluate import evaluate
 from ..engine.setup import usable_cores
 from ..engine.trainer import Trainer
 from ..models import load_model
+from ..models.registry import MODEL_ARGS
 from ..surgery.continual_run import CONFIGS, add_task_run, data_entry
 from ..surgery.extract import flops_per_image, with_top_k
 from .methods import ALL_METHODS, DEFAULT_METHODS, LABEL_SENSITIVE, METHODS, Parents, start_model
@@ -61,6 +62,27 @@ class Protocol:
 
     def warmup(self) -> int:
         return max(1, self.steps // 10)
+
+    @classmethod
+    def from_flags(cls, steps: int | None = None, batch_size: int | None = None, lr: float = 1e-3,
+                   img_size: int | None = None, quick: bool = False) -> "Protocol":
+        """The protocol of tools/downstream.py's flags (None: the default): ``batch_size`` for both
+        task types, ``img_size`` for Fashion-MNIST (trees keep theirs); ``quick``: a smoke run of 4
+        steps at batch 4 and 2 evaluation batches, which refuses steps and batch_size. A
+        non-positive value is refused."""
+        for flag, v in (("--steps", steps), ("--batch-size", batch_size), ("--img-size", img_size)):
+            if v is not None and v <= 0:
+                raise ValueError(f"{flag} {v}: expected a positive integer")
+        if quick and (steps is not None or batch_size is not None):
+            raise ValueError("--quick trains 4 steps at batch 4: drop --steps / --batch-size, or drop --quick")
+        kw = {} if img_size is None else {"img_size": {**cls().img_size, "cls": img_size}}
+        if quick:
+            return cls(steps=4, batch_size={"cls": 4, "det": 4}, lr=lr, max_eval_batches=2, **kw)
+        if steps is not None:
+            kw["steps"] = steps
+        if batch_size is not None:
+            kw["batch_size"] = {"cls": batch_size, "det": batch_size}
+        return cls(lr=lr, **kw)
 
 
 METRICS = {"cls": ("top1",), "det": ("mAP", "mAP50")}
@@ -229,6 +251,8 @@ def run_all(datasets: Iterable[Dataset], methods: Iterable[str] | None, seeds: I
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; expected some of {list(ALL_METHODS)}")
     for seed in seeds:  # refused before hours of training, not in the middle
+        for ds in datasets:
+            check_input_size(proto.img_size[ds.task], parents[seed])
         for m in {m for ms in plan_of.values() for m in ms}:
             kind = "generalist" if m == "add_task" else METHODS[m].parent
             for task in {ds.task for ds in datasets}:
@@ -242,6 +266,19 @@ def run_all(datasets: Iterable[Dataset], methods: Iterable[str] | None, seeds: I
         log(f"[{i}/{len(plan)}] {ds.key} seed {seed}: {m}")
         rows += run_method(ds, m, seed, proto, parents[seed], runs, log)
     return rows
+
+
+def check_input_size(size: int, parents: Parents) -> None:
+    """Refuse an input size that the parents' patches do not tile (the model would only say so
+    at its first training step)."""
+    for run in [parents.generalist, *parents.dense.values()]:
+        if run is None:
+            continue
+        model = json.loads((Path(run) / "config.json").read_text())["model"]
+        patch = model.get("patch_size") or MODEL_ARGS.get(model["name"], {}).get("patch_size")
+        if patch and size % patch:
+            raise ValueError(f"input size {size}: expected a multiple of {patch}, the patch size of "
+                             f"{model['name']} in {run}")
 
 
 def find_parents(seed: int, runs: Path = Path("runs"), tasks: Iterable[str] = ("cls", "det")) -> Parents:
