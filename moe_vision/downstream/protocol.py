@@ -251,8 +251,8 @@ def run_all(datasets: Iterable[Dataset], methods: Iterable[str] | None, seeds: I
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; expected some of {list(ALL_METHODS)}")
     for seed in seeds:  # refused before hours of training, not in the middle
-        for ds in datasets:
-            check_input_size(proto.img_size[ds.task], parents[seed])
+        for size in {proto.img_size[ds.task] for ds in datasets}:
+            check_input_size(size, parents[seed])
         for m in {m for ms in plan_of.values() for m in ms}:
             kind = "generalist" if m == "add_task" else METHODS[m].parent
             for task in {ds.task for ds in datasets}:
